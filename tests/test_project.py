@@ -1,0 +1,32 @@
+"""Project-level promises: a silent import, and CI running exactly the README's test command."""
+import os
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_importing_the_core_prints_nothing_and_writes_nothing(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", "import unet_model_core"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci_lines = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l and not l.startswith(("#", "set ", "cd "))]
+    assert len(ci_lines) == 1
+    assert ci_lines[0] in readme
+
+
+def test_nothing_generated_is_tracked_by_git():
+    result = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        return  # not a git checkout (for example an unpacked archive): nothing to check
+    tracked = result.stdout.splitlines()
+    banned = re.compile(r"(^|/)(runs|dataset|predictions|\.ipynb_checkpoints)/|\.(keras|h5)$")
+    assert not [path for path in tracked if banned.search(path)]

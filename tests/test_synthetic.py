@@ -1,0 +1,151 @@
+"""Tests of the built-in synthetic nuclei dataset generator (synthetic_nuclei.py)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+# The tests import the module from the repository root, whichever way pytest is started.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import synthetic_nuclei  # noqa: E402
+from synthetic_nuclei import MODALITY_WEIGHTS, generate_sample, write_synthetic_dataset  # noqa: E402
+
+SMALL_SIZES = [(64, 64), (48, 80), (96, 96)]
+MODALITIES = sorted(MODALITY_WEIGHTS)
+
+
+def _tree(root):
+    """Map each file's path relative to root to its bytes."""
+    root = Path(root)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic") / "stage1_train"
+    ids = write_synthetic_dataset(out, num_images=6, seed=0, sizes=SMALL_SIZES, progress=False)
+    return out, ids
+
+
+def test_same_seed_gives_identical_bytes_and_other_seed_differs(dataset, tmp_path):
+    out, ids = dataset
+    ids_again = write_synthetic_dataset(tmp_path / "again", num_images=6, seed=0, sizes=SMALL_SIZES, progress=False)
+    assert ids_again == ids
+    first, again = _tree(out), _tree(tmp_path / "again")
+    assert sorted(first) == sorted(again)
+    assert first == again
+
+    ids_other = write_synthetic_dataset(tmp_path / "other", num_images=6, seed=1, sizes=SMALL_SIZES, progress=False)
+    assert set(ids_other).isdisjoint(ids)
+    other_images = sorted(v for k, v in _tree(tmp_path / "other").items() if "images" in k)
+    first_images = sorted(v for k, v in first.items() if "images" in k)
+    assert other_images != first_images
+
+
+def test_layout_matches_dsb_stage1_train(dataset):
+    out, ids = dataset
+    assert ids == sorted(ids) and len(ids) == 6 and len(set(ids)) == 6
+    assert sorted(os.listdir(out)) == ids
+    assert not [p for p in os.listdir(out.parent) if ".tmp-" in p], "temporary folder left behind"
+    for sample_id in ids:
+        assert os.listdir(out / sample_id / "images") == [f"{sample_id}.png"]
+        image = cv2.imread(str(out / sample_id / "images" / f"{sample_id}.png"), cv2.IMREAD_UNCHANGED)
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+        assert image.shape[:2] in SMALL_SIZES
+        mask_names = sorted(os.listdir(out / sample_id / "masks"))
+        assert mask_names, f"{sample_id} has no masks"
+        owner = np.zeros(image.shape[:2], np.int32)
+        for name in mask_names:
+            mask = cv2.imread(str(out / sample_id / "masks" / name), cv2.IMREAD_UNCHANGED)
+            assert mask.dtype == np.uint8 and mask.shape == image.shape[:2]
+            assert set(np.unique(mask)) == {0, 255}, f"{name} is empty or not binary"
+            owner += mask > 0
+        assert owner.max() == 1, f"masks of {sample_id} overlap"
+
+
+def test_modality_mix_follows_weights_and_covers_all():
+    mix = synthetic_nuclei._modality_sequence(64, 0)
+    counts = {m: mix.count(m) for m in MODALITIES}
+    assert counts == {"fluorescence": 51, "histology": 10, "brightfield": 3}
+    assert synthetic_nuclei._modality_sequence(64, 0) == mix
+    assert synthetic_nuclei._modality_sequence(64, 1) != mix
+    assert set(synthetic_nuclei._modality_sequence(6, 0)) == set(MODALITIES)
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_generate_sample_contract_and_appearance(modality):
+    for seed in range(4):
+        image, labels = generate_sample(np.random.default_rng(seed), 96, 128, modality)
+        assert image.shape == (96, 128, 3) and image.dtype == np.uint8
+        assert labels.shape == (96, 128) and labels.dtype == np.int32
+        assert labels.min() == 0 and labels.max() >= 1
+        grey = image.mean(axis=2)
+        background, nuclei = np.median(grey[labels == 0]), np.median(grey[labels > 0])
+        if modality == "fluorescence":
+            # Bright nuclei on a dark background.
+            assert background < 40, background
+            assert nuclei > background + 5, (nuclei, background)
+        else:
+            # Dark nuclei on a light background (eosin-pink or grey).
+            assert background > 120, background
+            assert nuclei < background - 10, (nuclei, background)
+        if modality == "histology":
+            # Hematoxylin is blue-violet: the nuclei are bluer than they are green.
+            assert image[labels > 0][:, 2].mean() > image[labels > 0][:, 1].mean()
+
+
+def test_fluorescence_has_no_bright_object_without_a_mask():
+    for seed in range(6):
+        image, labels = generate_sample(np.random.default_rng(seed), 128, 128, "fluorescence")
+        grey = image.mean(axis=2)
+        # Far from every mask only background is allowed; near a mask blur may spill a little.
+        far = cv2.dilate((labels > 0).astype(np.uint8), np.ones((9, 9), np.uint8)) == 0
+        assert np.percentile(grey[far], 99) < np.percentile(grey[labels > 0], 75), seed
+
+
+def test_refuses_non_empty_folder_and_leaves_it_untouched(tmp_path):
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        write_synthetic_dataset(out, num_images=2, sizes=[(32, 32)], progress=False)
+    with pytest.raises(ValueError):
+        write_synthetic_dataset(out, num_images=2, sizes=[(32, 32)], progress=False)
+    assert sorted(os.listdir(out)) == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "user data"
+    assert sorted(os.listdir(tmp_path)) == ["data"]
+
+
+def test_empty_existing_folder_is_filled(tmp_path):
+    (tmp_path / "empty").mkdir()
+    ids = write_synthetic_dataset(tmp_path / "empty", num_images=2, sizes=[(40, 40)], progress=False)
+    assert sorted(os.listdir(tmp_path / "empty")) == ids
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: generate_sample(np.random.default_rng(0), 64, 64, "confocal"),
+        lambda: generate_sample(np.random.default_rng(0), 0, 64, "fluorescence"),
+        lambda: generate_sample(np.random.default_rng(0), 64, -5, "histology"),
+        lambda: write_synthetic_dataset("/nonexistent/never", num_images=0, progress=False),
+        lambda: write_synthetic_dataset("/nonexistent/never", num_images=2, sizes=[(64, 0)], progress=False),
+        lambda: write_synthetic_dataset("/nonexistent/never", num_images=2, sizes=[], progress=False),
+    ],
+)
+def test_bad_arguments_raise_value_error(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+def test_import_is_silent_and_does_not_load_keras():
+    code = "import sys, synthetic_nuclei; print(sorted(m for m in sys.modules if m.startswith(('tensorflow', 'keras'))))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]" and result.stderr == ""

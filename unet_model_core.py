@@ -1,0 +1,902 @@
+"""Everything reusable for the nucleus-segmentation U-Net: data, hyperparameters, blocks, the U-Net
+builder, losses and metrics, training and inference.
+
+The sections mirror the numbered sections of ``unet_model.ipynb`` so that a reader who knows one knows
+where to look in the other:
+
+    0. Required imports
+    1. Data preprocessing (discovery, decoding, the tf.data pipeline, the built-in sample)
+    2. Hyperparameters (the ``Config`` dataclass, the single source of truth)
+    4. Convolutional blocks (``conv_block``, ``down_block``, ``bottleneck``, ``up_block``)
+    5. The U-Net model (``build_unet``) and its losses and metrics
+    6. Training (``train``) and the run directory
+    7. Testing and inference (overlap-tile prediction, instances, scores, RLE, figures)
+
+Importing this module does no work: it builds no model, touches no file and prints nothing.
+"""
+
+# =====================================================================================================
+# 0. Required imports
+# =====================================================================================================
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+# TensorFlow's C++ start-up chatter (CPU feature notes, oneDNN) hides what matters to users; keep its
+# warnings and errors.  This must be set before TensorFlow is imported, and a user's own setting wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import cv2
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers, ops
+from tqdm.auto import tqdm
+
+import synthetic_nuclei
+
+# The name under which the losses and metrics are registered with Keras' serialisation framework.
+KERAS_PACKAGE = "unet_nuclei"
+
+# Where the real Data Science Bowl 2018 training set is expected, and where the built-in synthetic
+# sample is written when the real data is absent.  Both are relative to the working directory, the way
+# users run the scripts from the repository root.
+DEFAULT_DATA_DIR = os.path.join("dataset", "stage1_train")
+DEFAULT_SAMPLE_DIR = os.path.join("dataset", "synthetic_sample")
+DEFAULT_RUNS_DIR = "runs"
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# Files that operating systems drop into folders; they are skipped quietly, not reported as bad data.
+STRAY_FILES = {".ds_store", "thumbs.db", "desktop.ini", ".gitkeep"}
+
+
+# =====================================================================================================
+# 1. Data preprocessing
+# =====================================================================================================
+# Two layouts are understood:
+#   * "dsb"   - the Data Science Bowl 2018 layout: <root>/<id>/images/<id>.png and <root>/<id>/masks/*.png,
+#               one binary PNG per nucleus;
+#   * "pairs" - <root>/images/<name>.<ext> and <root>/masks/<name>.<ext>, one binary mask per image, the
+#               way people often keep their own annotated data.
+# Decoding (reading every mask PNG and merging them) is the expensive part; it happens once, in parallel
+# threads (OpenCV releases the GIL), and the decoded arrays are kept in memory for every epoch after.
+
+
+class DataError(ValueError):
+    """A dataset folder or file that cannot be used; the message says what and why, for the user."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """Where one training sample lives on disk (nothing is read until ``load_samples``)."""
+
+    sample_id: str
+    image_path: Path
+    mask_paths: tuple[Path, ...] = ()
+    layout: str = "dsb"  # "dsb": one mask file per nucleus; "pairs": one binary mask for the image
+
+
+@dataclasses.dataclass
+class LoadedSample:
+    """A decoded sample: the RGB image and its nuclei as an instance-label image (0 = background)."""
+
+    sample_id: str
+    image: np.ndarray  # H x W x 3 uint8, RGB
+    labels: np.ndarray  # H x W uint16, 0 = background, 1..N = nuclei
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The union of the instance masks, H x W uint8 with values 0 or 1."""
+        return (self.labels > 0).astype(np.uint8)
+
+
+def _is_stray(path: Path) -> bool:
+    return path.name.lower() in STRAY_FILES or path.name.startswith("._")
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not _is_stray(path)
+
+
+def to_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """Bring an array as OpenCV decodes it (grey, BGR, BGRA, 8/16-bit or float) to H x W x 3 uint8 RGB.
+
+    16-bit and float images are stretched by their maximum so that microscopes that use only 12 of
+    the 16 bits still give a visible image; 8-bit images are kept exactly as they are.
+    """
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (2, 3, 4)):
+        raise DataError(f"{name}: unsupported image shape {image.shape}; expected grey, RGB or RGBA")
+    if image.dtype == bool:
+        image = image.astype(np.uint8) * 255
+    elif image.dtype != np.uint8:
+        image = image.astype(np.float32)
+        peak = float(np.nanmax(image)) if image.size else 0.0
+        if image.dtype.kind == "f" and peak <= 1.0:
+            peak = 1.0  # Float images in [0, 1] are already normalised; keep their brightness.
+        image = np.clip(np.nan_to_num(image) * (255.0 / max(peak, 1e-12)), 0, 255).round().astype(np.uint8)
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 2:  # grey + alpha
+        return cv2.cvtColor(np.ascontiguousarray(image[:, :, 0]), cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _decode(path: Path) -> np.ndarray:
+    # np.fromfile + imdecode instead of imread: it copes with non-ASCII paths on every platform, and it
+    # lets us tell "missing" from "not an image".
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if image is None:
+        raise DataError(f"{path}: not an image that OpenCV can decode (corrupt, empty or another format)")
+    return image
+
+
+def read_image(path) -> np.ndarray:
+    """Read any image file (PNG, JPEG, TIFF, BMP; grey, RGB, RGBA, 16-bit) as H x W x 3 uint8 RGB."""
+    return to_rgb_uint8(_decode(path), name=str(path))
+
+
+def read_mask(path) -> np.ndarray:
+    """Read a binary mask file as an H x W bool array.
+
+    Masks saved as 0/1, 0/255, colour or slightly lossy (JPEG) all work: a pixel is foreground when it is
+    brighter than half the mask's maximum (for 8-bit) or non-zero (for 16-bit label-like masks).
+    """
+    mask = _decode(path)
+    if mask.ndim == 3:
+        mask = mask[:, :, :3].max(axis=2) if mask.shape[2] >= 3 else mask[:, :, 0]
+    if mask.dtype == np.uint8:
+        return mask > (int(mask.max()) // 2)
+    return mask > 0
+
+
+def read_instance_labels(mask_paths: Sequence, shape: tuple[int, int], layout: str = "dsb") -> np.ndarray:
+    """Merge one-mask-per-nucleus files into an H x W uint16 label image (or label a binary mask).
+
+    For the "pairs" layout the single binary mask is split into its connected components, the best
+    instance estimate there is without per-nucleus files.
+    """
+    labels = np.zeros(shape, dtype=np.uint16)
+    if layout == "pairs":
+        mask = read_mask(mask_paths[0])
+        if mask.shape != tuple(shape):
+            raise DataError(f"{mask_paths[0]}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                            f"{shape[1]}x{shape[0]}")
+        count, components = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+        return components.astype(np.uint16)
+    for index, path in enumerate(mask_paths, start=1):
+        mask = read_mask(path)
+        if mask.shape != tuple(shape):
+            raise DataError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                            f"{shape[1]}x{shape[0]}")
+        labels[mask] = index
+    return labels
+
+
+def find_samples(data_dir, require_masks: bool = True) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """Discover the samples of a dataset folder without reading any image.
+
+    Returns ``(samples, problems)`` where ``problems`` lists ``(id, reason)`` for everything skipped.
+    Raises ``DataError`` when the folder does not exist or holds no usable sample.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    samples: list[Sample] = []
+    problems: list[tuple[str, str]] = []
+    images_dir, masks_dir = root / "images", root / "masks"
+    is_pairs = images_dir.is_dir() and not (images_dir / f"{root.name}.png").exists() and not any(
+        (child / "images").is_dir() for child in root.iterdir() if child.is_dir())
+    if is_pairs:
+        masks = {}
+        if masks_dir.is_dir():
+            for path in sorted(masks_dir.iterdir()):
+                if _is_image_file(path):
+                    stem = path.stem[:-5] if path.stem.endswith("_mask") else path.stem
+                    masks.setdefault(stem, path)
+        for path in sorted(images_dir.iterdir()):
+            if _is_stray(path) or path.is_dir():
+                continue
+            if not _is_image_file(path):
+                problems.append((path.name, "not an image file (skipped)"))
+            elif path.stem in masks:
+                samples.append(Sample(path.stem, path, (masks[path.stem],), "pairs"))
+            elif require_masks:
+                problems.append((path.stem, f"no mask named {path.stem}.* in {masks_dir}"))
+            else:
+                samples.append(Sample(path.stem, path, (), "pairs"))
+    else:
+        for child in sorted(root.iterdir()):
+            if _is_stray(child):
+                problems.append((child.name, "stray system file (skipped)"))
+                continue
+            if not child.is_dir():
+                problems.append((child.name, "not a sample folder (skipped)"))
+                continue
+            image_dir = child / "images"
+            candidates = sorted(p for p in image_dir.iterdir() if _is_image_file(p)) if image_dir.is_dir() else []
+            preferred = [p for p in candidates if p.stem == child.name]
+            if not candidates:
+                problems.append((child.name, f"no image in {image_dir}"))
+                continue
+            image_path = (preferred or candidates)[0]
+            mask_dir = child / "masks"
+            mask_paths = tuple(sorted(p for p in mask_dir.iterdir() if _is_image_file(p))) if mask_dir.is_dir() else ()
+            if require_masks and not mask_dir.is_dir():
+                problems.append((child.name, "no masks/ folder"))
+                continue
+            if require_masks and not mask_paths:
+                problems.append((child.name, "masks/ folder holds no mask image"))
+                continue
+            samples.append(Sample(child.name, image_path, mask_paths, "dsb"))
+    if not samples:
+        raise DataError(
+            f"no usable sample in {root}. Expected either the DSB-2018 layout "
+            f"(<folder>/<id>/images/<id>.png with one PNG per nucleus in <folder>/<id>/masks/) or "
+            f"<folder>/images/<name>.png with a matching binary mask <folder>/masks/<name>.png"
+            + (f"; {len(problems)} entries were skipped, first: {problems[0][0]}: {problems[0][1]}" if problems else ""))
+    return samples, problems
+
+
+def _load_one(sample: Sample) -> LoadedSample:
+    image = read_image(sample.image_path)
+    if sample.mask_paths:
+        labels = read_instance_labels(sample.mask_paths, image.shape[:2], sample.layout)
+    else:
+        labels = np.zeros(image.shape[:2], np.uint16)
+    return LoadedSample(sample.sample_id, image, labels)
+
+
+def load_samples(samples: Sequence[Sample], progress: bool = True, workers: int | None = None,
+                 desc: str = "Decoding images and masks") -> tuple[list[LoadedSample], list[tuple[str, str]]]:
+    """Decode images and merge their masks once, in parallel; bad samples are skipped and reported.
+
+    Returns ``(loaded, problems)`` in the order of ``samples``.
+    """
+    workers = workers or min(8, (os.cpu_count() or 2) * 2)
+    loaded, problems = [], []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(_load_one, s) for s in samples]
+        for sample, future in tqdm(zip(samples, futures), total=len(samples), desc=desc,
+                                   disable=not progress, unit="img"):
+            try:
+                loaded.append(future.result())
+            except DataError as error:
+                problems.append((sample.sample_id, str(error)))
+            except (OSError, cv2.error) as error:
+                problems.append((sample.sample_id, f"could not be read: {error}"))
+    return loaded, problems
+
+
+def report_problems(problems: Sequence[tuple[str, str]], stream=None, limit: int = 20) -> None:
+    """Print skipped samples, one line each (at most ``limit``), and their count."""
+    stream = stream or sys.stderr
+    if not problems:
+        return
+    print(f"Skipped {len(problems)} entr{'y' if len(problems) == 1 else 'ies'}:", file=stream)
+    for sample_id, reason in problems[:limit]:
+        print(f"  - {sample_id}: {reason}", file=stream)
+    if len(problems) > limit:
+        print(f"  ... and {len(problems) - limit} more", file=stream)
+
+
+def split_ids(ids: Sequence[str], val_size: float = 0.1, seed: int = 42) -> tuple[list[str], list[str]]:
+    """A deterministic train/validation split: the same ids and seed always give the same split.
+
+    ``val_size`` below 1 is a fraction of the samples, 1 or more a count.  Both parts are non-empty.
+    """
+    ids = sorted(ids)
+    if len(ids) < 2:
+        raise DataError(f"need at least 2 samples to hold some out for validation, found {len(ids)}")
+    if val_size <= 0:
+        raise ValueError(f"val_size must be positive (a fraction below 1 or a count), got {val_size}")
+    n_val = int(round(val_size * len(ids))) if val_size < 1 else int(val_size)
+    n_val = min(max(n_val, 1), len(ids) - 1)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    val = sorted(ids[i] for i in order[:n_val])
+    train = sorted(ids[i] for i in order[n_val:])
+    return train, val
+
+
+def pad_to_min_size(array: np.ndarray, size: int) -> np.ndarray:
+    """Mirror-pad an image (or mask) at the bottom/right so both sides are at least ``size``."""
+    pad_h, pad_w = max(0, size - array.shape[0]), max(0, size - array.shape[1])
+    if not pad_h and not pad_w:
+        return array
+    widths = [(0, pad_h), (0, pad_w)] + [(0, 0)] * (array.ndim - 2)
+    # "symmetric" (edge pixel repeated) rather than "reflect": it also works for 1-pixel-wide inputs, and
+    # numpy keeps reflecting when the pad is larger than the image.
+    return np.pad(array, widths, mode="symmetric")
+
+
+def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize an image to ``size`` (an int for a square, or (height, width)) with area/linear interpolation."""
+    height, width = (size, size) if isinstance(size, int) else size
+    shrinking = height * width < image.shape[0] * image.shape[1]
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize a mask or label image with nearest-neighbour only, so it stays binary (labels stay labels)."""
+    height, width = (size, size) if isinstance(size, int) else size
+    return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+
+
+def grid_positions(length: int, size: int, step: int | None = None) -> list[int]:
+    """Start offsets of windows of ``size`` covering ``[0, length)``, the last one flush with the end."""
+    step = step or size
+    if length <= size:
+        return [0]
+    positions = list(range(0, length - size, step))
+    positions.append(length - size)
+    return positions
+
+
+def _patch_arrays(samples: Sequence[LoadedSample], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic validation patches: a grid of ``size`` windows covering every image."""
+    images, masks = [], []
+    for sample in samples:
+        image, mask = pad_to_min_size(sample.image, size), pad_to_min_size(sample.mask, size)
+        for top in grid_positions(image.shape[0], size):
+            for left in grid_positions(image.shape[1], size):
+                images.append(image[top:top + size, left:left + size])
+                masks.append(mask[top:top + size, left:left + size])
+    return np.stack(images), np.stack(masks)[..., None]
+
+
+def _resized_arrays(samples: Sequence[LoadedSample], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Whole images resized to ``size`` x ``size`` (the original DSB-starter way)."""
+    images = np.stack([resize_image(s.image, size) for s in samples])
+    masks = np.stack([resize_mask(s.mask, size) for s in samples])[..., None]
+    return images, masks
+
+
+class PatchSampler:
+    """Draws random ``size`` x ``size`` patches (image, mask) from decoded images held in memory.
+
+    Images are chosen with probability proportional to their area, so every pixel of the training set
+    is about equally likely to be seen, and large images are not under-sampled.  Images smaller than a
+    patch are mirror-padded once, up front.  Cropping is a NumPy slice, so drawing a patch costs
+    microseconds beside a training step.
+    """
+
+    def __init__(self, samples: Sequence[LoadedSample], size: int, seed: int = 0):
+        if not samples:
+            raise DataError("no training samples to draw patches from")
+        self.size = size
+        self.images = [pad_to_min_size(s.image, size) for s in samples]
+        self.masks = [pad_to_min_size(s.mask, size)[..., None] for s in samples]
+        areas = np.array([s.image.shape[0] * s.image.shape[1] for s in samples], dtype=np.float64)
+        self.weights = areas / areas.sum()
+        self.total_area = float(areas.sum())
+        self.seed = seed
+
+    def patches_per_epoch(self) -> int:
+        """How many patches make one pass over the training pixels, on average."""
+        return max(1, int(math.ceil(self.total_area / (self.size * self.size))))
+
+    def __call__(self):
+        # A fresh generator per call, seeded the same way, so a re-created dataset replays the same
+        # patches; Keras iterates one endless stream across epochs.
+        rng = np.random.default_rng(self.seed)
+        size = self.size
+        while True:
+            index = rng.choice(len(self.images), p=self.weights)
+            image, mask = self.images[index], self.masks[index]
+            top = int(rng.integers(0, image.shape[0] - size + 1))
+            left = int(rng.integers(0, image.shape[1] - size + 1))
+            yield image[top:top + size, left:left + size], mask[top:top + size, left:left + size]
+
+
+def augment_batch(images, masks, seed):
+    """Paired random augmentation of a batch: the 8 flips/rotations, applied identically to image and
+    mask, and intensity jitter (brightness, contrast, gamma, per-channel gain) on the image only.
+
+    ``images`` are float32 in [0, 255]; ``seed`` is a shape-[2] int tensor, so the whole stream is
+    reproducible.  Square patches only (rotation by 90 degrees is a transpose plus a flip).
+    """
+    batch = tf.shape(images)[0]
+    draws = tf.random.stateless_uniform([batch, 8], seed=seed)
+
+    def pick(flag, a, b):
+        return tf.where(tf.reshape(flag, [-1, 1, 1, 1]), a, b)
+
+    for column, transform in ((0, lambda t: tf.reverse(t, axis=[2])),  # left-right flip
+                              (1, lambda t: tf.reverse(t, axis=[1])),  # up-down flip
+                              (2, lambda t: tf.transpose(t, [0, 2, 1, 3]))):  # with flips: rotations
+        flag = draws[:, column] < 0.5
+        images, masks = pick(flag, transform(images), images), pick(flag, transform(masks), masks)
+
+    # Intensity jitter: microscopes and stains vary, the nuclei's shapes do not.
+    shape = [-1, 1, 1, 1]
+    brightness = tf.reshape((draws[:, 3] - 0.5) * 0.2 * 255.0, shape)  # +-10% of full scale
+    contrast = tf.reshape(0.75 + draws[:, 4] * 0.5, shape)  # 0.75 .. 1.25
+    gamma = tf.reshape(tf.exp((draws[:, 5] - 0.5) * 0.6), shape)  # about 0.74 .. 1.35
+    gain = 1.0 + (tf.random.stateless_uniform([batch, 1, 1, 3], seed=seed + 1) - 0.5) * 0.2
+    mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+    images = (images - mean) * contrast + mean + brightness
+    images = 255.0 * tf.pow(tf.clip_by_value(images / 255.0, 0.0, 1.0), gamma) * gain
+    return tf.clip_by_value(images, 0.0, 255.0), masks
+
+
+def _targets(masks, num_classes: int, crop: int):
+    """Mask batch (uint8 0/1) -> the model's target: centre-cropped for unpadded models, one-hot for
+    more than one class, float32 in every case."""
+    if crop:
+        masks = masks[:, crop:-crop, crop:-crop, :]
+    if num_classes > 1:
+        return tf.one_hot(tf.cast(masks[..., 0], tf.int32), num_classes, dtype=tf.float32)
+    return tf.cast(masks, tf.float32)
+
+
+def make_datasets(train_samples: Sequence[LoadedSample], val_samples: Sequence[LoadedSample],
+                  config: "Config") -> tuple[tf.data.Dataset, tf.data.Dataset, int]:
+    """Build the training and validation ``tf.data`` pipelines from decoded samples.
+
+    Returns ``(train_ds, val_ds, steps_per_epoch)``.  The training set repeats forever (Keras is told
+    how many steps make an epoch); patches are random, augmentation follows ``config.augment``.  The
+    validation set is fixed: the same patches (or resized images) every epoch, never augmented.
+    """
+    size, batch = config.image_size, config.batch_size
+    out_size = unet_output_size(size, len(config.channels) - 1, config.padding)
+    crop = (size - out_size) // 2
+    autotune = tf.data.AUTOTUNE
+    image_spec = tf.TensorSpec([size, size, 3], tf.uint8)
+    mask_spec = tf.TensorSpec([size, size, 1], tf.uint8)
+
+    if config.sampling == "patch":
+        sampler = PatchSampler(train_samples, size, seed=config.seed)
+        train = tf.data.Dataset.from_generator(sampler, output_signature=(image_spec, mask_spec))
+        steps = config.steps_per_epoch or max(1, math.ceil(sampler.patches_per_epoch() / batch))
+        val_images, val_masks = _patch_arrays(val_samples, size)
+    else:
+        images, masks = _resized_arrays(train_samples, size)
+        train = (tf.data.Dataset.from_tensor_slices((images, masks))
+                 .shuffle(len(images), seed=config.seed, reshuffle_each_iteration=True).repeat())
+        steps = config.steps_per_epoch or max(1, math.ceil(len(images) / batch))
+        val_images, val_masks = _resized_arrays(val_samples, size)
+
+    def to_float(images, masks):
+        return tf.cast(images, tf.float32), masks
+
+    train = train.batch(batch, drop_remainder=True).map(to_float, num_parallel_calls=autotune)
+    if config.augment:
+        # A counter zipped in gives every batch its own stateless seed: reproducible, and safe with
+        # parallel map calls.
+        seeds = tf.data.Dataset.counter().map(lambda i: tf.stack([tf.cast(config.seed, tf.int64), i]))
+        train = tf.data.Dataset.zip((train, seeds)).map(
+            lambda pair, s: augment_batch(pair[0], pair[1], s), num_parallel_calls=autotune)
+    classes = config.num_classes
+    train = train.map(lambda x, y: (x, _targets(y, classes, crop)), num_parallel_calls=autotune)
+    train = train.prefetch(autotune)
+
+    val = (tf.data.Dataset.from_tensor_slices((val_images, val_masks)).batch(batch)
+           .map(lambda x, y: (tf.cast(x, tf.float32), _targets(y, classes, crop)), num_parallel_calls=autotune)
+           .cache().prefetch(autotune))
+    return train, val, steps
+
+
+def sample_dataset_dir(num_images: int = 64, seed: int = 0, root: str = "dataset") -> Path:
+    """Where the built-in synthetic sample of that size and seed lives (one folder per setting, so a
+    sample is never overwritten by another)."""
+    return Path(root) / f"synthetic_sample_{num_images}img_seed{seed}"
+
+
+def ensure_sample_dataset(num_images: int = 64, seed: int = 0, root: str = "dataset",
+                          progress: bool = True) -> Path:
+    """Return the built-in synthetic sample's folder, generating it on first use and reusing it after."""
+    folder = sample_dataset_dir(num_images, seed, root)
+    if folder.is_dir() and any(folder.iterdir()):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    synthetic_nuclei.write_synthetic_dataset(folder, num_images=num_images, seed=seed, progress=progress)
+    return folder
+
+
+def resolve_data_dir(data_dir: str | None, sample_images: int = 64, progress: bool = True) -> tuple[Path, str]:
+    """Pick the training data: an explicit path (which must exist), else the real DSB folder when it is
+    there, else the built-in synthetic sample.  Returns ``(folder, why)``, ``why`` being a sentence for
+    the user."""
+    if data_dir:
+        folder = Path(data_dir)
+        if not folder.is_dir():
+            raise DataError(f"--data {data_dir}: no such folder. Give the folder that holds the sample "
+                            f"folders (for DSB-2018: dataset/stage1_train), or leave --data out to use "
+                            f"the built-in synthetic sample")
+        return folder, f"using {folder} (given explicitly)"
+    if Path(DEFAULT_DATA_DIR).is_dir():
+        return Path(DEFAULT_DATA_DIR), f"using the real DSB-2018 data found in {DEFAULT_DATA_DIR}"
+    folder = ensure_sample_dataset(sample_images, progress=progress)
+    return folder, (f"using the built-in synthetic sample in {folder} ({DEFAULT_DATA_DIR} not found; "
+                    f"see dataset.txt to get the real data)")
+
+
+# =====================================================================================================
+# 2. Hyperparameters
+# =====================================================================================================
+SAMPLING_MODES = ("patch", "resize")
+PADDINGS = ("same", "valid")
+LOSSES = ("bce", "dice", "bce+dice")
+
+
+@dataclasses.dataclass
+class Config:
+    """Every hyperparameter in one place: the notebook, Train.py and Predict_mask.py start from these
+    defaults, and each run saves the resolved values beside its model (``config.json``)."""
+
+    # Data
+    data_dir: str | None = None  # None: dataset/stage1_train if present, else the built-in synthetic sample
+    sample_images: int = 64  # size of the built-in synthetic sample
+    sampling: str = "patch"  # "patch": random crops at native scale; "resize": whole images resized
+    image_size: int = 128  # patch side (or resize target), the model's training input size
+    val_size: float = 0.1  # fraction (<1) or number (>=1) of images held out for validation
+    augment: bool = True  # flips, rotations and intensity jitter on training batches
+    # Model
+    input_channels: int = 3
+    num_classes: int = 1
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)  # per level; the last is the bottleneck
+    padding: str = "same"  # "same" keeps the size; "valid" is the unpadded original
+    batch_norm: bool = False
+    dropout: float = 0.0
+    # Training
+    epochs: int = 20
+    batch_size: int = 8
+    steps_per_epoch: int | None = None  # None: one pass over the training pixels per epoch
+    learning_rate: float = 1e-3
+    loss: str = "bce+dice"
+    seed: int = 42
+    mixed_precision: bool = False
+    xla: bool = False
+    # Inference
+    threshold: float = 0.5  # replaced by the one chosen on validation at the end of training
+    tile_overlap: int | None = None  # None: a quarter of the tile for padded models
+    min_nucleus_size: int = 15  # instances smaller than this many pixels are dropped
+
+    def __post_init__(self):
+        self.channels = tuple(int(c) for c in self.channels)
+        if self.sampling not in SAMPLING_MODES:
+            raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
+        if self.padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if len(self.channels) < 2 or any(c < 1 for c in self.channels):
+            raise ValueError(f"channels needs at least two positive counts (levels + bottleneck), got {self.channels}")
+        for name in ("image_size", "batch_size", "epochs", "num_classes", "input_channels", "sample_images"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must be between 0 and 1, got {self.threshold}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        # The size check gives the nearest sizes that work, so a user can fix the flag at once.
+        check_input_size(self.image_size, len(self.channels) - 1, self.padding)
+
+    @property
+    def depth(self) -> int:
+        """Number of pooling steps (levels below the input resolution)."""
+        return len(self.channels) - 1
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["channels"] = list(self.channels)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Config":
+        """Build a Config from a dict, ignoring keys that are not fields (a run's config.json also holds
+        the validation ids and scores)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_json(self, path=None, **extra) -> str:
+        text = json.dumps({**self.to_dict(), **extra}, indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, path_or_text) -> "Config":
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            text = Path(path_or_text).read_text()
+        return cls.from_dict(json.loads(text))
+
+
+# =====================================================================================================
+# 4. Convolutional blocks
+# =====================================================================================================
+# Pure functions from tensors to tensors.  Every layer is named after its block ("enc1_conv1", ...), so
+# the summary reads like the architecture and weights can be located by name.
+
+
+def conv_block(x, filters: int, name: str, padding: str = "same", batch_norm: bool = False,
+               dropout: float = 0.0):
+    """Two 3x3 convolutions, each followed by ReLU (with optional batch norm before it), then optional
+    dropout.  With ``padding="valid"`` each convolution trims one pixel per side."""
+    for i in (1, 2):
+        # A bias is redundant just before batch norm, which has its own shift.
+        x = layers.Conv2D(filters, 3, padding=padding, use_bias=not batch_norm,
+                          kernel_initializer="he_normal", name=f"{name}_conv{i}")(x)
+        if batch_norm:
+            x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
+        x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
+    if dropout:
+        x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
+    return x
+
+
+def down_block(x, filters: int, name: str, padding: str = "same", batch_norm: bool = False,
+               dropout: float = 0.0):
+    """One contracting level: ``conv_block`` then 2x2 max pooling with stride 2.
+
+    Returns ``(skip, pooled)``: the features kept for the skip connection and the half-size map."""
+    skip = conv_block(x, filters, name, padding, batch_norm, dropout)
+    pooled = layers.MaxPooling2D(pool_size=2, strides=2, name=f"{name}_pool")(skip)
+    return skip, pooled
+
+
+def bottleneck(x, filters: int, name: str = "bottleneck", padding: str = "same", batch_norm: bool = False,
+               dropout: float = 0.0):
+    """The lowest level: a ``conv_block`` with the most channels and no pooling."""
+    return conv_block(x, filters, name, padding, batch_norm, dropout)
+
+
+def up_block(x, skip, filters: int, name: str, padding: str = "same", batch_norm: bool = False,
+             dropout: float = 0.0):
+    """One expanding level: 2x upsampling, a 2x2 "up-convolution" to ``filters`` channels, concatenation
+    with the contracting path's skip map (centre-cropped when the convolutions are unpadded), then a
+    ``conv_block``."""
+    x = layers.UpSampling2D(size=2, name=f"{name}_upsample")(x)
+    # The up-convolution always pads ("same"), so upsampling exactly doubles the size, as in the paper.
+    x = layers.Conv2D(filters, 2, padding="same", kernel_initializer="he_normal", name=f"{name}_upconv")(x)
+    skip_h, skip_w = skip.shape[1], skip.shape[2]
+    x_h, x_w = x.shape[1], x.shape[2]
+    if padding == "valid" and skip_h is not None and (skip_h != x_h or skip_w != x_w):
+        dh, dw = skip_h - x_h, skip_w - x_w
+        skip = layers.Cropping2D(((dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2)), name=f"{name}_crop")(skip)
+    x = layers.Concatenate(axis=-1, name=f"{name}_concat")([skip, x])
+    return conv_block(x, filters, name, padding, batch_norm, dropout)
+
+
+# =====================================================================================================
+# 5. The U-Net model
+# =====================================================================================================
+
+
+def unet_output_size(input_size: int, depth: int = 4, padding: str = "same") -> int | None:
+    """The output side for an input side, or None when the input side cannot pass through the net.
+
+    "same": the size must halve cleanly ``depth`` times.  "valid": each 3x3 convolution trims 2 pixels
+    and every pooled map must have an even size (572 -> 388 for the paper's depth 4).
+    """
+    if padding == "same":
+        return input_size if input_size % (2 ** depth) == 0 and input_size > 0 else None
+    size = input_size
+    for _ in range(depth):
+        size -= 4
+        if size <= 0 or size % 2:
+            return None
+        size //= 2
+    size -= 4
+    if size <= 0:
+        return None
+    for _ in range(depth):
+        size = size * 2 - 4
+    return size if size > 0 else None
+
+
+def valid_input_sizes(depth: int = 4, padding: str = "same", low: int = 1, high: int = 1024) -> list[int]:
+    """Every input side in ``[low, high]`` that the net accepts."""
+    return [s for s in range(max(1, low), high + 1) if unet_output_size(s, depth, padding)]
+
+
+def check_input_size(size: int | None, depth: int = 4, padding: str = "same") -> None:
+    """Raise a ValueError naming the nearest working sizes when ``size`` does not fit the net."""
+    if size is None:
+        return
+    if unet_output_size(size, depth, padding) is None:
+        sizes = valid_input_sizes(depth, padding, 1, max(2 * size, 256))
+        below = [s for s in sizes if s < size][-1:]
+        above = [s for s in sizes if s > size][:1]
+        nearest = " or ".join(str(s) for s in below + above) or "none below 1024"
+        rule = (f"a multiple of {2 ** depth}" if padding == "same"
+                else "a size whose maps stay even after each unpadded level")
+        raise ValueError(f"input size {size} does not fit a depth-{depth} U-Net with padding='{padding}' "
+                         f"(it needs {rule}); nearest sizes that work: {nearest}")
+
+
+def build_unet(input_shape: tuple = (128, 128, 3), num_classes: int = 1,
+               channels: Sequence[int] = (16, 32, 64, 128, 256), padding: str = "same",
+               batch_norm: bool = False, dropout: float = 0.0, name: str = "unet") -> keras.Model:
+    """Assemble the U-Net as a functional ``keras.Model``.
+
+    ``input_shape`` is (height, width, channels); ``(None, None, C)`` gives a fully convolutional model for
+    padded convolutions.  Inputs are raw pixel values in [0, 255]: the first layer rescales them, so the
+    saved model carries its own preprocessing.  The output is a sigmoid for one class, a softmax for more,
+    always float32 (also under mixed precision, for a stable loss).
+    """
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape must be (height, width, channels), got {input_shape}")
+    if len(channels) < 2:
+        raise ValueError(f"channels needs at least two entries (levels + bottleneck), got {channels}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    height, width, _ = input_shape
+    depth = len(channels) - 1
+    if padding == "valid" and (height is None or width is None):
+        raise ValueError("an unpadded (padding='valid') U-Net needs a fixed input size, for example "
+                         "(572, 572, 1); it predicts large images tile by tile at that size")
+    check_input_size(height, depth, padding)
+    check_input_size(width, depth, padding)
+
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    skips = []
+    for level, filters in enumerate(channels[:-1], start=1):
+        skip, x = down_block(x, filters, f"enc{level}", padding, batch_norm, dropout)
+        skips.append(skip)
+    x = bottleneck(x, channels[-1], "bottleneck", padding, batch_norm, dropout)
+    for level in range(depth, 0, -1):
+        x = up_block(x, skips[level - 1], channels[level - 1], f"dec{level}", padding, batch_norm, dropout)
+    x = layers.Conv2D(num_classes, 1, name="logits")(x)
+    activation = "sigmoid" if num_classes == 1 else "softmax"
+    outputs = layers.Activation(activation, dtype="float32", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def build_unet_from_config(config: Config, input_size: int | None = None) -> keras.Model:
+    """The model a Config describes, at ``input_size`` (default: the training size)."""
+    size = input_size or config.image_size
+    return build_unet((size, size, config.input_channels), config.num_classes, config.channels,
+                      config.padding, config.batch_norm, config.dropout)
+
+
+# --- Losses and metrics -----------------------------------------------------------------------------
+# The overlap math is written once (``_overlap``); Dice and IoU, the metrics, and the losses all derive
+# from it.  Everything is registered, so a compiled model saved as .keras reloads without custom_objects
+# in any program that imports this module.
+
+
+def _overlap(y_true, y_pred):
+    """Per-image intersection and sum of sizes, reduced over height, width and channels."""
+    y_true = ops.cast(y_true, "float32")
+    y_pred = ops.cast(y_pred, "float32")
+    axes = tuple(range(1, len(y_pred.shape)))
+    intersection = ops.sum(y_true * y_pred, axis=axes)
+    total = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
+    return intersection, total
+
+
+def dice_coefficient(y_true, y_pred, smooth: float = 1.0):
+    """Soft Dice per image, averaged over the batch: (2|A.B| + s) / (|A| + |B| + s).
+
+    ``smooth`` keeps two empty masks at 1 (not NaN) and steadies the gradient on near-empty images."""
+    intersection, total = _overlap(y_true, y_pred)
+    return ops.mean((2.0 * intersection + smooth) / (total + smooth))
+
+
+def iou_coefficient(y_true, y_pred, smooth: float = 1.0):
+    """Soft IoU (Jaccard) per image, averaged over the batch: (|A.B| + s) / (|A| + |B| - |A.B| + s)."""
+    intersection, total = _overlap(y_true, y_pred)
+    return ops.mean((intersection + smooth) / (total - intersection + smooth))
+
+
+def _foreground(y_true, y_pred):
+    """For metrics: binarised predictions; for a softmax output, drop the background channel."""
+    y_pred = ops.cast(ops.greater(ops.cast(y_pred, "float32"), 0.5), "float32")
+    if y_pred.shape[-1] is not None and y_pred.shape[-1] > 1:
+        return y_true[..., 1:], y_pred[..., 1:]
+    return y_true, y_pred
+
+
+@keras.saving.register_keras_serializable(package=KERAS_PACKAGE)
+def dice(y_true, y_pred):
+    """Dice of the thresholded (0.5) prediction: the metric shown during training."""
+    return dice_coefficient(*_foreground(y_true, y_pred))
+
+
+@keras.saving.register_keras_serializable(package=KERAS_PACKAGE)
+def iou(y_true, y_pred):
+    """IoU of the thresholded (0.5) prediction: the metric shown during training."""
+    return iou_coefficient(*_foreground(y_true, y_pred))
+
+
+@keras.saving.register_keras_serializable(package=KERAS_PACKAGE)
+class DiceLoss(keras.losses.Loss):
+    """1 - soft Dice.  Trains on its own too (the original exploratory code could not)."""
+
+    def __init__(self, smooth: float = 1.0, name: str = "dice_loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.smooth = smooth
+
+    def call(self, y_true, y_pred):
+        intersection, total = _overlap(y_true, y_pred)
+        # Per image, so Keras' reduction averages over the batch (and across replicas correctly).
+        return 1.0 - (2.0 * intersection + self.smooth) / (total + self.smooth)
+
+    def get_config(self):
+        return {**super().get_config(), "smooth": self.smooth}
+
+
+@keras.saving.register_keras_serializable(package=KERAS_PACKAGE)
+class BceDiceLoss(keras.losses.Loss):
+    """Binary (or categorical, for a softmax output) cross-entropy plus Dice loss, each weighted.
+
+    Cross-entropy gives well-calibrated pixel probabilities; Dice counters the imbalance between the
+    few nucleus pixels and the much larger background."""
+
+    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
+                 name: str = "bce_dice_loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.bce_weight, self.dice_weight, self.smooth = bce_weight, dice_weight, smooth
+
+    def call(self, y_true, y_pred):
+        y_true = ops.cast(y_true, "float32")
+        y_pred = ops.cast(y_pred, "float32")
+        crossentropy = _pixel_crossentropy(y_true, y_pred)
+        intersection, total = _overlap(y_true, y_pred)
+        dice_loss = 1.0 - (2.0 * intersection + self.smooth) / (total + self.smooth)
+        return self.bce_weight * crossentropy + self.dice_weight * dice_loss
+
+    def get_config(self):
+        return {**super().get_config(), "bce_weight": self.bce_weight, "dice_weight": self.dice_weight,
+                "smooth": self.smooth}
+
+
+def _pixel_crossentropy(y_true, y_pred):
+    """Mean per-image cross-entropy: binary for one channel, categorical for several."""
+    axes = tuple(range(1, len(y_pred.shape) - 1))
+    if y_pred.shape[-1] == 1:
+        return ops.mean(keras.losses.binary_crossentropy(y_true, y_pred), axis=axes)
+    return ops.mean(keras.losses.categorical_crossentropy(y_true, y_pred), axis=axes)
+
+
+@keras.saving.register_keras_serializable(package=KERAS_PACKAGE)
+class CrossEntropyLoss(keras.losses.Loss):
+    """Plain pixel-wise cross-entropy (binary or categorical by the output's channels), per image."""
+
+    def __init__(self, name: str = "bce_loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+
+    def call(self, y_true, y_pred):
+        return _pixel_crossentropy(ops.cast(y_true, "float32"), ops.cast(y_pred, "float32"))
+
+
+def make_loss(name: str) -> keras.losses.Loss:
+    """The loss for a Config's ``loss`` name: "bce", "dice" or "bce+dice"."""
+    losses = {"bce": CrossEntropyLoss, "dice": DiceLoss, "bce+dice": BceDiceLoss}
+    if name not in losses:
+        raise ValueError(f"loss must be one of {tuple(losses)}, got {name!r}")
+    return losses[name]()
+
+
+def compile_unet(model: keras.Model, config: Config, jit_compile: bool | None = None) -> keras.Model:
+    """Compile with Adam, the Config's loss, and the Dice/IoU metrics."""
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=make_loss(config.loss),
+                  metrics=[dice, iou], jit_compile=config.xla if jit_compile is None else jit_compile)
+    return model
