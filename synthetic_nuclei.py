@@ -37,6 +37,7 @@ class OutputExistsError(FileExistsError, ValueError):
 
 
 def _validate_size(height, width):
+    """Return (height, width) as ints, or raise ValueError for non-positive or fractional sizes."""
     if int(height) != height or int(width) != width or height <= 0 or width <= 0:
         raise ValueError(f"image size must be two positive integers, got ({height!r}, {width!r})")
     return int(height), int(width)
@@ -105,7 +106,8 @@ def _place_nuclei(rng, h, w, modality):
         d_mean *= 1.25
     d_mean = float(np.clip(d_mean, 6, max(6, min(70, min(h, w) / 3))))
     # Fraction of the field covered by nuclei: sparse, typical or crowded fields.
-    density = rng.choice([rng.uniform(0.02, 0.06), rng.uniform(0.06, 0.15), rng.uniform(0.15, 0.3)], p=[0.35, 0.45, 0.2])
+    choices = [rng.uniform(0.02, 0.06), rng.uniform(0.06, 0.15), rng.uniform(0.15, 0.3)]
+    density = rng.choice(choices, p=[0.35, 0.45, 0.2])
     n_target = int(np.clip(density * h * w / (np.pi * d_mean**2 / 4), 3, 600))
     sample_centre = _position_sampler(rng, h, w, d_mean, n_target)
 
@@ -119,7 +121,7 @@ def _place_nuclei(rng, h, w, modality):
     base = np.exp(rng.uniform(np.log(0.3), np.log(0.95)))
     spread = rng.uniform(0.5, 1.0)
     max_aspect = 1.8 if modality == "fluorescence" else 2.8
-    texture_amp = rng.uniform(0.08, 0.25) if modality == "fluorescence" else rng.uniform(0.15, 0.35)
+    texture_amp = rng.uniform(0.08, 0.25) if modality == "fluorescence" else rng.uniform(0.2, 0.45)
 
     count, failures = 0, 0
     for _ in range(n_target):
@@ -143,7 +145,8 @@ def _place_nuclei(rng, h, w, modality):
         value = level * (1.0 - 0.25 * d**2)
         if modality == "histology":
             value += level * rng.uniform(0.0, 0.5) * np.exp(-(((1.0 - d) / 0.12) ** 2))
-        for _n in range(int(rng.integers(1, 4)) if rng.random() < 0.3 else 0):
+        n_nucleoli = int(rng.integers(1, 4)) if rng.random() < 0.3 else 0
+        for _ in range(n_nucleoli):
             cu, cv_ = rng.uniform(-0.5, 0.5, 2) * radius
             s = radius * rng.uniform(0.1, 0.2)
             value *= 1.0 - rng.uniform(0.3, 0.6) * np.exp(-((u - cu) ** 2 + (v - cv_) ** 2) / (2 * s * s))
@@ -200,6 +203,7 @@ def _add_noise(rng, img, photons, read_sigma):
 
 
 def _render_fluorescence(rng, signal, coverage, d_mean):
+    """DAPI/Hoechst-like image: emitted light adds to a dark, unevenly lit background."""
     h, w = signal.shape
     background = rng.uniform(0.0, 0.05) * (1.0 + 0.3 * _smooth_field(rng, h, w, 3))
     illumination = np.clip(1.0 + rng.uniform(0.0, 0.25) * _smooth_field(rng, h, w, 2), 0.4, None)
@@ -216,6 +220,7 @@ def _render_fluorescence(rng, signal, coverage, d_mean):
 
 
 def _render_histology(rng, signal, coverage, d_mean):
+    """H&E-like image: hematoxylin (nuclei) and eosin (tissue) absorb white light."""
     h, w = signal.shape
     # Tissue: grainy eosin at two scales, fibre-like streaks, and a few empty (white) gaps.
     line = np.zeros((15, 15), np.float32)
@@ -244,6 +249,7 @@ def _render_histology(rng, signal, coverage, d_mean):
 
 
 def _render_brightfield(rng, signal, coverage, d_mean):
+    """Unstained or lightly stained transmitted light: low-contrast grey nuclei on light grey."""
     h, w = signal.shape
     level = rng.uniform(0.6, 0.85)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -266,8 +272,15 @@ _RENDERERS = {
 }
 
 
-def generate_sample(rng: np.random.Generator, height: int, width: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
-    """Return (image, labels): image HxWx3 uint8 RGB; labels HxW int32, 0 = background, 1..N = nuclei (no gaps needed)."""
+def generate_sample(
+    rng: np.random.Generator, height: int, width: int, modality: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return (image, labels): image HxWx3 uint8 RGB; labels HxW int32, 0 = background, 1..N = nuclei.
+
+    ``modality`` is one of MODALITY_WEIGHTS.  All randomness comes from ``rng``, so
+    the same generator state gives the same sample.  Every image has at least one
+    nucleus; label values are consecutive here although callers must not rely on it.
+    """
     if modality not in _RENDERERS:
         raise ValueError(f"unknown modality {modality!r}; expected one of {sorted(_RENDERERS)}")
     height, width = _validate_size(height, width)
@@ -306,7 +319,9 @@ def _write_png(path, array):
         raise OSError(f"could not write {path}")
 
 
-def write_synthetic_dataset(out_dir, num_images: int = 64, seed: int = 0, sizes=None, progress: bool = True) -> list[str]:
+def write_synthetic_dataset(
+    out_dir, num_images: int = 64, seed: int = 0, sizes=None, progress: bool = True
+) -> list[str]:
     """Write the DSB-layout folder, return the list of sample ids written (sorted).
 
     The data are written into ``<out_dir>.tmp-<pid>`` and moved into place when
@@ -316,7 +331,10 @@ def write_synthetic_dataset(out_dir, num_images: int = 64, seed: int = 0, sizes=
     """
     if isinstance(num_images, bool) or int(num_images) != num_images or num_images <= 0:
         raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
-    sizes = [_validate_size(*s) for s in (DEFAULT_SIZES if sizes is None else sizes)]
+    try:
+        sizes = [_validate_size(*size) for size in (DEFAULT_SIZES if sizes is None else sizes)]
+    except TypeError as error:
+        raise ValueError(f"sizes must be a list of (height, width) pairs, got {sizes!r}") from error
     if not sizes:
         raise ValueError("sizes must contain at least one (height, width) pair")
     out_dir = os.path.abspath(os.fspath(out_dir))
@@ -341,7 +359,9 @@ def write_synthetic_dataset(out_dir, num_images: int = 64, seed: int = 0, sizes=
             sample_id = _sample_id(seed, index)
             os.makedirs(os.path.join(tmp_dir, sample_id, "images"))
             os.makedirs(os.path.join(tmp_dir, sample_id, "masks"))
-            _write_png(os.path.join(tmp_dir, sample_id, "images", f"{sample_id}.png"), image[..., ::-1])
+            # OpenCV writes BGR, so the RGB image is converted before it is saved.
+            image_path = os.path.join(tmp_dir, sample_id, "images", f"{sample_id}.png")
+            _write_png(image_path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
             # Group pixels by label once instead of scanning the whole image per nucleus.
             flat = np.flatnonzero(labels)
             values = labels.ravel()[flat]
@@ -350,7 +370,8 @@ def write_synthetic_dataset(out_dir, num_images: int = 64, seed: int = 0, sizes=
             for k, pixels in enumerate(np.split(flat[order], bounds), start=1):
                 mask = np.zeros(labels.size, np.uint8)
                 mask[pixels] = 255
-                _write_png(os.path.join(tmp_dir, sample_id, "masks", f"{sample_id}_{k:03d}.png"), mask.reshape(labels.shape))
+                mask_path = os.path.join(tmp_dir, sample_id, "masks", f"{sample_id}_{k:03d}.png")
+                _write_png(mask_path, mask.reshape(labels.shape))
             ids.append(sample_id)
         os.replace(tmp_dir, out_dir)
     except BaseException:

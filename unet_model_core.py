@@ -342,23 +342,13 @@ def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
 
 
-def grid_positions(length: int, size: int, step: int | None = None) -> list[int]:
-    """Start offsets of windows of ``size`` covering ``[0, length)``, the last one flush with the end."""
-    step = step or size
-    if length <= size:
-        return [0]
-    positions = list(range(0, length - size, step))
-    positions.append(length - size)
-    return positions
-
-
 def _patch_arrays(samples: Sequence[LoadedSample], size: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic validation patches: a grid of ``size`` windows covering every image."""
     images, masks = [], []
     for sample in samples:
         image, mask = pad_to_min_size(sample.image, size), pad_to_min_size(sample.mask, size)
-        for top in grid_positions(image.shape[0], size):
-            for left in grid_positions(image.shape[1], size):
+        for top in tile_positions(image.shape[0], size, 0):
+            for left in tile_positions(image.shape[1], size, 0):
                 images.append(image[top:top + size, left:left + size])
                 masks.append(mask[top:top + size, left:left + size])
     return np.stack(images), np.stack(masks)[..., None]
@@ -477,7 +467,8 @@ def make_datasets(train_samples: Sequence[LoadedSample], val_samples: Sequence[L
         val_images, val_masks = _resized_arrays(val_samples, size)
 
     def to_float(images, masks):
-        return tf.cast(images, tf.float32), masks
+        # Masks become float here too: oneDNN has no fast uint8 kernels for the flips that follow.
+        return tf.cast(images, tf.float32), tf.cast(masks, tf.float32)
 
     train = train.batch(batch, drop_remainder=True).map(to_float, num_parallel_calls=autotune)
     if config.augment:
@@ -900,3 +891,1401 @@ def compile_unet(model: keras.Model, config: Config, jit_compile: bool | None = 
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=make_loss(config.loss),
                   metrics=[dice, iou], jit_compile=config.xla if jit_compile is None else jit_compile)
     return model
+
+
+# =====================================================================================================
+# 6. Training the model
+# =====================================================================================================
+# A run directory holds everything a run produced (see DESIGN.md, "Run directory contract"):
+#   model.keras   best checkpoint: float32, uncompiled, built-in layers only, so plain
+#                 keras.saving.load_model(path) reads it in any program, with or without this module;
+#   last.keras    the latest full training state (model + optimizer), for --resume;
+#   state.json    the epoch reached and the best validation loss so far, for --resume;
+#   config.json   resolved Config + validation ids + chosen threshold + sampling mode + scores;
+#   history.csv, training_curves.png, val_predictions.png.
+# runs/latest is a one-line text file naming the newest run's folder (a file, not a symlink, so it also
+# works on Windows).
+
+MODEL_FILE, LAST_FILE, STATE_FILE, CONFIG_FILE = "model.keras", "last.keras", "state.json", "config.json"
+HISTORY_FILE, CURVES_FILE, VAL_FIGURE_FILE = "history.csv", "training_curves.png", "val_predictions.png"
+LATEST_FILE = "latest"
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must act on (a NaN loss, a bad resume); the message says so."""
+
+
+def quick_config(**overrides) -> Config:
+    """Settings for smoke runs and tests: a tiny sample, a small model, one short epoch."""
+    values = dict(sample_images=8, image_size=64, channels=(8, 16, 32), epochs=1, steps_per_epoch=3,
+                  batch_size=4, val_size=2)
+    values.update(overrides)
+    return Config(**values)
+
+
+def new_run_dir(runs_root=DEFAULT_RUNS_DIR, name: str | None = None) -> Path:
+    """Create and return a fresh run folder; an existing one is never reused or overwritten."""
+    root = Path(runs_root)
+    root.mkdir(parents=True, exist_ok=True)
+    base = name or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if base in (LATEST_FILE, ".", "..") or os.sep in base or (os.altsep and os.altsep in base):
+        raise ValueError(f"run name {base!r} is not a plain folder name")
+    for suffix in [""] + [f"-{i}" for i in range(2, 1000)]:
+        candidate = root / f"{base}{suffix}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not find a free run folder name for {base!r} in {root}")
+
+
+def find_run(run_or_file=None, runs_root=DEFAULT_RUNS_DIR) -> Path:
+    """The run folder for a run name, a run folder, a model file inside a run, or (None) the newest run.
+
+    Raises FileNotFoundError with a message that says what to do when nothing is found.
+    """
+    root = Path(runs_root)
+    if run_or_file is None:
+        latest = root / LATEST_FILE
+        if latest.is_file():
+            candidate = root / latest.read_text().strip()
+            if (candidate / MODEL_FILE).is_file():
+                return candidate
+        runs = sorted((p for p in root.glob("*") if (p / MODEL_FILE).is_file()), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise FileNotFoundError(f"no trained model found in {root}/. Run `python Train.py` first "
+                                    f"(or pass --model RUN_FOLDER_OR_MODEL_FILE)")
+        return runs[-1]
+    path = Path(run_or_file)
+    for candidate in (path, root / path):
+        if candidate.is_file():
+            return candidate.parent
+        if candidate.is_dir() and ((candidate / MODEL_FILE).is_file() or (candidate / LAST_FILE).is_file()):
+            return candidate
+    raise FileNotFoundError(f"no run or model at {run_or_file!r} (looked for a model file, a run folder "
+                            f"holding {MODEL_FILE}, and {root / path})")
+
+
+def read_run_config(run_dir) -> tuple[Config, dict]:
+    """The Config a run was trained with, and the whole config.json (ids, threshold, scores)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {run_dir} is not a complete run of this project")
+    data = json.loads(path.read_text())
+    return Config.from_dict(data), data
+
+
+def configure_devices(cpu_devices: int = 0) -> None:
+    """Split the CPU into ``cpu_devices`` logical devices (to exercise multi-device code without GPUs).
+
+    Must run before TensorFlow creates its devices, i.e. before any op runs in the process."""
+    if cpu_devices > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_devices)
+
+
+def get_strategy(cpu_devices: int = 0) -> tf.distribute.Strategy:
+    """TensorFlow's own engine for scaling out.
+
+    * ``TF_CONFIG`` set (several machines): MultiWorkerMirroredStrategy;
+    * several GPUs on this machine: MirroredStrategy over all of them;
+    * ``cpu_devices`` > 1 logical CPUs (tests, demos): MirroredStrategy over those;
+    * otherwise the default (single-device) strategy.
+    """
+    if os.environ.get("TF_CONFIG"):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    cpus = tf.config.list_logical_devices("CPU")
+    if cpu_devices > 1 and len(cpus) > 1:
+        return tf.distribute.MirroredStrategy(devices=[d.name for d in cpus[:cpu_devices]])
+    return tf.distribute.get_strategy()
+
+
+def set_precision(mixed: bool) -> str:
+    """Set Keras' global dtype policy: float16 compute on GPUs, bfloat16 on CPUs (which lack fast
+    float16), float32 when ``mixed`` is off.  The U-Net's output layer stays float32 either way."""
+    policy = "float32"
+    if mixed:
+        policy = "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
+def _atomic_save(model: keras.Model, path: Path) -> None:
+    # Write next to the target and rename: an interruption mid-save never leaves a half-written model.
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def export_inference_model(model: keras.Model, config: Config) -> keras.Model:
+    """A float32, uncompiled copy of a trained model, for saving as the run's ``model.keras``.
+
+    Padded models get a ``(None, None, C)`` input, so they predict tiles of any size that fits; unpadded
+    models keep their training size.  Only built-in layers are used, so the file loads anywhere."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        size = None if config.padding == "same" else config.image_size
+        copy = build_unet((size, size, config.input_channels), config.num_classes, config.channels,
+                          config.padding, config.batch_norm, config.dropout)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    copy.set_weights([np.asarray(w, dtype=np.float32) for w in model.get_weights()])
+    return copy
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """At every epoch end: the full training state to ``last.keras`` (+ ``state.json``); and, when the
+    validation loss improved, the inference model to ``model.keras``.  So an interruption or a crash
+    loses at most the epoch under way."""
+
+    def __init__(self, run_dir: Path, config: Config, best: float = math.inf):
+        super().__init__()
+        self.run_dir, self.config, self.best = Path(run_dir), config, best
+        self.best_epoch = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        current = logs.get("val_loss", logs.get("loss"))
+        if current is not None and np.isfinite(current) and current < self.best:
+            self.best, self.best_epoch = float(current), epoch + 1
+            _atomic_save(export_inference_model(self.model, self.config), self.run_dir / MODEL_FILE)
+        _atomic_save(self.model, self.run_dir / LAST_FILE)
+        state = {"epoch": epoch + 1, "best_val_loss": self.best, "best_epoch": self.best_epoch}
+        (self.run_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Stop at the first NaN or infinite loss and remember where, so the user gets a message."""
+
+    def __init__(self):
+        super().__init__()
+        self.where = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            self.where = f"epoch {self.epoch + 1}, batch {batch + 1}"
+            self.model.stop_training = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What ``train`` returns: where the run went and what it scored."""
+
+    run_dir: Path
+    config: Config
+    threshold: float
+    scores: dict
+    history: dict
+    data_source: str
+    seconds: float
+
+
+def _log(message: str, verbose: int) -> None:
+    if verbose:
+        print(message, flush=True)
+
+
+def prepare_data(config: Config, progress: bool = True, verbose: int = 1):
+    """Find, split and decode the training data a Config points to (section 1 in one call).
+
+    Returns ``(train_samples, val_samples, data_dir, why)``."""
+    data_dir, why = resolve_data_dir(config.data_dir, config.sample_images, progress=progress)
+    _log(f"Data: {why}", verbose)
+    samples, problems = find_samples(data_dir)
+    train_ids, val_ids = split_ids([s.sample_id for s in samples], config.val_size, config.seed)
+    loaded, load_problems = load_samples(samples, progress=progress)
+    report_problems(problems + load_problems)
+    by_id = {s.sample_id: s for s in loaded}
+    train = [by_id[i] for i in train_ids if i in by_id]
+    val = [by_id[i] for i in val_ids if i in by_id]
+    if not train or not val:
+        raise DataError(f"{data_dir}: after skipping unreadable samples, {len(train)} remain for training "
+                        f"and {len(val)} for validation; both need at least one")
+    _log(f"      {len(train)} training and {len(val)} validation images "
+         f"({sum(s.image.shape[0] * s.image.shape[1] for s in train) / 1e6:.1f} Mpx of training pixels)", verbose)
+    return train, val, data_dir, why
+
+
+def train(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = None, resume=None,
+          cpu_devices: int = 0, verbose: int = 1, progress: bool = True) -> TrainResult:
+    """Train a U-Net as ``config`` says and save a complete run directory.
+
+    ``resume`` (a run name or folder) continues that run from its last checkpoint, with the epoch count
+    carried on, up to ``config.epochs`` in all.  ``cpu_devices`` > 1 splits the CPU into that many
+    logical devices and trains data-parallel over them (a way to test the multi-device path).
+    Raises ``TrainingError`` on a NaN loss; a KeyboardInterrupt propagates after the last finished epoch
+    has been saved.
+    """
+    started = time.time()
+    configure_devices(cpu_devices)
+    keras.utils.set_random_seed(config.seed)
+    initial_epoch, best = 0, math.inf
+    if resume is not None:
+        run_dir = find_run(resume, runs_root)
+        if not (run_dir / LAST_FILE).is_file() or not (run_dir / STATE_FILE).is_file():
+            raise TrainingError(f"{run_dir} has no {LAST_FILE}/{STATE_FILE} to resume from")
+        saved_config, _ = read_run_config(run_dir)
+        # Architecture and data come from the run; only the epoch budget may be raised on resume.
+        config = dataclasses.replace(saved_config, epochs=max(config.epochs, saved_config.epochs))
+        state = json.loads((run_dir / STATE_FILE).read_text())
+        initial_epoch, best = int(state["epoch"]), float(state.get("best_val_loss", math.inf))
+        _log(f"Resuming {run_dir} after epoch {initial_epoch} of {config.epochs}", verbose)
+    else:
+        run_dir = new_run_dir(runs_root, run_name)
+
+    train_samples, val_samples, data_dir, why = prepare_data(config, progress, verbose)
+    val_ids = [s.sample_id for s in val_samples]
+    train_ds, val_ds, steps = make_datasets(train_samples, val_samples, config)
+    options = tf.data.Options()
+    # Generator-backed data cannot be sharded by file; shard by element across workers instead.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    train_ds = train_ds.with_options(options)
+    val_ds = val_ds.with_options(options)
+
+    policy = set_precision(config.mixed_precision)
+    strategy = get_strategy(cpu_devices)
+    extra = dict(val_ids=val_ids, data_dir=str(data_dir), data_source=why, steps_per_epoch_used=steps,
+                 replicas=strategy.num_replicas_in_sync, precision=policy)
+    config.to_json(run_dir / CONFIG_FILE, **extra)  # written now, so even an interrupted run says what it was
+    _log(f"Run:  {run_dir}", verbose)
+    _log(f"      {config.epochs} epochs x {steps} steps of batch {config.batch_size}, "
+         f"{config.image_size}px {config.sampling} sampling, loss {config.loss}, lr {config.learning_rate}, "
+         f"{strategy.num_replicas_in_sync} device(s), {policy}" + (", XLA" if config.xla else ""), verbose)
+
+    try:
+        with strategy.scope():
+            if resume is not None:
+                model = keras.saving.load_model(run_dir / LAST_FILE)
+            else:
+                model = compile_unet(build_unet_from_config(config), config)
+        _log(f"Model: {model.count_params():,} parameters, channels {list(config.channels)}, "
+             f"padding={config.padding}", verbose)
+        checkpoint = RunCheckpoint(run_dir, config, best)
+        nan_guard = StopOnNaN()
+        callbacks = [checkpoint, nan_guard,
+                     keras.callbacks.CSVLogger(str(run_dir / HISTORY_FILE), append=resume is not None),
+                     keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=4, min_lr=1e-5)]
+        fit_verbose = (1 if sys.stdout.isatty() else 2) if verbose else 0
+        if initial_epoch < config.epochs:
+            model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
+                      steps_per_epoch=steps, callbacks=callbacks, verbose=fit_verbose,
+                      shuffle=False)  # the pipeline already randomises; Keras cannot shuffle a tf.data stream
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    if nan_guard.where:
+        raise TrainingError(f"the loss became NaN at {nan_guard.where}; training stopped. The last good "
+                            f"epoch is saved in {run_dir}. Try a lower --lr (now {config.learning_rate}) "
+                            f"or --loss bce+dice")
+
+    history = read_history(run_dir / HISTORY_FILE)
+    plot_training_curves(history, run_dir / CURVES_FILE)
+    (Path(runs_root) / LATEST_FILE).write_text(run_dir.name + "\n")
+
+    # Score the best checkpoint the way it will be used: whole validation images at full resolution.
+    best_model = keras.saving.load_model(run_dir / MODEL_FILE)
+    _log("Choosing the threshold on the validation images (full resolution)...", verbose)
+    threshold, scores, per_image = choose_threshold(best_model, val_samples, config, progress=progress)
+    config = dataclasses.replace(config, threshold=threshold)
+    extra.update(val_scores=scores, val_scores_per_image=per_image, best_epoch=checkpoint.best_epoch,
+                 train_seconds=round(time.time() - started, 1))
+    config.to_json(run_dir / CONFIG_FILE, **extra)
+    plot_validation_predictions(best_model, val_samples, config, run_dir / VAL_FIGURE_FILE)
+    seconds = time.time() - started
+    _log(f"Validation (best epoch {checkpoint.best_epoch}, threshold {threshold:.2f}): "
+         f"Dice {scores['dice']:.3f}  IoU {scores['iou']:.3f}  DSB score {scores['dsb_score']:.3f}", verbose)
+    _log(f"Done in {seconds / 60:.1f} min. Run saved in {run_dir}", verbose)
+    return TrainResult(run_dir, config, threshold, scores, history, why, seconds)
+
+
+def read_history(path) -> dict:
+    """history.csv as {column: [values...]} (floats), the epoch column included."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    return {key: [float(row[key]) for row in rows if row.get(key) not in (None, "")] for key in (rows[0] if rows else {})}
+
+
+def plot_training_curves(history: dict, path) -> None:
+    """Loss and Dice/IoU per epoch, training against validation, saved as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    epochs = [e + 1 for e in history.get("epoch", [])]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key, style in (("loss", "-"), ("val_loss", "--")):
+        if key in history:
+            axes[0].plot(epochs, history[key], style, marker="o", label=key)
+    for key, style in (("dice", "-"), ("val_dice", "--"), ("iou", "-"), ("val_iou", "--")):
+        if key in history:
+            axes[1].plot(epochs, history[key], style, marker="o", label=key)
+    axes[0].set(title="Loss", xlabel="epoch")
+    axes[1].set(title="Dice and IoU (threshold 0.5)", xlabel="epoch", ylim=(0, 1))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# =====================================================================================================
+# 7. Testing the model: full-resolution inference, instances, scores, run-length encoding, figures
+# =====================================================================================================
+# Overlap-tile prediction follows the original U-Net paper (Ronneberger et al., 2015): the image is cut
+# into tiles, each tile gets mirrored context where it leaves the image, the model predicts the tiles one
+# batch at a time, and the tile predictions are blended into a full-size probability map with a smooth
+# window.  Memory is bounded by one batch of tiles plus a few image-sized float32 accumulators, never by
+# the activations of the whole image.
+
+
+def tile_positions(length: int, output_size: int, overlap: int) -> list[int]:
+    """Start offsets (in output coordinates) of tiles along one axis covering [0, length).
+
+    The first tile starts at 0 and, when ``length >= output_size``, the last
+    tile ends exactly at ``length`` so that no tile sticks out of the image.
+    The tiles in between are spread evenly, which makes every overlap at least
+    ``overlap`` pixels wide and every step at most ``output_size - overlap``.
+    When the axis is shorter than one output tile a single tile at 0 is used;
+    its surplus output is discarded by the caller.
+
+    Args:
+        length: Size of the axis to cover, in pixels (>= 1).
+        output_size: Size of one output tile along the axis (>= 1).
+        overlap: Minimum overlap between neighbouring tiles,
+            ``0 <= overlap < output_size``.
+
+    Returns:
+        Sorted list of start offsets.
+    """
+    if length < 1:
+        raise ValueError(f"length must be >= 1, got {length}")
+    if output_size < 1:
+        raise ValueError(f"output_size must be >= 1, got {output_size}")
+    if not 0 <= overlap < output_size:
+        raise ValueError(
+            f"overlap must satisfy 0 <= overlap < output_size ({output_size}), got {overlap}"
+        )
+    if length <= output_size:
+        return [0]
+    step = output_size - overlap
+    last = length - output_size
+    n_tiles = -(-last // step) + 1  # Integer ceil(last / step).
+    # Even spacing distributes the surplus overlap over all seams instead of
+    # piling it onto the last tile.  The real spacing last / (n_tiles - 1) is
+    # at most ``step``, and because ``step`` is an integer the differences of
+    # the floored positions (floor or ceil of that spacing) never exceed it
+    # either.  Integer arithmetic keeps the last position exact.
+    return [i * last // (n_tiles - 1) for i in range(n_tiles)]
+
+
+def blend_window(size: int) -> np.ndarray:
+    """The 2-D float32 blending window (size x size), >0 everywhere.
+
+    The window is the outer product of a 1-D Hann (raised cosine) window
+    sampled at pixel centres, so it is symmetric and peaks in the middle of
+    the tile where a same-padding network is most reliable.  A floor of 1e-3
+    keeps the border pixels strictly positive: where only one tile covers a
+    pixel (the image border, or tiles without overlap) its prediction must
+    still count after normalisation by the accumulated weights.
+
+    Args:
+        size: Side length of the (square) output tile.
+
+    Returns:
+        Array of shape (size, size), dtype float32, all values in (0, 1].
+    """
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    # Sampling at (i + 0.5) / size makes the window symmetric without putting
+    # an exact zero on either end.
+    centres = (np.arange(size, dtype=np.float64) + 0.5) / size
+    hann = 0.5 - 0.5 * np.cos(2.0 * np.pi * centres)
+    hann = np.maximum(hann, 1e-3)
+    return np.outer(hann, hann).astype(np.float32)
+
+
+def _reflect_indices(indices: np.ndarray, length: int) -> np.ndarray:
+    """Map arbitrary integer coordinates into [0, length) by mirror reflection.
+
+    This is the 'reflect' convention of ``np.pad`` (cv2.BORDER_REFLECT_101:
+    the edge pixel is not repeated).  Reflection is applied as often as
+    needed, so pads larger than the image are handled the same way as padding
+    repeatedly, which matters for tiny images and large valid-model margins.
+    """
+    if length == 1:
+        return np.zeros_like(indices)
+    period = 2 * (length - 1)
+    folded = np.mod(indices, period)
+    return np.where(folded >= length, period - folded, folded)
+
+
+def _axis_index(start: int, size: int, length: int):
+    """Index along one axis selecting ``size`` pixels from ``start``, mirrored where needed.
+
+    A plain slice is returned when the window lies inside the image, because
+    basic slicing is much cheaper than fancy indexing for interior tiles.
+    """
+    if start >= 0 and start + size <= length:
+        return slice(start, start + size)
+    return _reflect_indices(np.arange(start, start + size), length)
+
+
+def _extract_tile(image: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
+    """Cut a size x size tile at (top, left) from ``image`` with mirrored context.
+
+    The coordinates may lie partly or entirely outside the image; the missing
+    pixels are taken from the reflected image on the fly, so no padded copy of
+    the whole image is ever created.
+    """
+    height, width = image.shape[:2]
+    rows = _axis_index(top, size, height)
+    cols = _axis_index(left, size, width)
+    if isinstance(rows, np.ndarray) and isinstance(cols, np.ndarray):
+        return image[rows[:, None], cols[None, :]]
+    # With at most one index array NumPy keeps the axis order, so mixing a
+    # slice with an index array yields a (size, size, C) tile directly.
+    return image[rows, cols]
+
+
+def predict_tiled(
+    predict_batch,
+    image,
+    tile_size,
+    output_size=None,
+    overlap=None,
+    batch_size=8,
+    progress=None,
+) -> np.ndarray:
+    """Predict a full-size probability map with overlap-tile inference.
+
+    The image is covered by output tiles of ``output_size`` pixels placed by
+    :func:`tile_positions`.  Each output tile is predicted from an input tile
+    of ``tile_size`` pixels centred on it; for a "valid" (unpadded) network
+    the extra ``margin = (tile_size - output_size) // 2`` pixels on each side
+    provide the context the network consumes.  Where an input tile leaves the
+    image it is filled with the mirrored image, as in the U-Net paper.
+    Overlapping output tiles are blended with :func:`blend_window` so that the
+    less reliable tile borders of a same-padding network are down-weighted and
+    no seams appear.
+
+    Args:
+        predict_batch: Callable mapping a float32 array of shape
+            (n, tile_size, tile_size, C) to probabilities of shape
+            (n, output_size, output_size, K), e.g. a wrapped ``model.predict``.
+        image: Normalised image of shape (H, W, C); converted to float32.
+        tile_size: Side length of the network input tiles.
+        output_size: Side length of the network output tiles; ``None`` means
+            ``tile_size`` (same-padding network).  ``tile_size - output_size``
+            must be even and non-negative.
+        overlap: Overlap in pixels between neighbouring output tiles.  ``None``
+            means ``output_size // 4`` for a same-padding network and 0 for a
+            valid network, whose outputs have no border effect.
+        batch_size: Maximum number of tiles passed to ``predict_batch`` at once.
+        progress: Optional callable ``progress(done_tiles, total_tiles)``
+            invoked after each batch.
+
+    Returns:
+        Float32 array of shape (H, W, K) with the blended probabilities.
+
+    Raises:
+        ValueError: On a malformed image, inconsistent sizes, or a
+            ``predict_batch`` result of unexpected shape.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 3:
+        raise ValueError(
+            f"image must be a 3-D array of shape (H, W, C), got shape {image.shape}"
+        )
+    height, width, _ = image.shape
+    if height < 1 or width < 1 or image.shape[2] < 1:
+        raise ValueError(f"image must not be empty, got shape {image.shape}")
+
+    tile_size = int(tile_size)
+    if tile_size < 1:
+        raise ValueError(f"tile_size must be positive, got {tile_size}")
+    output_size = tile_size if output_size is None else int(output_size)
+    if output_size < 1:
+        raise ValueError(f"output_size must be positive, got {output_size}")
+    if output_size > tile_size:
+        raise ValueError(
+            f"output_size ({output_size}) must not exceed tile_size ({tile_size})"
+        )
+    if (tile_size - output_size) % 2:
+        raise ValueError(
+            f"tile_size - output_size must be even so the output is centred, "
+            f"got tile_size={tile_size}, output_size={output_size}"
+        )
+    margin = (tile_size - output_size) // 2
+
+    if overlap is None:
+        overlap = output_size // 4 if margin == 0 else 0
+    overlap = int(overlap)
+    if not 0 <= overlap < output_size:
+        raise ValueError(
+            f"overlap must satisfy 0 <= overlap < output_size ({output_size}), got {overlap}"
+        )
+    batch_size = int(batch_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+
+    tops = tile_positions(height, output_size, overlap)
+    lefts = tile_positions(width, output_size, overlap)
+    tiles = [(top, left) for top in tops for left in lefts]
+    total = len(tiles)
+    window = blend_window(output_size)
+
+    # The accumulators are allocated once the number of classes K is known
+    # from the first batch; they are the only image-sized buffers besides the
+    # input itself.
+    accumulator = None
+    weights = np.zeros((height, width), dtype=np.float32)
+
+    for first in range(0, total, batch_size):
+        chunk = tiles[first:first + batch_size]
+        batch = np.empty(
+            (len(chunk), tile_size, tile_size, image.shape[2]), dtype=np.float32
+        )
+        for slot, (top, left) in enumerate(chunk):
+            # The input tile starts ``margin`` pixels before its output tile
+            # so that the valid network's output lands on the output tile.
+            batch[slot] = _extract_tile(image, top - margin, left - margin, tile_size)
+
+        result = np.asarray(predict_batch(batch))
+        expected_k = None if accumulator is None else accumulator.shape[2]
+        if (
+            result.ndim != 4
+            or result.shape[:3] != (len(chunk), output_size, output_size)
+            or (expected_k is not None and result.shape[3] != expected_k)
+        ):
+            k_text = "K" if expected_k is None else str(expected_k)
+            raise ValueError(
+                f"predict_batch returned shape {result.shape} for an input of shape "
+                f"{batch.shape}; expected ({len(chunk)}, {output_size}, {output_size}, {k_text})"
+            )
+        if accumulator is None:
+            accumulator = np.zeros((height, width, result.shape[3]), dtype=np.float32)
+
+        for slot, (top, left) in enumerate(chunk):
+            # Output tiles can only extend past the image when the image is
+            # smaller than one tile; that surplus is cropped away here.
+            rows = min(output_size, height - top)
+            cols = min(output_size, width - left)
+            tile_weight = window[:rows, :cols]
+            accumulator[top:top + rows, left:left + cols] += (
+                result[slot, :rows, :cols].astype(np.float32, copy=False)
+                * tile_weight[:, :, None]
+            )
+            weights[top:top + rows, left:left + cols] += tile_weight
+
+        if progress is not None:
+            progress(first + len(chunk), total)
+
+    # Every pixel is covered by at least one tile with a strictly positive
+    # weight, so the division is safe; doing it in place avoids another
+    # image-sized temporary.
+    accumulator /= weights[:, :, None]
+    return accumulator
+
+
+# --- Instances, the DSB-2018 score, run-length encoding and outlines -----------------------------------
+# These turn a probability map into labelled nuclei, score labelled nuclei with the Data Science Bowl
+# 2018 metric, write and read its run-length encoding, and draw instance outlines for figures.
+
+# The IoU thresholds of the DSB-2018 metric: 0.5, 0.55, ..., 0.95.  ``np.arange`` with a float step
+# accumulates rounding error (0.5 + 4 * 0.05 is not exactly 0.7), and an IoU that is exactly 0.7 must
+# compare equal to the 0.7 threshold, so the values are rounded to two decimals.
+DSB_IOU_THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
+
+# Markers for splitting touching nuclei are the "h-maxima" of the smoothed distance transform: peaks that
+# rise at least h pixels above the saddle that joins them to a higher peak.  Two discs of radius r whose
+# centres are d apart form a saddle of depth r - sqrt(r^2 - d^2 / 4), 0.2 r at d = 1.2 r before
+# smoothing, while pixelation leaves ripples on the ridge of a single smoothed ellipse: up to about
+# 0.45 px for aspect ratios up to 4, more for longer and thinner shapes (0.7 px at 10:1, which may then
+# be split).  h is the larger of an absolute floor above those ripples and a small fraction of the
+# component's largest distance, so that big lumpy nuclei are not cut at every bump.  The values were
+# tuned on the repository's synthetic nuclei (perfect masks in, DSB score out): lower h splits more
+# clumps but starts to cut single irregular nuclei.
+_MARKER_H_MIN = 0.5
+_MARKER_H_FRACTION = 0.05
+# Smoothing of the distance transform before the peaks are searched, in pixels (Gaussian sigma).
+_DISTANCE_SIGMA = 1.0
+# A value far below any distance, used to keep the morphological reconstruction out of the background.
+_FAR_BELOW = np.float32(-1.0e6)
+# The flooding level given to the background in the image handed to cv2.watershed (see _watershed).
+_WATERSHED_TOP = 255
+# The distance, in pixels, over which the watershed relief keeps full resolution (see _watershed).
+_RELIEF_MAX_DISTANCE = 64.0
+
+
+def _as_label_image(labels, name):
+    """Return ``labels`` as an int64 array, accepting integer and boolean images only."""
+    labels = np.asarray(labels)
+    if labels.dtype == bool:
+        return labels.astype(np.int64)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{name} must be an integer label image, got dtype {labels.dtype}")
+    return labels.astype(np.int64, copy=False)
+
+
+def _check_same_shape(true, pred, true_name, pred_name):
+    if true.shape != pred.shape:
+        raise ValueError(f"{true_name} has shape {true.shape} but {pred_name} has shape {pred.shape}; "
+                         "they must match")
+
+
+def binary_dice_iou(true_mask, pred_mask) -> tuple[float, float]:
+    """Dice and IoU of two binary masks (any nonzero = foreground).
+
+    Both empty -> (1.0, 1.0), because predicting nothing where there is nothing is perfect; one empty and
+    the other not -> (0.0, 0.0).  Never NaN.
+    """
+    true_mask = np.asarray(true_mask) != 0
+    pred_mask = np.asarray(pred_mask) != 0
+    _check_same_shape(true_mask, pred_mask, "true_mask", "pred_mask")
+    intersection = int(np.count_nonzero(true_mask & pred_mask))
+    total = int(np.count_nonzero(true_mask)) + int(np.count_nonzero(pred_mask))
+    if total == 0:
+        return 1.0, 1.0
+    union = total - intersection
+    return 2.0 * intersection / total, intersection / union
+
+
+def _dense_index(labels):
+    """Map the labels of an image to 0 (background) and 1..n (instances in increasing label order)."""
+    ids = np.unique(labels)
+    ids = ids[ids != 0]
+    # searchsorted gives each nonzero label its rank among the instance ids; background is forced to 0.
+    index = np.searchsorted(ids, labels) + 1
+    index[labels == 0] = 0
+    return index, ids.size
+
+
+def instance_iou_matrix(true_labels, pred_labels) -> np.ndarray:
+    """IoU between every true instance (rows) and every predicted instance (columns).
+
+    Both inputs are integer label images of the same shape (0 = background, labels need not be
+    consecutive); rows and columns follow increasing label value.  The intersections of all pairs come
+    from one ``np.bincount`` over the pair index ``true_idx * (n_pred + 1) + pred_idx``, so the cost does
+    not grow with the number of instances.  Returns a float64 array of shape (n_true, n_pred).
+    """
+    true_labels = _as_label_image(true_labels, "true_labels")
+    pred_labels = _as_label_image(pred_labels, "pred_labels")
+    _check_same_shape(true_labels, pred_labels, "true_labels", "pred_labels")
+    true_idx, n_true = _dense_index(true_labels.ravel())
+    pred_idx, n_pred = _dense_index(pred_labels.ravel())
+    # Row 0 and column 0 of the joint histogram count background, which gives the instance areas as
+    # marginal sums without a second pass over the image.
+    joint = np.bincount(true_idx * (n_pred + 1) + pred_idx, minlength=(n_true + 1) * (n_pred + 1))
+    joint = joint.reshape(n_true + 1, n_pred + 1)
+    true_area = joint[1:, :].sum(axis=1)
+    pred_area = joint[:, 1:].sum(axis=0)
+    intersection = joint[1:, 1:].astype(np.float64)
+    union = true_area[:, None] + pred_area[None, :] - intersection
+    # Every instance has at least one pixel, so the union is never zero.
+    return intersection / union
+
+
+def dsb_score(true_labels, pred_labels, thresholds=DSB_IOU_THRESHOLDS) -> float:
+    """DSB-2018 score of one image: the mean over thresholds t of TP / (TP + FP + FN).
+
+    A true and a predicted instance match when their IoU is strictly greater than t.  Instances of one
+    label image do not overlap, so for t >= 0.5 an instance can have at most one partner with IoU > t and
+    counting the pairs above t counts the matches exactly; thresholds below 0.5 are refused for that
+    reason.  Both images empty -> 1.0; one empty and the other not -> 0.0.
+    """
+    thresholds = np.asarray(thresholds, dtype=np.float64).ravel()
+    if thresholds.size == 0:
+        raise ValueError("thresholds must not be empty")
+    if np.any(thresholds < 0.5) or np.any(thresholds >= 1.0) or np.any(np.isnan(thresholds)):
+        raise ValueError(f"thresholds must lie in [0.5, 1), got {thresholds.tolist()}")
+    iou = instance_iou_matrix(true_labels, pred_labels)
+    n_true, n_pred = iou.shape
+    if n_true == 0 and n_pred == 0:
+        return 1.0
+    if n_true == 0 or n_pred == 0:
+        return 0.0
+    tp = (iou[None, :, :] > thresholds[:, None, None]).sum(axis=(1, 2))
+    # With TP matches, the remaining predictions are false positives and the remaining truths misses.
+    fp = n_pred - tp
+    fn = n_true - tp
+    return float(np.mean(tp / (tp + fp + fn)))
+
+
+def count_instances(labels) -> int:
+    """Number of distinct nonzero labels in a label image."""
+    labels = np.asarray(labels)
+    ids = np.unique(labels)
+    return int(np.count_nonzero(ids != 0))
+
+
+def _relabel_consecutive(labels):
+    """Renumber the nonzero labels to 1..N in increasing order of their old value, as int32."""
+    index, _ = _dense_index(labels)
+    return index.astype(np.int32)
+
+
+def _component_maxima(components, n_components, values):
+    """Largest value of ``values`` inside each connected component (index 0 is the background)."""
+    maxima = np.zeros(n_components, dtype=np.float32)
+    inside = components > 0
+    np.maximum.at(maxima, components[inside], values[inside])
+    return maxima
+
+
+def _reconstruct_by_dilation(marker, mask):
+    """Grayscale morphological reconstruction of ``marker`` under ``mask`` (8-connected).
+
+    The marker is dilated and clipped by the mask until nothing changes.  Each pass moves information one
+    pixel, so the number of passes is the length of the longest path a value has to travel, which for
+    h-maxima is about the length of the flat ridges (a few tens of pixels for nuclei).
+    """
+    kernel = np.ones((3, 3), np.uint8)
+    current = np.minimum(marker, mask)
+    while True:
+        grown = np.minimum(cv2.dilate(current, kernel), mask)
+        if np.array_equal(grown, current):
+            return current
+        current = grown
+
+
+def _find_markers(foreground, components, n_components):
+    """Label the markers of the watershed: the h-maxima of the smoothed distance transform.
+
+    Returns the int32 marker image (0 = no marker, 1..K markers), K and the smoothed distance.
+    """
+    fg_u8 = foreground.astype(np.uint8)
+    distance = cv2.distanceTransform(fg_u8, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    # Smoothing removes the one-pixel steps of the distance of a pixelated outline, which would otherwise
+    # create many tiny peaks along the ridge of an elongated nucleus.
+    distance = cv2.GaussianBlur(distance, (0, 0), _DISTANCE_SIGMA)
+    # h depends on the size of each connected component (see _MARKER_H_FRACTION).
+    peak = _component_maxima(components, n_components, distance)
+    h_per_component = np.maximum(_MARKER_H_MIN, _MARKER_H_FRACTION * peak)
+    h_map = h_per_component[components]
+    # The background is set far below every distance so that the reconstruction cannot carry values from
+    # one component to another through it.
+    mask = np.where(foreground, distance, _FAR_BELOW).astype(np.float32)
+    lowered = np.where(foreground, distance - h_map, _FAR_BELOW).astype(np.float32)
+    reconstructed = _reconstruct_by_dilation(lowered, mask)
+    # A pixel keeps its lowered value exactly when no higher peak can be reached from it without going
+    # more than h below it: those pixels are the tops of the domes that are at least h deep.  Every
+    # component keeps at least its highest pixel, so every component gets a marker.
+    tops = foreground & (reconstructed == lowered)
+    # Two equally high peaks less than h apart in depth are both "tops", yet they are one nucleus.  The
+    # reconstruction joins them into one flat cap, so the markers are the flat local maxima of the
+    # reconstruction (pixels equal to their 3x3 maximum) that hold a top; flat local maxima without a
+    # top are shoulders on a slope, not caps, and are dropped.
+    flat_max = foreground & (reconstructed == cv2.dilate(reconstructed, np.ones((3, 3), np.uint8)))
+    n_caps, caps = cv2.connectedComponents(flat_max.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    has_top = np.zeros(n_caps, bool)
+    has_top[caps[tops]] = True
+    has_top[0] = False
+    new_label = np.cumsum(has_top).astype(np.int32) * has_top
+    return new_label[caps], int(has_top.sum()), distance
+
+
+def _watershed(foreground, markers, n_markers, distance):
+    """Flood the foreground from the markers over the relief of the inverted distance transform.
+
+    cv2.watershed does not flood in order of pixel height: it orders pixels by the largest per-channel
+    difference between a pixel and the already labelled neighbour it is reached from.  Writing the height
+    into channel 0 on the "black" squares of a checkerboard and into channel 1 on the "white" squares
+    (0 elsewhere) turns that difference into max(height of the pixel, height of its neighbour), because
+    4-neighbours always lie on squares of opposite colour.  That is exactly the priority of a classical
+    flooding watershed, so the split lines follow the necks between nuclei instead of lying halfway
+    between markers.  Returns labels 1..n_markers over the foreground and 0 elsewhere.
+    """
+    # Heights: 0 at the largest distance, rising towards the edges; the background gets the top level.
+    # The 254 levels are spread over at most _RELIEF_MAX_DISTANCE pixels of distance, so that one huge
+    # blob in the image does not flatten the relief of all the small nuclei; deeper cores are flat.
+    top_distance = float(distance[foreground].max()) if foreground.any() else 1.0
+    span = min(max(top_distance, 1e-6), _RELIEF_MAX_DISTANCE)
+    relief = (_WATERSHED_TOP - 1) - np.rint(np.minimum(distance, span) * ((_WATERSHED_TOP - 1) / span))
+    relief = np.where(foreground, np.clip(relief, 0, _WATERSHED_TOP - 1), _WATERSHED_TOP).astype(np.uint8)
+
+    # cv2.watershed marks the outermost pixel frame as boundary, so everything is padded by one pixel.
+    relief = cv2.copyMakeBorder(relief, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=_WATERSHED_TOP)
+    rows, cols = np.indices(relief.shape)
+    black = (rows + cols) % 2 == 0
+    image = np.zeros(relief.shape + (3,), np.uint8)
+    image[..., 0] = np.where(black, relief, 0)
+    image[..., 1] = np.where(black, 0, relief)
+
+    # The background gets its own marker so that the flood stays inside the foreground.
+    background_label = n_markers + 1
+    seeds = np.where(foreground, markers, background_label).astype(np.int32)
+    seeds = cv2.copyMakeBorder(seeds, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=background_label)
+    cv2.watershed(image, seeds)
+    result = seeds[1:-1, 1:-1]
+    result[(result == background_label) | (result < 0) | ~foreground] = 0
+
+    # Pixels the watershed left as boundary (-1), and thin foreground bits it could only reach from the
+    # background, are given to a neighbouring nucleus so that the instances cover the whole thresholded
+    # mask.  Labels up to 2**24 are exact in float32, which cv2.dilate needs.
+    kernel = np.ones((3, 3), np.uint8)
+    missing = foreground & (result == 0)
+    while missing.any():
+        neighbour = cv2.dilate(result.astype(np.float32), kernel).astype(np.int32)
+        fill = missing & (neighbour > 0)
+        if not fill.any():
+            break
+        result[fill] = neighbour[fill]
+        missing &= ~fill
+    return result
+
+
+def label_instances(probability, threshold=0.5, min_size=10, split_touching=True) -> np.ndarray:
+    """Turn a HxW probability map into an int32 instance label image (0 = background, 1..N consecutive).
+
+    The map is thresholded (pixels with probability > ``threshold`` are foreground; NaN counts as
+    background).  Connected components smaller than ``min_size`` pixels are dropped.  If
+    ``split_touching``, touching nuclei are separated by a marker-based watershed: markers are the
+    h-maxima of the smoothed distance transform (one per dome of the distance that is deep enough, so a
+    convex nucleus keeps one marker while two overlapping discs whose centres are more than about 1.2
+    radii apart get two), and the foreground is flooded from them over the inverted distance.  Instances
+    that end up smaller than ``min_size`` are removed as well.  Labels are numbered 1..N.
+    """
+    probability = np.asarray(probability)
+    if probability.ndim != 2:
+        raise ValueError(f"probability must be a 2-D HxW map, got shape {probability.shape}")
+    if not (np.issubdtype(probability.dtype, np.floating) or np.issubdtype(probability.dtype, np.integer)
+            or probability.dtype == bool):
+        raise ValueError(f"probability must be numeric, got dtype {probability.dtype}")
+    if min_size < 0:
+        raise ValueError(f"min_size must be >= 0, got {min_size}")
+    foreground = probability > threshold
+
+    n_components, components = cv2.connectedComponents(foreground.astype(np.uint8), connectivity=8,
+                                                        ltype=cv2.CV_32S)
+    # Specks are removed before splitting so that they cost nothing in the watershed.
+    areas = np.bincount(components.ravel(), minlength=n_components)
+    keep = areas >= min_size
+    keep[0] = False
+    foreground = keep[components]
+    if not foreground.any():
+        return np.zeros(probability.shape, np.int32)
+    components = np.where(foreground, components, 0)
+
+    if split_touching:
+        markers, n_markers, distance = _find_markers(foreground, components, n_components)
+        labels = _watershed(foreground, markers, n_markers, distance)
+    else:
+        labels = components
+
+    # Splitting can leave pieces below min_size; they are removed like the specks.
+    areas = np.bincount(labels.ravel())
+    small = areas < min_size
+    small[0] = False
+    if small.any():
+        labels = np.where(small[labels], 0, labels)
+    return _relabel_consecutive(labels)
+
+
+def rle_encode(mask) -> str:
+    """DSB-2018 run-length encoding of one binary mask (any nonzero = foreground).
+
+    Pixels are numbered from 1, top to bottom and then left to right (column-major, the Fortran order of
+    the array), and the output is ``"start length start length ..."``.  An empty mask gives ``""``.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+    pixels = (mask != 0).ravel(order="F").astype(np.int8)
+    # Padding with a background pixel on both sides makes every run start and end with a change.
+    changes = np.flatnonzero(np.diff(np.concatenate(([0], pixels, [0])))) + 1
+    runs = changes.reshape(-1, 2)
+    runs[:, 1] -= runs[:, 0]
+    return " ".join(map(str, runs.ravel().tolist()))
+
+
+def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
+    """Decode a DSB-2018 run-length string into a uint8 0/1 mask of shape (height, width).
+
+    The inverse of ``rle_encode``.  An empty (or all-whitespace) string gives an empty mask.  Raises
+    ValueError if the string holds anything but non-negative integers, an odd number of them, a start
+    below 1, a length below 1, a run past the last pixel, or runs that are unsorted or overlap (the
+    competition format forbids both).
+    """
+    if not isinstance(rle, str):
+        raise TypeError(f"rle must be a string (use '' for an empty mask), got {type(rle).__name__}")
+    try:
+        height, width = (int(v) for v in shape)
+        exact = all(int(v) == v for v in shape)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"shape must be (height, width), got {shape!r}") from error
+    if not exact or height <= 0 or width <= 0:
+        raise ValueError(f"shape must be two positive integers (height, width), got {shape!r}")
+    n_pixels = height * width
+    tokens = rle.split()
+    bad = [token for token in tokens if not (token.isascii() and token.isdigit())]
+    if bad:
+        raise ValueError(f"run-length string must contain only non-negative integers, found {bad[0]!r}")
+    if len(tokens) % 2:
+        raise ValueError(f"run-length string must hold start/length pairs, got an odd count ({len(tokens)})")
+    mask = np.zeros(n_pixels, np.uint8)
+    if tokens:
+        values = np.array([int(token) for token in tokens], dtype=np.int64).reshape(-1, 2)
+        starts, lengths = values[:, 0], values[:, 1]
+        ends = starts + lengths - 1   # The last pixel of each run, 1-based.
+        if np.any(starts < 1):
+            raise ValueError("run starts must be >= 1 (pixels are numbered from 1)")
+        if np.any(lengths < 1):
+            raise ValueError("run lengths must be >= 1")
+        if np.any(ends > n_pixels):
+            run = int(np.argmax(ends > n_pixels))
+            raise ValueError(f"run {int(starts[run])} {int(lengths[run])} goes past the last pixel "
+                             f"({n_pixels} = {height} x {width})")
+        if np.any(starts[1:] <= ends[:-1]):
+            raise ValueError("runs must be sorted by start and must not overlap")
+        # Marking +1 at each start and -1 after each end, then summing, fills the runs without a loop.
+        steps = np.zeros(n_pixels + 1, np.int64)
+        steps[starts - 1] += 1
+        steps[ends] -= 1
+        mask = (np.cumsum(steps[:-1]) > 0).astype(np.uint8)
+    return mask.reshape((height, width), order="F")
+
+
+def rle_rows(image_id: str, labels) -> list[tuple[str, str]]:
+    """One ``(ImageId, EncodedPixels)`` row per instance of a label image, in increasing label order.
+
+    An image without instances gives a single row with empty EncodedPixels, as the Kaggle submission
+    format wants.  All instances are encoded in one pass over the image rather than one pass each.
+    """
+    labels = _as_label_image(labels, "labels")
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
+    flat = labels.ravel(order="F")
+    positions = np.flatnonzero(flat)
+    if positions.size == 0:
+        return [(image_id, "")]
+    # A stable sort by label keeps each instance's pixels in column-major order.
+    order = np.argsort(flat[positions], kind="stable")
+    positions = positions[order]
+    owner = flat[positions]
+    # A run starts wherever the instance changes or the next pixel is not the following one.
+    starts_run = np.ones(positions.size, bool)
+    starts_run[1:] = (owner[1:] != owner[:-1]) | (positions[1:] != positions[:-1] + 1)
+    run_first = np.flatnonzero(starts_run)
+    run_lengths = np.diff(np.append(run_first, positions.size))
+    run_starts = positions[run_first] + 1
+    run_owner = owner[run_first]
+    # Runs are grouped by instance already; split the run list where the owner changes.
+    splits = np.flatnonzero(run_owner[1:] != run_owner[:-1]) + 1
+    rows = []
+    for starts, lengths in zip(np.split(run_starts, splits), np.split(run_lengths, splits)):
+        pairs = np.column_stack((starts, lengths)).ravel()
+        rows.append((image_id, " ".join(map(str, pairs.tolist()))))
+    return rows
+
+
+def draw_outlines(image_rgb, labels_or_mask, color=(255, 255, 0), thickness=1) -> np.ndarray:
+    """Copy of a HxWx3 uint8 RGB image with the outline of every instance drawn in ``color``.
+
+    ``labels_or_mask`` is a label image or a binary mask of the same height and width.  A pixel is on an
+    outline when it belongs to an instance and lies within ``thickness`` pixels (8-neighbourhood) of a
+    pixel with another label or of the image edge, so touching nuclei get separate outlines and a
+    binary mask gets the outlines of its connected components.  A HxW grayscale image is accepted and
+    turned into RGB.  The input image is not modified.
+    """
+    image = np.asarray(image_rgb)
+    if image.dtype != np.uint8:
+        raise ValueError(f"image_rgb must be uint8, got dtype {image.dtype}")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    elif image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image_rgb must be HxWx3 (or HxW), got shape {image.shape}")
+    labels = np.asarray(labels_or_mask)
+    # A float 0/1 mask (or float labels) is common after thresholding; whole numbers are accepted as labels.
+    if np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.rint(labels)):
+        labels = labels.astype(np.int64)
+    if labels.dtype != bool and not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels_or_mask must be an integer or boolean image (or whole-numbered floats), "
+                         f"got dtype {labels.dtype}")
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f"image_rgb has shape {image.shape} but labels_or_mask has shape {labels.shape}; "
+                         "their height and width must match")
+    color = tuple(int(c) for c in color)
+    if len(color) != 3 or not all(0 <= c <= 255 for c in color):
+        raise ValueError(f"color must be three integers in 0..255, got {color!r}")
+    if int(thickness) != thickness or thickness < 1:
+        raise ValueError(f"thickness must be a positive integer, got {thickness!r}")
+
+    # Comparing every pixel with its eight shifted neighbours works for any integer labels (no float
+    # conversion), and the zero padding makes instances cut by the image edge get a closed outline.
+    padded = np.pad(labels.astype(np.int64), 1)
+    height, width = labels.shape
+    centre = padded[1:-1, 1:-1]
+    edge = np.zeros(labels.shape, bool)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            if dy != 1 or dx != 1:
+                edge |= padded[dy:dy + height, dx:dx + width] != centre
+    outline = edge & (centre != 0)
+    if thickness > 1:
+        size = 2 * int(thickness) - 1
+        grown = cv2.dilate(outline.astype(np.uint8), np.ones((size, size), np.uint8)) > 0
+        outline = grown & (centre != 0)
+    result = image.copy()
+    result[outline] = color
+    return result
+
+
+# --- Models and runs ---------------------------------------------------------------------------------
+
+
+class ModelError(ValueError):
+    """A model file that cannot be used for prediction (unreadable, or not a U-Net of this project)."""
+
+
+def load_run(run_or_file=None, runs_root=DEFAULT_RUNS_DIR) -> tuple[keras.Model, Config, dict, Path]:
+    """Load a run's model and its config: the newest run by default, or a run name, folder or model file.
+
+    Returns ``(model, config, run_info, run_dir)``; ``run_info`` is the whole config.json (threshold,
+    validation ids, scores).  Architecture and preprocessing come from the run, never from flags.
+    """
+    run_dir = find_run(run_or_file, runs_root)
+    model_path = Path(run_or_file) if run_or_file and Path(run_or_file).is_file() else run_dir / MODEL_FILE
+    config, info = read_run_config(run_dir)
+    model = load_unet(model_path)
+    return model, config, info, run_dir
+
+
+def load_unet(path) -> keras.Model:
+    """Load a ``.keras`` file and check that it is a U-Net of this project (clear error otherwise)."""
+    path = Path(path)
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as error:  # Keras raises many types for a bad file; all mean "cannot use this file".
+        raise ModelError(f"{path}: cannot be loaded as a Keras model ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''})") from error
+    names = {layer.name for layer in getattr(model, "layers", [])}
+    if not {"rescale", "enc1_conv1", "probabilities"} <= names:
+        raise ModelError(f"{path}: this Keras model is not a U-Net of this project (it lacks the "
+                         f"'rescale', 'enc1_conv1' and 'probabilities' layers). Use a model.keras "
+                         f"written by Train.py")
+    return model
+
+
+# --- Full-resolution prediction ----------------------------------------------------------------------
+# The saved model takes raw pixels (it rescales them itself), so the preprocessing at inference is the
+# same code as at training: read_image -> float32 -> model.
+
+PREDICT_TILE = 256  # tile side for padded models: big enough to be efficient, small enough for memory
+CONTEXT_MARGIN = 16  # pixels of (mirrored) context cut from each side of a padded model's tile output
+
+
+def _foreground_probability(output: np.ndarray) -> np.ndarray:
+    """The nucleus probability from a sigmoid (1 channel) or softmax (background first) output."""
+    return output[..., 0] if output.shape[-1] == 1 else 1.0 - output[..., 0]
+
+
+def tile_geometry(model: keras.Model, config: Config, image_shape: tuple[int, int],
+                  tile_size: int | None = None) -> tuple[int, int, int]:
+    """``(tile_size, output_size, margin)`` for predicting an image of ``image_shape`` with ``model``.
+
+    Unpadded models use their fixed input size and give the centre of each tile.  Padded models take any
+    multiple of 2**depth; the tile is shrunk for small images, and ``margin`` pixels of each tile's border
+    (where zero padding blurs the output) are cut so every kept pixel had real or mirrored context."""
+    fixed = model.input_shape[1]
+    if config.padding == "valid" or fixed is not None:
+        size = fixed or config.image_size
+        return size, unet_output_size(size, config.depth, config.padding), 0
+    step = 2 ** config.depth
+    margin = CONTEXT_MARGIN
+    wanted = tile_size or PREDICT_TILE
+    needed = max(image_shape) + 2 * margin
+    size = max(step, min(wanted, int(math.ceil(needed / step)) * step))
+    check_input_size(size, config.depth, "same")
+    margin = min(margin, (size - step) // 2) if size - 2 * margin < step else margin
+    return size, size - 2 * margin, margin
+
+
+def predict_probabilities(model: keras.Model, image: np.ndarray, config: Config, tile_size: int | None = None,
+                          batch_size: int = 4, overlap: int | None = None, progress=None) -> np.ndarray:
+    """Nucleus probability (H x W float32) for an H x W x 3 uint8 image of any size.
+
+    Models trained on resized images predict on the image resized the same way (and the result is
+    resized back); patch-trained models predict at full resolution by overlap-tile."""
+    image = np.asarray(image)
+    height, width = image.shape[:2]
+    if config.sampling == "resize":
+        # An unpadded model's output covers only the centre of its input: resize the image to the output
+        # size and give it mirrored borders, so the output covers the whole image.
+        out_size = unet_output_size(config.image_size, config.depth, config.padding)
+        margin = (config.image_size - out_size) // 2
+        small = resize_image(image, out_size)
+        if margin:
+            small = cv2.copyMakeBorder(small, margin, margin, margin, margin, cv2.BORDER_REFLECT_101)
+        out = _foreground_probability(np.asarray(model.predict_on_batch(small.astype(np.float32)[None]))[0])
+        return cv2.resize(out.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    size, out_size, margin = tile_geometry(model, config, (height, width), tile_size)
+
+    def predict_batch(tiles):
+        output = np.asarray(model.predict_on_batch(tiles.astype(np.float32)))
+        if margin:
+            output = output[:, margin:size - margin, margin:size - margin]
+        return output
+
+    if overlap is None:
+        overlap = config.tile_overlap if config.tile_overlap is not None else (out_size // 8 if margin else 0)
+    probabilities = predict_tiled(predict_batch, image.astype(np.float32), size, out_size,
+                                  min(overlap, out_size - 1), batch_size, progress)
+    return _foreground_probability(probabilities)
+
+
+def predict_mask(model: keras.Model, image: np.ndarray, config: Config, threshold: float | None = None,
+                 **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """``(probability, mask)``: the mask is uint8 0/255 at the image's exact height and width."""
+    probability = predict_probabilities(model, image, config, **kwargs)
+    mask = (probability > (config.threshold if threshold is None else threshold)).astype(np.uint8) * 255
+    return probability, mask
+
+
+def score_image(true_labels: np.ndarray, probability: np.ndarray, threshold: float, min_size: int) -> dict:
+    """Dice, IoU and DSB score of one prediction against its ground-truth instance labels."""
+    pred_labels = label_instances(probability, threshold, min_size)
+    dice_value, iou_value = binary_dice_iou(true_labels > 0, probability > threshold)
+    return {"dice": dice_value, "iou": iou_value, "dsb_score": dsb_score(true_labels, pred_labels),
+            "nuclei_true": count_instances(true_labels), "nuclei_pred": count_instances(pred_labels)}
+
+
+THRESHOLD_GRID = tuple(round(t, 2) for t in np.arange(0.3, 0.71, 0.05))
+
+
+def choose_threshold(model: keras.Model, samples: Sequence[LoadedSample], config: Config,
+                     thresholds: Sequence[float] = THRESHOLD_GRID, progress: bool = True):
+    """Pick the probability threshold that maximises the mean DSB score on whole validation images
+    (ties broken by Dice).  Returns ``(threshold, mean_scores, per_image_scores)``."""
+    probabilities = [predict_probabilities(model, s.image, config)
+                     for s in tqdm(samples, desc="Predicting validation images", disable=not progress, unit="img")]
+    best = None
+    for threshold in thresholds:
+        per_image = [score_image(s.labels, p, threshold, config.min_nucleus_size) for s, p in zip(samples, probabilities)]
+        mean = {k: float(np.mean([row[k] for row in per_image])) for k in ("dice", "iou", "dsb_score")}
+        key = (round(mean["dsb_score"], 6), round(mean["dice"], 6))
+        if best is None or key > best[0]:
+            best = (key, float(threshold), mean, per_image)
+    _, threshold, mean, per_image = best
+    rows = [{"id": s.sample_id, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}}
+            for s, row in zip(samples, per_image)]
+    return threshold, {k: round(v, 4) for k, v in mean.items()}, rows
+
+
+def plot_validation_predictions(model: keras.Model, samples: Sequence[LoadedSample], config: Config, path,
+                                max_images: int = 4) -> None:
+    """The run's ``val_predictions.png``: image, ground truth and prediction of validation images."""
+    results = []
+    for sample in list(samples)[:max_images]:
+        probability = predict_probabilities(model, sample.image, config)
+        instances = label_instances(probability, config.threshold, config.min_nucleus_size)
+        results.append({"name": sample.sample_id, "height": sample.image.shape[0], "width": sample.image.shape[1],
+                        "image": sample.image, "probability": probability, "instance_labels": instances,
+                        "nuclei": count_instances(instances), "truth_labels": sample.labels,
+                        **score_image(sample.labels, probability, config.threshold, config.min_nucleus_size)})
+    plot_prediction_figure(results, path, max_images)
+
+
+# --- Prediction on files (what Predict_mask.py and the notebook call) ---------------------------------
+
+
+@dataclasses.dataclass
+class PredictionInput:
+    """One image to predict, with its ground truth when known (masks files or a truth mask)."""
+
+    name: str  # the output stem
+    image_path: Path
+    truth: Sample | None = None
+
+
+def collect_inputs(paths: Sequence, truth_dir=None) -> tuple[list[PredictionInput], list[tuple[str, str]]]:
+    """Expand image files and folders into the images to predict.
+
+    A folder may be plain (its image files), in the DSB layout (``<id>/images/<id>.png``, with ``masks/``
+    used as ground truth), or hold ``images/`` and ``masks/``.  ``truth_dir`` adds ground truth by name:
+    the DSB layout, ``images``/``masks`` pairs, or a flat folder of ``<stem>.png`` / ``<stem>_mask.png``.
+    Returns ``(inputs, problems)``; paths that do not exist are problems, not exceptions."""
+    inputs, problems = [], []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            inputs.append(PredictionInput(path.stem, path))
+        elif path.is_dir():
+            try:
+                samples, skipped = find_samples(path, require_masks=False)
+                inputs.extend(PredictionInput(s.sample_id, s.image_path, s if s.mask_paths else None) for s in samples)
+                problems.extend(p for p in skipped if "stray" not in p[1] and "not a sample folder" not in p[1])
+            except DataError:
+                files = [p for p in sorted(path.iterdir()) if p.is_file() and not _is_stray(p)]
+                if not files:
+                    problems.append((str(path), "folder holds no image"))
+                inputs.extend(PredictionInput(p.stem, p) for p in files)
+        else:
+            problems.append((str(path), "no such file or folder"))
+    if truth_dir is not None:
+        truth = _truth_index(Path(truth_dir))
+        inputs = [dataclasses.replace(item, truth=truth.get(item.name, item.truth)) for item in inputs]
+    # Two inputs with the same stem would write the same output files: number the later ones.
+    seen: dict[str, int] = {}
+    for index, item in enumerate(inputs):
+        count = seen.get(item.name, 0)
+        seen[item.name] = count + 1
+        if count:
+            inputs[index] = dataclasses.replace(item, name=f"{item.name}-{count + 1}")
+    return inputs, problems
+
+
+def _truth_index(folder: Path) -> dict[str, Sample]:
+    if not folder.is_dir():
+        raise DataError(f"--truth {folder}: no such folder")
+    try:
+        samples, _ = find_samples(folder, require_masks=True)
+        return {s.sample_id: s for s in samples}
+    except DataError:
+        index = {}
+        for path in sorted(folder.iterdir()):
+            if _is_image_file(path):
+                stem = path.stem[:-5] if path.stem.endswith("_mask") else path.stem
+                index[stem] = Sample(stem, path, (path,), "pairs")
+        if not index:
+            raise DataError(f"--truth {folder}: no masks found (expected the DSB layout, images/ + masks/, "
+                            f"or files named <image stem>.png or <image stem>_mask.png)") from None
+        return index
+
+
+def truth_labels(sample: Sample, shape: tuple[int, int]) -> np.ndarray:
+    """Ground-truth instance labels of a PredictionInput's truth, checked against the image size."""
+    return read_instance_labels(sample.mask_paths, shape, sample.layout).astype(np.int32)
+
+
+def write_png(path: Path, image: np.ndarray, overwrite: bool = False) -> None:
+    """Write a PNG (RGB images converted to OpenCV's BGR), refusing to replace a file unless asked."""
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
+    data = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
+    ok, encoded = cv2.imencode(".png", data)
+    if not ok:
+        raise OSError(f"could not encode {path}")
+    encoded.tofile(str(path))
+
+
+def unique_path(path) -> Path:
+    """``path`` if it is free, else the same name with -2, -3, ... (so nothing is overwritten)."""
+    path = Path(path)
+    candidate, index = path, 2
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{index}{path.suffix}")
+        index += 1
+    return candidate
+
+
+def predict_input(model: keras.Model, config: Config, item: PredictionInput, out_dir, labels: bool = False,
+                  overwrite: bool = False, tile_size: int | None = None, batch_size: int = 4,
+                  progress: bool = True) -> dict:
+    """Predict one image file and write ``<name>_mask.png`` and ``<name>_overlay.png`` (and, with
+    ``labels``, ``<name>_labels.png``, 16-bit) into ``out_dir``.  Returns a dict of what was found, with
+    scores when ground truth is known.  Raises DataError for an unreadable image, FileExistsError
+    before writing anything when an output exists and ``overwrite`` is off."""
+    out_dir = Path(out_dir)
+    targets = {"mask": out_dir / f"{item.name}_mask.png", "overlay": out_dir / f"{item.name}_overlay.png"}
+    if labels:
+        targets["labels"] = out_dir / f"{item.name}_labels.png"
+    for path in targets.values():
+        if path.resolve() == Path(item.image_path).resolve():
+            raise FileExistsError(f"{path} is the input image itself; choose another --out")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
+    image = read_image(item.image_path)
+    height, width = image.shape[:2]
+    bar = tqdm(desc=f"{item.name} tiles", unit="tile", leave=False, disable=not progress or height * width < 2**21)
+
+    def on_progress(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    probability, mask = predict_mask(model, image, config, tile_size=tile_size, batch_size=batch_size,
+                                     progress=on_progress)
+    bar.close()
+    instances = label_instances(probability, config.threshold, config.min_nucleus_size)
+    write_png(targets["mask"], mask, overwrite)
+    write_png(targets["overlay"], draw_outlines(image, instances), overwrite)
+    if labels:
+        write_png(targets["labels"], instances.astype(np.uint16), overwrite)
+    result = {"name": item.name, "height": height, "width": width, "nuclei": count_instances(instances),
+              "instance_labels": instances, "image": image, "probability": probability}
+    if item.truth is not None:
+        truth = truth_labels(item.truth, (height, width))
+        result.update(score_image(truth, probability, config.threshold, config.min_nucleus_size))
+        result["truth_labels"] = truth
+    return result
+
+
+def write_scores(results: Sequence[dict], path) -> dict:
+    """Per-image Dice, IoU and DSB score, and their mean, as a CSV; returns the means."""
+    keys = ("dice", "iou", "dsb_score")
+    means = {k: float(np.mean([r[k] for r in results])) for k in keys}
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "width", "height", "nuclei_true", "nuclei_pred", *keys])
+        for r in results:
+            writer.writerow([r["name"], r["width"], r["height"], r.get("nuclei_true", ""), r["nuclei"],
+                             *(f"{r[k]:.4f}" for k in keys)])
+        writer.writerow(["mean", "", "", "", "", *(f"{means[k]:.4f}" for k in keys)])
+    return means
+
+
+def validation_inputs(run_info: dict) -> tuple[list[PredictionInput], list[tuple[str, str]]]:
+    """The validation images a run recorded (config.json's ``val_ids`` in its ``data_dir``), with their
+    masks as ground truth.  A missing built-in sample is regenerated (it is deterministic)."""
+    data_dir = Path(run_info.get("data_dir", ""))
+    val_ids = set(run_info.get("val_ids", []))
+    if not val_ids:
+        raise DataError("this run's config.json lists no validation images; give image paths instead")
+    if not data_dir.is_dir() and data_dir.name.startswith("synthetic_sample_"):
+        ensure_sample_dataset(int(run_info.get("sample_images", 64)), 0, str(data_dir.parent))
+    if not data_dir.is_dir():
+        raise DataError(f"the run's data folder {data_dir} is gone; give image paths instead")
+    samples, _ = find_samples(data_dir)
+    inputs = [PredictionInput(s.sample_id, s.image_path, s) for s in samples if s.sample_id in val_ids]
+    missing = sorted(val_ids - {i.name for i in inputs})
+    return inputs, [(m, f"validation image not found in {data_dir}") for m in missing]
+
+
+def plot_prediction_figure(results: Sequence[dict], path, max_images: int = 6) -> None:
+    """Image, ground truth and prediction side by side (with scores), one row per image."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    shown = list(results)[:max_images]
+    fig, axes = plt.subplots(len(shown), 3, figsize=(12, 4 * len(shown)), squeeze=False)
+    for row, r in zip(axes, shown):
+        row[0].imshow(r["image"])
+        row[0].set_title(f"{r['name']}  {r['width']}x{r['height']}")
+        if "truth_labels" in r:
+            row[1].imshow(draw_outlines(r["image"], r["truth_labels"], color=(0, 255, 0)))
+            row[1].set_title(f"ground truth: {r.get('nuclei_true', '?')} nuclei")
+        else:
+            row[1].imshow(r["probability"], cmap="magma", vmin=0, vmax=1)
+            row[1].set_title("probability")
+        row[2].imshow(draw_outlines(r["image"], r["instance_labels"]))
+        title = f"prediction: {r['nuclei']} nuclei"
+        if "dice" in r:
+            title += f"  Dice {r['dice']:.2f}  IoU {r['iou']:.2f}  DSB {r['dsb_score']:.2f}"
+        row[2].set_title(title)
+        for ax in row:
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

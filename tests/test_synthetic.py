@@ -138,6 +138,7 @@ def test_empty_existing_folder_is_filled(tmp_path):
         lambda: write_synthetic_dataset("/nonexistent/never", num_images=0, progress=False),
         lambda: write_synthetic_dataset("/nonexistent/never", num_images=2, sizes=[(64, 0)], progress=False),
         lambda: write_synthetic_dataset("/nonexistent/never", num_images=2, sizes=[], progress=False),
+        lambda: write_synthetic_dataset("/nonexistent/never", num_images=2, sizes=[64], progress=False),
     ],
 )
 def test_bad_arguments_raise_value_error(call):
@@ -146,6 +147,9 @@ def test_bad_arguments_raise_value_error(call):
 
 
 def test_import_is_silent_and_does_not_load_keras():
-    code = "import sys, synthetic_nuclei; print(sorted(m for m in sys.modules if m.startswith(('tensorflow', 'keras'))))"
+    code = (
+        "import sys, synthetic_nuclei; "
+        "print(sorted(m for m in sys.modules if m.startswith(('tensorflow', 'keras'))))"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]" and result.stderr == ""

@@ -1,0 +1,118 @@
+"""Predict nucleus masks with a trained U-Net, at full resolution.
+
+    python Predict_mask.py image.png                       # -> predictions/image_mask.png, image_overlay.png
+    python Predict_mask.py folder/ more.tif --labels --rle submission.csv
+    python Predict_mask.py dataset/stage1_test --model runs/my-run
+    python Predict_mask.py                                 # the run's validation images, scored, as a figure
+
+The model, its preprocessing and its threshold come from a run folder written by Train.py (the newest
+one unless --model says otherwise); no architecture flag is ever retyped.
+"""
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Segment cell nuclei in images with a trained U-Net. For each IMAGE writes "
+                    "<stem>_mask.png (0/255, the image's exact size) and <stem>_overlay.png (nucleus "
+                    "outlines on the image) into --out, and prints the size, the nuclei found and the time.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="With no IMAGE, predicts the run's own validation images and saves a figure of image, "
+               "ground truth and prediction with their scores. Exit status: 0 when every image was "
+               "written, 1 when some were skipped, 2 for a usage error (no model, bad flags).")
+    parser.add_argument("images", nargs="*", metavar="IMAGE",
+                        help="image files (PNG, JPEG, TIFF; grey, RGB, RGBA, 16-bit; any size) or folders "
+                             "(plain, DSB layout <id>/images/<id>.png, or images/ + masks/)")
+    parser.add_argument("--model", metavar="RUN_OR_FILE",
+                        help="a run name, a run folder or its model.keras (default: the newest run in --runs-dir)")
+    parser.add_argument("--runs-dir", default="runs", metavar="DIR", help="where Train.py saved runs (default: runs)")
+    parser.add_argument("--out", default="predictions", metavar="DIR", help="output folder (default: predictions)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace output files that already exist (default: refuse and skip that image)")
+    parser.add_argument("--threshold", type=float, metavar="T",
+                        help="probability threshold (default: the one chosen on validation, stored in the run)")
+    parser.add_argument("--labels", action="store_true",
+                        help="also write <stem>_labels.png, a 16-bit image with one value per nucleus "
+                             "(touching nuclei split by a watershed)")
+    parser.add_argument("--min-size", type=int, metavar="PX",
+                        help="drop nuclei smaller than this many pixels (default: from the run's config)")
+    parser.add_argument("--rle", metavar="FILE",
+                        help="write a DSB-2018 submission CSV (ImageId,EncodedPixels; one row per nucleus)")
+    parser.add_argument("--truth", metavar="DIR",
+                        help="ground truth to score against: DSB layout, images/ + masks/, or <stem>.png / "
+                             "<stem>_mask.png masks (DSB-layout inputs with masks/ are scored automatically)")
+    parser.add_argument("--tile-size", type=int, metavar="PX",
+                        help="tile side for full-resolution prediction, a multiple of 16 (default: 256)")
+    parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="tiles per batch (default: 4)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import unet_model_core as core  # imports TensorFlow: after argument parsing, so --help is quick
+
+    try:
+        model, config, info, run_dir = core.load_run(args.model, args.runs_dir)
+        overrides = {"threshold": args.threshold, "min_nucleus_size": args.min_size}
+        config = core.Config.from_dict({**config.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
+        if args.images:
+            inputs, problems = core.collect_inputs(args.images, args.truth)
+        else:
+            inputs, problems = core.validation_inputs(info)
+            print(f"No image given: predicting the {len(inputs)} validation images of {run_dir}")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if args.rle and Path(args.rle).exists() and not args.overwrite:
+            raise FileExistsError(f"{args.rle} exists; pass --overwrite to replace it")
+    except (core.ModelError, core.DataError, FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"Model: {run_dir} ({config.sampling} sampling, threshold {config.threshold:.2f}); writing to {out}/")
+
+    results, rle_rows = [], []
+    for item in inputs:
+        started = time.time()
+        try:
+            result = core.predict_input(model, config, item, out, labels=args.labels, overwrite=args.overwrite,
+                                        tile_size=args.tile_size, batch_size=args.batch_size)
+        except (core.DataError, FileExistsError, OSError) as error:
+            problems.append((item.name, str(error)))
+            print(f"{item.name}: skipped: {error}", file=sys.stderr)
+            continue
+        rle_rows.extend(core.rle_rows(item.name, result["instance_labels"]) if args.rle else [])
+        if args.images:  # keep the arrays only for the validation figure; a folder of big images adds up
+            for key in ("image", "probability", "instance_labels", "truth_labels"):
+                result.pop(key, None)
+        results.append(result)
+        line = f"{item.name}: {result['width']}x{result['height']}, {result['nuclei']} nuclei, {time.time() - started:.2f}s"
+        if "dice" in result:
+            line += f"  Dice {result['dice']:.3f}  IoU {result['iou']:.3f}  DSB {result['dsb_score']:.3f}"
+        print(line, flush=True)
+
+    scored = [r for r in results if "dice" in r]
+    if scored:
+        means = core.write_scores(scored, out / "scores.csv")
+        print(f"Mean over {len(scored)} scored images: Dice {means['dice']:.3f}  IoU {means['iou']:.3f}  "
+              f"DSB score {means['dsb_score']:.3f}  (per image: {out / 'scores.csv'})")
+    if args.rle:
+        with open(args.rle, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["ImageId", "EncodedPixels"])
+            writer.writerows(rle_rows)
+        print(f"Run-length encoding of {len(rle_rows)} rows written to {args.rle}")
+    if not args.images and results:
+        figure = core.unique_path(out / "validation_predictions.png")
+        core.plot_prediction_figure(results, figure)
+        print(f"Figure: {figure}")
+    if problems:
+        core.report_problems(problems)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

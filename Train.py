@@ -1,0 +1,103 @@
+"""Train the nucleus-segmentation U-Net and save a complete run.
+
+    python Train.py                      # real DSB-2018 data if present, else the built-in sample
+    python Train.py --data my_data --epochs 40 --name my-run
+    python Train.py --resume runs/20261123-101500
+    python Train.py --quick              # a smoke run in seconds
+
+Every flag's default comes from ``unet_model_core.Config``; ``python Train.py --help`` lists them.
+"""
+import argparse
+import sys
+
+def build_parser(defaults) -> argparse.ArgumentParser:
+    d = defaults
+    parser = argparse.ArgumentParser(
+        description="Train a U-Net to segment cell nuclei. With no flags, trains on dataset/stage1_train "
+                    "(the DSB-2018 data) when it exists, otherwise on a built-in synthetic sample, and "
+                    "saves the run to runs/<timestamp>/.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="A run folder holds model.keras, config.json, history.csv, training_curves.png and "
+               "val_predictions.png; Predict_mask.py uses the newest run unless told otherwise.")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", metavar="DIR", help="dataset folder in the DSB layout (<id>/images, <id>/masks) "
+                      "or with images/ and masks/ subfolders (default: dataset/stage1_train if present, "
+                      "else the built-in synthetic sample)")
+    data.add_argument("--sample-images", type=int, metavar="N",
+                      help=f"number of images in the built-in synthetic sample (default: {d.sample_images})")
+    data.add_argument("--sampling", choices=["patch", "resize"],
+                      help=f"'patch': random crops at native resolution, prediction at full resolution; "
+                           f"'resize': whole images resized to --image-size, the original way "
+                           f"(default: {d.sampling})")
+    data.add_argument("--image-size", type=int, metavar="PX",
+                      help=f"patch side (or resize target) in pixels (default: {d.image_size})")
+    data.add_argument("--val-size", type=float, metavar="F",
+                      help=f"validation images: a fraction below 1 or a count (default: {d.val_size})")
+    data.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                      help="turn off flips, rotations and intensity jitter (default: on)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--channels", metavar="C1,C2,...",
+                       help=f"channels per level, the last being the bottleneck; the depth follows "
+                            f"(default: {','.join(map(str, d.channels))})")
+    model.add_argument("--padding", choices=["same", "valid"],
+                       help=f"'same' keeps the size; 'valid' is the unpadded original (default: {d.padding})")
+    model.add_argument("--batch-norm", action="store_true", default=None, help="add batch normalisation (default: off)")
+    model.add_argument("--dropout", type=float, metavar="P", help=f"dropout after each block (default: {d.dropout})")
+    training = parser.add_argument_group("training")
+    training.add_argument("--epochs", type=int, metavar="N", help=f"number of epochs (default: {d.epochs})")
+    training.add_argument("--steps-per-epoch", type=int, metavar="N",
+                          help="batches per epoch (default: one pass over the training pixels)")
+    training.add_argument("--batch-size", type=int, metavar="N", help=f"global batch size (default: {d.batch_size})")
+    training.add_argument("--lr", dest="learning_rate", type=float, metavar="LR",
+                          help=f"Adam learning rate (default: {d.learning_rate})")
+    training.add_argument("--loss", choices=["bce", "dice", "bce+dice"], help=f"loss (default: {d.loss})")
+    training.add_argument("--seed", type=int, help=f"random seed for the split, patches and weights (default: {d.seed})")
+    training.add_argument("--mixed-precision", action="store_true", default=None,
+                          help="float16 compute on GPUs (bfloat16 on CPUs), float32 output (default: off)")
+    training.add_argument("--xla", action="store_true", default=None, help="compile the training step with XLA (default: off)")
+    training.add_argument("--cpu-devices", type=int, default=0, metavar="N",
+                          help="split the CPU into N logical devices and train data-parallel over them "
+                               "(tests the multi-device path without GPUs; several GPUs are used automatically)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--runs-dir", default="runs", metavar="DIR", help="where run folders go (default: runs)")
+    run.add_argument("--name", metavar="NAME", help="run folder name (default: the date and time); "
+                     "an existing folder is never overwritten, a suffix is added")
+    run.add_argument("--resume", metavar="RUN", help="continue an interrupted run (its name or folder) from its "
+                     "last checkpoint; architecture and data come from the run, --epochs may raise the total")
+    run.add_argument("--quick", action="store_true",
+                     help="smoke run: tiny sample, small model, one short epoch (other flags still apply)")
+    return parser
+
+
+FIELDS = ("data", "sample_images", "sampling", "image_size", "val_size", "augment", "padding", "batch_norm",
+          "dropout", "epochs", "steps_per_epoch", "batch_size", "learning_rate", "loss", "seed",
+          "mixed_precision", "xla")
+
+
+def main(argv=None) -> int:
+    import unet_model_core as core  # imports TensorFlow, so after the cheap checks in Python itself
+
+    args = build_parser(core.Config()).parse_args(argv)
+    overrides = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
+    if "data" in overrides:
+        overrides["data_dir"] = overrides.pop("data")
+    try:
+        if args.channels:
+            overrides["channels"] = tuple(int(c) for c in args.channels.split(","))
+        config = core.quick_config(**overrides) if args.quick else core.Config(**overrides)
+        print("Configuration:", ", ".join(f"{k}={v}" for k, v in config.to_dict().items()), flush=True)
+        result = core.train(config, runs_root=args.runs_dir, run_name=args.name, resume=args.resume,
+                            cpu_devices=args.cpu_devices, progress=True)
+    except KeyboardInterrupt:
+        print("\nInterrupted. The last finished epoch is saved; continue with "
+              "`python Train.py --resume RUN` (RUN is the folder printed above).", file=sys.stderr)
+        return 130
+    except (core.DataError, core.TrainingError, FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, (core.DataError, FileNotFoundError, ValueError)) else 1
+    print(f"Predict with: python Predict_mask.py IMAGE --model {result.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

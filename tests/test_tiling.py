@@ -1,0 +1,356 @@
+"""Tests for the overlap-tile prediction helpers in unet_model_core.py (section 7).
+
+The "models" here are small NumPy functions whose full-image result is known,
+so the tiled result can be compared against it directly.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+from unet_model_core import blend_window, predict_tiled, tile_positions
+
+
+RNG_SEED = 1234
+CHANNEL_WEIGHTS = np.array([[0.8, -1.3], [-0.5, 0.7], [1.1, 0.4]], dtype=np.float32)
+CHANNEL_BIAS = np.array([0.1, -0.2], dtype=np.float32)
+
+
+def random_image(height, width, channels=3, seed=RNG_SEED):
+    """A reproducible random image with values in [0, 1)."""
+    rng = np.random.default_rng(seed)
+    return rng.random((height, width, channels), dtype=np.float32)
+
+
+def pointwise(x):
+    """A per-pixel 'model': sigmoid of two weighted sums of the channels (K=2)."""
+    logits = x @ CHANNEL_WEIGHTS + CHANNEL_BIAS
+    return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+
+
+def box_blur(x, radius=2, pad=True):
+    """A 'same' (reflect-padded) or 'valid' box blur over the two spatial axes.
+
+    Works on a single image (H, W, C) or a batch (n, H, W, C); it stands in for
+    a convolutional network with a receptive radius of ``radius`` pixels.
+    """
+    spatial = (x.ndim - 3, x.ndim - 2)
+    if pad:
+        widths = [(0, 0)] * x.ndim
+        widths[spatial[0]] = (radius, radius)
+        widths[spatial[1]] = (radius, radius)
+        x = np.pad(x, widths, mode="reflect")
+    size = 2 * radius + 1
+    windows = np.lib.stride_tricks.sliding_window_view(x, (size, size), axis=spatial)
+    return windows.mean(axis=(-2, -1)).astype(np.float32)
+
+
+def tile_boundaries(length, output_size, overlap):
+    """Interior coordinates where some output tile starts or ends."""
+    edges = set()
+    for start in tile_positions(length, output_size, overlap):
+        for edge in (start, start + output_size):
+            if 0 < edge < length:
+                edges.add(edge)
+    return sorted(edges)
+
+
+def seam_excess(tiled, full, output_size, overlap):
+    """Largest change of the pixel-to-pixel jump across tile boundaries.
+
+    For each boundary row/column b the jump |y[b] - y[b-1]| of the tiled result
+    is compared with the same jump in the full-image result; a visible seam
+    shows up as a large difference.
+    """
+    height, width = tiled.shape[:2]
+    worst = 0.0
+    for b in tile_boundaries(height, output_size, overlap):
+        jump_tiled = np.abs(tiled[b] - tiled[b - 1])
+        jump_full = np.abs(full[b] - full[b - 1])
+        worst = max(worst, float(np.max(np.abs(jump_tiled - jump_full))))
+    for b in tile_boundaries(width, output_size, overlap):
+        jump_tiled = np.abs(tiled[:, b] - tiled[:, b - 1])
+        jump_full = np.abs(full[:, b] - full[:, b - 1])
+        worst = max(worst, float(np.max(np.abs(jump_tiled - jump_full))))
+    return worst
+
+
+# --------------------------------------------------------------------------
+# tile_positions and blend_window
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("output_size", [1, 7, 32, 64, 100])
+@pytest.mark.parametrize("length", [1, 5, 31, 64, 65, 100, 199, 517, 1000])
+def test_tile_positions_cover_axis(length, output_size):
+    for overlap in sorted({0, output_size // 4, output_size // 2, output_size - 1}):
+        positions = tile_positions(length, output_size, overlap)
+        assert positions[0] == 0
+        assert positions == sorted(set(positions))
+        if length >= output_size:
+            assert positions[-1] == length - output_size
+        else:
+            assert positions == [0]
+        steps = np.diff(positions)
+        assert np.all(steps >= 1)
+        assert np.all(steps <= output_size - overlap)
+        covered = np.zeros(length, dtype=bool)
+        for start in positions:
+            covered[start:start + output_size] = True
+        assert covered.all()
+
+
+def test_tile_positions_uses_minimal_tile_count():
+    # 1000 pixels, tiles of 100 with step 75: ceil(900 / 75) + 1 = 13 tiles.
+    assert len(tile_positions(1000, 100, 25)) == 13
+    # An exact fit needs no extra tile and gives exact multiples of the step.
+    assert tile_positions(192, 64, 0) == [0, 64, 128]
+
+
+def test_tile_positions_rejects_bad_overlap():
+    with pytest.raises(ValueError):
+        tile_positions(100, 32, 32)
+    with pytest.raises(ValueError):
+        tile_positions(100, 32, -1)
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 64, 256])
+def test_blend_window_shape_and_positivity(size):
+    window = blend_window(size)
+    assert window.shape == (size, size)
+    assert window.dtype == np.float32
+    assert np.all(window > 0)
+    assert np.all(window <= 1)
+    np.testing.assert_allclose(window, window.T)
+    np.testing.assert_allclose(window, window[::-1, ::-1])
+    if size >= 5:
+        # The centre must dominate the border, otherwise blending would not
+        # down-weight the tile edges.
+        assert window[size // 2, size // 2] > 5 * window[0, size // 2]
+    if size >= 64:
+        assert window[size // 2, size // 2] > 100 * window[0, size // 2]
+
+
+def test_blend_window_has_floor_for_large_tiles():
+    # Without a floor the corner weight of a large Hann window shrinks to
+    # ~1e-10, where float32 accumulation of single-tile borders gets fragile.
+    assert blend_window(1024).min() >= 1e-6
+
+
+# --------------------------------------------------------------------------
+# predict_tiled: correctness
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (300, 517), (64, 64), (1, 1), (2, 97)])
+@pytest.mark.parametrize(
+    "tile_size, overlap",
+    [(64, None), (64, 0), (32, 8), (48, 31), (17, 5)],
+)
+def test_pointwise_model_matches_full_image(shape, tile_size, overlap):
+    image = random_image(*shape)
+    tiled = predict_tiled(pointwise, image, tile_size, overlap=overlap, batch_size=5)
+    assert tiled.shape == shape + (2,)
+    assert tiled.dtype == np.float32
+    np.testing.assert_allclose(tiled, pointwise(image), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (300, 517), (200, 131)])
+@pytest.mark.parametrize("tile_size, overlap", [(64, 16), (48, 12), (64, None)])
+def test_same_padding_blur_matches_without_seams(shape, tile_size, overlap):
+    image = random_image(*shape)
+    full = box_blur(image)
+    tiled = predict_tiled(box_blur, image, tile_size, overlap=overlap, batch_size=4)
+    assert tiled.shape == full.shape
+    # The tile borders are only wrong within the receptive radius and are
+    # down-weighted there by the window, so the error stays small everywhere.
+    assert np.max(np.abs(tiled - full)) < 1e-2
+    used_overlap = tile_size // 4 if overlap is None else overlap
+    assert seam_excess(tiled, full, tile_size, used_overlap) < 1e-2
+
+
+def test_seam_metric_detects_hard_stitching():
+    # Without overlap a same-padding model leaves visible seams; this checks
+    # that the seam test above is able to fail.
+    image = random_image(192, 192)
+    full = box_blur(image)
+    tiled = predict_tiled(box_blur, image, 64, overlap=0)
+    assert seam_excess(tiled, full, 64, 0) > 0.05
+    assert np.max(np.abs(tiled - full)) > 0.05
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (300, 517), (64, 64), (3, 5)])
+@pytest.mark.parametrize(
+    "tile_size, output_size, overlap",
+    [(60, 44, None), (41, 25, 0), (41, 25, 7), (92, 4, 1)],
+)
+def test_valid_mode_pointwise_exact(shape, tile_size, output_size, overlap):
+    margin = (tile_size - output_size) // 2
+
+    def valid_pointwise(batch):
+        assert batch.shape[1:3] == (tile_size, tile_size)
+        centre = batch[:, margin:margin + output_size, margin:margin + output_size]
+        return pointwise(centre)
+
+    image = random_image(*shape)
+    tiled = predict_tiled(valid_pointwise, image, tile_size, output_size, overlap)
+    assert tiled.shape == shape + (2,)
+    np.testing.assert_allclose(tiled, pointwise(image), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (300, 517), (3, 5), (1, 9)])
+@pytest.mark.parametrize("tile_size, output_size, overlap", [(36, 32, 0), (44, 40, 9)])
+def test_valid_mode_blur_uses_mirrored_context(shape, tile_size, output_size, overlap):
+    # A valid 5x5 blur consumes exactly 2 pixels of context on each side; with
+    # mirrored context the tiled result must equal the reflect-padded full blur
+    # everywhere, including the image border (the point of overlap-tile).
+    image = random_image(*shape)
+    full = box_blur(image)
+    tiled = predict_tiled(
+        lambda b: box_blur(b, pad=False), image, tile_size, output_size, overlap
+    )
+    np.testing.assert_allclose(tiled, full, atol=1e-5, rtol=0)
+
+
+def test_tile_content_is_mirror_padded_image():
+    # A single tile around a small image must equal np.pad(..., "reflect"),
+    # including pads much larger than the image (repeated reflection).
+    image = random_image(4, 6)
+    tile_size, output_size = 50, 10
+    margin = (tile_size - output_size) // 2
+    seen = []
+
+    def record(batch):
+        seen.append(batch.copy())
+        centre = batch[:, margin:margin + output_size, margin:margin + output_size]
+        return centre[..., :1]
+
+    out = predict_tiled(record, image, tile_size, output_size)
+    assert out.shape == (4, 6, 1)
+    np.testing.assert_allclose(out[..., 0], image[..., 0], atol=1e-6)
+    assert len(seen) == 1 and seen[0].shape == (1, tile_size, tile_size, 3)
+    expected = np.pad(
+        image,
+        ((margin, tile_size - margin - 4), (margin, tile_size - margin - 6), (0, 0)),
+        mode="reflect",
+    )
+    np.testing.assert_array_equal(seen[0][0], expected)
+
+
+def test_image_smaller_than_tile():
+    image = random_image(20, 30)
+    calls = []
+
+    def model(batch):
+        calls.append(batch.shape)
+        return pointwise(batch)
+
+    tiled = predict_tiled(model, image, 64)
+    assert tiled.shape == (20, 30, 2)
+    assert calls == [(1, 64, 64, 3)]
+    np.testing.assert_allclose(tiled, pointwise(image), atol=1e-5, rtol=0)
+
+
+def test_accepts_float64_and_single_channel():
+    image = random_image(33, 47, channels=1).astype(np.float64)
+    tiled = predict_tiled(lambda b: 1.0 - b, image, 16, overlap=3)
+    assert tiled.dtype == np.float32
+    np.testing.assert_allclose(tiled, 1.0 - image, atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# predict_tiled: batching and progress
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8, 1000])
+def test_batching_and_progress(batch_size):
+    image = random_image(150, 230)
+    tile_size, overlap = 32, 8
+    n_tiles = len(tile_positions(150, tile_size, overlap)) * len(
+        tile_positions(230, tile_size, overlap)
+    )
+    sizes = []
+    reports = []
+
+    def model(batch):
+        assert batch.dtype == np.float32
+        sizes.append(batch.shape[0])
+        return pointwise(batch)
+
+    predict_tiled(
+        model,
+        image,
+        tile_size,
+        overlap=overlap,
+        batch_size=batch_size,
+        progress=lambda done, total: reports.append((done, total)),
+    )
+    assert max(sizes) <= batch_size
+    assert sum(sizes) == n_tiles
+    assert len(sizes) == math.ceil(n_tiles / batch_size)
+    assert len(reports) == len(sizes)
+    assert [done for done, _ in reports] == list(np.cumsum(sizes))
+    assert all(total == n_tiles for _, total in reports)
+    assert reports[-1] == (n_tiles, n_tiles)
+
+
+# --------------------------------------------------------------------------
+# predict_tiled: validation
+# --------------------------------------------------------------------------
+
+
+def test_rejects_2d_image():
+    with pytest.raises(ValueError, match=r"\(40, 40\)"):
+        predict_tiled(pointwise, np.zeros((40, 40), np.float32), 32)
+
+
+def test_rejects_4d_image():
+    with pytest.raises(ValueError, match="3-D"):
+        predict_tiled(pointwise, np.zeros((1, 40, 40, 3), np.float32), 32)
+
+
+def test_rejects_wrong_model_output_shape():
+    image = random_image(40, 40)
+    with pytest.raises(ValueError, match="predict_batch returned shape"):
+        # A valid model that forgets to crop returns tile_size instead of output_size.
+        predict_tiled(pointwise, image, 36, output_size=32)
+    with pytest.raises(ValueError, match="predict_batch returned shape"):
+        # Missing class axis.
+        predict_tiled(lambda b: b[..., 0], image, 32)
+    with pytest.raises(ValueError, match="predict_batch returned shape"):
+        # Wrong number of tiles in the answer.
+        predict_tiled(lambda b: pointwise(b[:1]), image, 16, batch_size=4)
+
+
+def test_rejects_changing_class_count():
+    image = random_image(40, 40)
+    state = {"calls": 0}
+
+    def model(batch):
+        state["calls"] += 1
+        out = pointwise(batch)
+        return out if state["calls"] == 1 else out[..., :1]
+
+    with pytest.raises(ValueError, match="predict_batch returned shape"):
+        predict_tiled(model, image, 16, batch_size=2)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"tile_size": 32, "overlap": 32},
+        {"tile_size": 32, "overlap": 40},
+        {"tile_size": 32, "overlap": -1},
+        {"tile_size": 36, "output_size": 32, "overlap": 32},
+        {"tile_size": 0},
+        {"tile_size": 32, "output_size": 0},
+        {"tile_size": 32, "output_size": 40},
+        {"tile_size": 32, "output_size": 29},
+        {"tile_size": 32, "batch_size": 0},
+    ],
+)
+def test_rejects_bad_sizes(kwargs):
+    with pytest.raises(ValueError):
+        predict_tiled(pointwise, random_image(40, 40), **kwargs)
