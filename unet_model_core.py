@@ -58,8 +58,9 @@ DEFAULT_SAMPLE_DIR = os.path.join("dataset", "synthetic_sample")
 DEFAULT_RUNS_DIR = "runs"
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-# Files that operating systems drop into folders; they are skipped quietly, not reported as bad data.
-STRAY_FILES = {".ds_store", "thumbs.db", "desktop.ini", ".gitkeep"}
+# Files that operating systems and tools drop into folders.  They are skipped and listed in the report
+# (so a user sees why a count is what it is), never read as samples.
+STRAY_FILES = {".ds_store", "thumbs.db", "desktop.ini", ".gitkeep", ".ipynb_checkpoints"}
 
 
 # =====================================================================================================
@@ -103,7 +104,8 @@ class LoadedSample:
 
 
 def _is_stray(path: Path) -> bool:
-    return path.name.lower() in STRAY_FILES or path.name.startswith("._")
+    # Hidden entries (".DS_Store", "._foo" AppleDouble files, ".ipynb_checkpoints") are never samples.
+    return path.name.lower() in STRAY_FILES or path.name.startswith(".")
 
 
 def _is_image_file(path: Path) -> bool:
@@ -205,7 +207,7 @@ def find_samples(data_dir, require_masks: bool = True) -> tuple[list[Sample], li
     samples: list[Sample] = []
     problems: list[tuple[str, str]] = []
     images_dir, masks_dir = root / "images", root / "masks"
-    is_pairs = images_dir.is_dir() and not (images_dir / f"{root.name}.png").exists() and not any(
+    is_pairs = images_dir.is_dir() and not any(
         (child / "images").is_dir() for child in root.iterdir() if child.is_dir())
     if is_pairs:
         masks = {}
@@ -215,7 +217,10 @@ def find_samples(data_dir, require_masks: bool = True) -> tuple[list[Sample], li
                     stem = path.stem[:-5] if path.stem.endswith("_mask") else path.stem
                     masks.setdefault(stem, path)
         for path in sorted(images_dir.iterdir()):
-            if _is_stray(path) or path.is_dir():
+            if _is_stray(path):
+                problems.append((path.name, "stray system file (skipped)"))
+                continue
+            if path.is_dir():
                 continue
             if not _is_image_file(path):
                 problems.append((path.name, "not an image file (skipped)"))
@@ -250,11 +255,13 @@ def find_samples(data_dir, require_masks: bool = True) -> tuple[list[Sample], li
                 continue
             samples.append(Sample(child.name, image_path, mask_paths, "dsb"))
     if not samples:
+        # Point at a real problem in the hint, not at a .DS_Store that happens to sort first.
+        real = [p for p in problems if "stray" not in p[1]] or problems
         raise DataError(
             f"no usable sample in {root}. Expected either the DSB-2018 layout "
             f"(<folder>/<id>/images/<id>.png with one PNG per nucleus in <folder>/<id>/masks/) or "
             f"<folder>/images/<name>.png with a matching binary mask <folder>/masks/<name>.png"
-            + (f"; {len(problems)} entries were skipped, first: {problems[0][0]}: {problems[0][1]}" if problems else ""))
+            + (f"; {len(problems)} entries were skipped, first: {real[0][0]}: {real[0][1]}" if problems else ""))
     return samples, problems
 
 
@@ -576,6 +583,10 @@ class Config:
         for name in ("image_size", "batch_size", "epochs", "num_classes", "input_channels", "sample_images"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.val_size <= 0 or (self.val_size >= 1 and self.val_size != int(self.val_size)):
+            raise ValueError(f"val_size must be a fraction below 1 or a whole number of images, got {self.val_size}")
+        if self.steps_per_epoch is not None and int(self.steps_per_epoch) < 1:
+            raise ValueError(f"steps_per_epoch must be a positive integer (or None), got {self.steps_per_epoch}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 < self.threshold < 1:

@@ -1,0 +1,145 @@
+"""Predict_mask.py as a user runs it, and the full-resolution inference it rests on."""
+import csv
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import run_script
+
+import unet_model_core as core
+
+
+def write_kinds(folder):
+    """One image of every kind a user may have, each at an odd size; returns {stem: (height, width)}."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(folder / "grey.png"), rng.integers(0, 255, (67, 91), dtype=np.uint8))
+    cv2.imwrite(str(folder / "rgba.png"), rng.integers(0, 255, (101, 77, 4), dtype=np.uint8))
+    cv2.imwrite(str(folder / "deep.tif"), rng.integers(0, 4095, (129, 65), dtype=np.uint16))
+    cv2.imwrite(str(folder / "photo.jpg"), rng.integers(0, 255, (75, 203, 3), dtype=np.uint8))
+    return {"grey": (67, 91), "rgba": (101, 77), "deep": (129, 65), "photo": (75, 203)}
+
+
+def test_masks_match_every_input_size_and_kind_and_bad_files_are_skipped(quick_run, tmp_path):
+    work, run, _ = quick_run
+    sizes = write_kinds(tmp_path / "in")
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "in" / "notes.txt").write_text("hello")
+    result = run_script("Predict_mask.py", str(tmp_path / "in"), "--model", str(run), "--out", str(tmp_path / "out"),
+                        cwd=work)
+    assert result.returncode == 1, result.stderr  # some inputs were bad: non-zero, but the rest written
+    assert "broken" in result.stderr and "notes" in result.stderr and "Traceback" not in result.stderr
+    for stem, (height, width) in sizes.items():
+        mask = cv2.imread(str(tmp_path / "out" / f"{stem}_mask.png"), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == (height, width) and mask.dtype == np.uint8
+        assert set(np.unique(mask)) <= {0, 255}
+        overlay = cv2.imread(str(tmp_path / "out" / f"{stem}_overlay.png"))
+        assert overlay.shape == (height, width, 3)
+        assert f"{stem}: {width}x{height}," in result.stdout  # one line per image: size, nuclei, time
+
+
+def test_labels_rle_and_scores_on_a_dsb_folder(quick_run, tiny_dataset, tmp_path):
+    work, run, _ = quick_run
+    out = tmp_path / "out"
+    result = run_script("Predict_mask.py", str(tiny_dataset), "--model", "first", "--out", str(out), "--labels",
+                        "--rle", str(tmp_path / "sub.csv"), cwd=work)
+    assert result.returncode == 0, result.stderr
+    ids = sorted(p.name for p in tiny_dataset.iterdir())
+    with open(tmp_path / "sub.csv") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["ImageId", "EncodedPixels"]
+    for image_id in ids:
+        labels = cv2.imread(str(out / f"{image_id}_labels.png"), cv2.IMREAD_UNCHANGED)
+        assert labels.dtype == np.uint16
+        encoded = [r[1] for r in rows[1:] if r[0] == image_id]
+        count = len(np.unique(labels)) - 1
+        assert len(encoded) == max(count, 1)
+        # Decoding the CSV gives back exactly the labelled nuclei.
+        decoded = sum((core.rle_decode(e, labels.shape) for e in encoded if e), np.zeros(labels.shape, np.uint8))
+        assert np.array_equal(decoded > 0, labels > 0) and decoded.max() <= 1
+    scores = list(csv.reader(open(out / "scores.csv")))
+    assert scores[0][-3:] == ["dice", "iou", "dsb_score"] and scores[-1][0] == "mean" and len(scores) == len(ids) + 2
+    assert "Mean over 6 scored images" in result.stdout
+
+
+def test_no_argument_mode_predicts_the_validation_images(quick_run, tmp_path):
+    work, run, _ = quick_run
+    result = run_script("Predict_mask.py", "--model", str(run), "--out", str(tmp_path / "val"), cwd=work)
+    assert result.returncode == 0, result.stderr
+    val_ids = json.loads((run / "config.json").read_text())["val_ids"]
+    assert f"predicting the {len(val_ids)} validation images" in result.stdout
+    assert (tmp_path / "val" / "validation_predictions.png").is_file()
+    assert all((tmp_path / "val" / f"{i}_mask.png").is_file() for i in val_ids)
+
+
+def test_existing_outputs_are_not_overwritten(quick_run, tmp_path):
+    work, run, _ = quick_run
+    write_kinds(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "grey_mask.png").write_bytes(b"the user's own file")
+    result = run_script("Predict_mask.py", str(tmp_path / "in" / "grey.png"), "--model", str(run), "--out", str(out),
+                        cwd=work)
+    assert result.returncode == 1 and "--overwrite" in result.stderr
+    assert (out / "grey_mask.png").read_bytes() == b"the user's own file"
+
+
+def test_no_run_and_foreign_models_get_clear_errors(tmp_path):
+    result = run_script("Predict_mask.py", "x.png", cwd=tmp_path)
+    assert result.returncode == 2 and "python Train.py" in result.stderr and "Traceback" not in result.stderr
+    import keras
+    fake = tmp_path / "runs" / "fake"
+    fake.mkdir(parents=True)
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]).save(fake / "model.keras")
+    core.Config().to_json(fake / "config.json")
+    result = run_script("Predict_mask.py", "x.png", "--model", "fake", cwd=tmp_path)
+    assert result.returncode == 2 and "not a U-Net of this project" in result.stderr
+
+
+# --- Inference functions with a real (quickly trained) model -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_and_config(quick_run):
+    _, run, _ = quick_run
+    model, config, _, _ = core.load_run(run)
+    return model, config
+
+
+def test_tiled_prediction_equals_one_forward_pass_on_an_image_that_fits_one_tile(model_and_config):
+    model, config = model_and_config
+    image = np.random.default_rng(1).integers(0, 255, (70, 90, 3)).astype(np.uint8)
+    tiled = core.predict_probabilities(model, image, config)
+    size, out_size, margin = core.tile_geometry(model, config, image.shape[:2])
+    # The same thing done by hand: mirror the image out to one tile, one forward pass, crop.
+    padded = np.pad(image, ((margin, size - margin - 70), (margin, size - margin - 90), (0, 0)), mode="reflect")
+    direct = model.predict(padded[None].astype(np.float32), verbose=0)[0, margin:margin + 70, margin:margin + 90, 0]
+    np.testing.assert_allclose(tiled, direct, atol=1e-5)
+
+
+def test_tiled_prediction_has_no_visible_seams(model_and_config):
+    model, config = model_and_config
+    rng = np.random.default_rng(2)
+    image = cv2.GaussianBlur(rng.integers(0, 255, (300, 300, 3)).astype(np.uint8), (0, 0), 3)
+    small_tiles = core.predict_probabilities(model, image, config, tile_size=96)
+    one_tile = core.predict_probabilities(model, image, config, tile_size=352)
+    size, out_size, margin = core.tile_geometry(model, config, image.shape[:2], 96)
+    assert size == 96 and core.tile_geometry(model, config, image.shape[:2], 352)[0] == 352
+    # Differences come only from the context each pixel sees; they must be small, and no larger on the
+    # tile borders than in the tile interiors (no seams).
+    difference = np.abs(small_tiles - one_tile)
+    assert difference.max() < 0.1
+    starts = core.tile_positions(300, out_size, 0 if config.tile_overlap == 0 else out_size // 8)
+    borders = sorted({p for s in starts[1:] for p in (s, s + 1)})
+    interior = [p for p in range(300) if all(abs(p - b) > 8 for b in borders)]
+    column_difference = difference.mean(axis=0)
+    assert column_difference[borders].mean() < 3 * column_difference[interior].mean() + 1e-3
+
+
+def test_resize_mode_predicts_at_the_input_size():
+    config = core.Config(sampling="resize", image_size=32, channels=(4, 8))
+    model = core.export_inference_model(core.build_unet_from_config(config), config)
+    probability, mask = core.predict_mask(model, np.zeros((45, 71, 3), np.uint8), config)
+    assert probability.shape == mask.shape == (45, 71)
