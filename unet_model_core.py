@@ -23,16 +23,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
-import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Sequence
 
 # TensorFlow's C++ start-up chatter (CPU feature notes, oneDNN) hides what matters to users; keep its
 # warnings and errors.  This must be set before TensorFlow is imported, and a user's own setting wins.
@@ -1075,7 +1073,7 @@ class StopOnNaN(keras.callbacks.Callback):
 
     def __init__(self):
         super().__init__()
-        self.where = None
+        self.where, self.epoch = None, 0
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
@@ -1138,6 +1136,8 @@ def train(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = Non
     """
     started = time.time()
     configure_devices(cpu_devices)
+    # The strategy comes before any other TensorFlow op: multi-worker training requires it.
+    strategy = get_strategy(cpu_devices)
     keras.utils.set_random_seed(config.seed)
     initial_epoch, best = 0, math.inf
     if resume is not None:
@@ -1163,7 +1163,6 @@ def train(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = Non
     val_ds = val_ds.with_options(options)
 
     policy = set_precision(config.mixed_precision)
-    strategy = get_strategy(cpu_devices)
     extra = dict(val_ids=val_ids, data_dir=str(data_dir), data_source=why, steps_per_epoch_used=steps,
                  replicas=strategy.num_replicas_in_sync, precision=policy)
     config.to_json(run_dir / CONFIG_FILE, **extra)  # written now, so even an interrupted run says what it was

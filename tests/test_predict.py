@@ -126,7 +126,7 @@ def test_tiled_prediction_has_no_visible_seams(model_and_config):
     small_tiles = core.predict_probabilities(model, image, config, tile_size=96)
     one_tile = core.predict_probabilities(model, image, config, tile_size=352)
     size, out_size, margin = core.tile_geometry(model, config, image.shape[:2], 96)
-    assert size == 96 and core.tile_geometry(model, config, image.shape[:2], 352)[0] == 352
+    assert size == 96 and core.tile_geometry(model, config, image.shape[:2], 352)[1] >= 300  # one tile covers all
     # Differences come only from the context each pixel sees; they must be small, and no larger on the
     # tile borders than in the tile interiors (no seams).
     difference = np.abs(small_tiles - one_tile)

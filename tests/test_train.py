@@ -5,10 +5,8 @@ import math
 import subprocess
 import sys
 
-import numpy as np
-import pytest
 
-from conftest import ROOT, run_script
+from conftest import run_script
 
 RUN_FILES = ("model.keras", "config.json", "history.csv", "training_curves.png", "val_predictions.png")
 
@@ -73,7 +71,7 @@ def test_a_missing_data_path_is_an_error_not_a_fallback(tmp_path):
 
 
 def test_bad_flag_values_get_a_clear_message(tmp_path):
-    result = run_script("Train.py", "--quick", "--image-size", "100", cwd=tmp_path)
+    result = run_script("Train.py", "--quick", "--image-size", "90", cwd=tmp_path)  # quick: depth 2, multiples of 4
     assert result.returncode == 2 and "nearest sizes that work" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -102,6 +100,7 @@ def test_nan_loss_stops_training_with_a_message():
 
     guard = core.StopOnNaN()
     guard.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
+    guard.model.stop_training = False  # as model.fit sets it before the first batch
     guard.on_epoch_begin(2)
     guard.on_train_batch_end(0, {"loss": 0.5})
     assert guard.where is None and not guard.model.stop_training
@@ -122,3 +121,12 @@ def test_mixed_precision_model_keeps_a_float32_output():
         assert exported.get_layer("enc1_conv1").compute_dtype == "float32"
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_xla_flag_reaches_the_compiled_model():
+    import unet_model_core as core
+
+    config = core.Config(image_size=32, channels=(4, 8), xla=True)
+    assert core.compile_unet(core.build_unet_from_config(config), config).jit_compile is True
+    config = core.Config(image_size=32, channels=(4, 8))
+    assert core.compile_unet(core.build_unet_from_config(config), config).jit_compile is False
