@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ground truth to score against: DSB layout, images/ + masks/, or <stem>.png / "
                              "<stem>_mask.png masks (DSB-layout inputs with masks/ are scored automatically)")
     parser.add_argument("--tile-size", type=int, metavar="PX",
-                        help="tile side for full-resolution prediction, a multiple of 16 (default: 256)")
+                        help="square tile side for full-resolution prediction, a multiple of 16 (default: tiles shaped to the image, at most 1536 px a side; smaller tiles use less memory)")
     parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="tiles per batch (default: 4)")
     return parser
 

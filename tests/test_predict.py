@@ -113,8 +113,10 @@ def test_tiled_prediction_equals_one_forward_pass_on_an_image_that_fits_one_tile
     image = np.random.default_rng(1).integers(0, 255, (70, 90, 3)).astype(np.uint8)
     tiled = core.predict_probabilities(model, image, config)
     size, out_size, margin = core.tile_geometry(model, config, image.shape[:2])
+    tile_h, tile_w = (size, size) if np.ndim(size) == 0 else size  # tiles are shaped to the image
+    assert tile_h - 2 * margin >= 70 and tile_w - 2 * margin >= 90  # one tile covers the image
     # The same thing done by hand: mirror the image out to one tile, one forward pass, crop.
-    padded = np.pad(image, ((margin, size - margin - 70), (margin, size - margin - 90), (0, 0)), mode="reflect")
+    padded = np.pad(image, ((margin, tile_h - margin - 70), (margin, tile_w - margin - 90), (0, 0)), mode="reflect")
     direct = model.predict(padded[None].astype(np.float32), verbose=0)[0, margin:margin + 70, margin:margin + 90, 0]
     np.testing.assert_allclose(tiled, direct, atol=1e-5)
 
