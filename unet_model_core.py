@@ -52,13 +52,15 @@ KERAS_PACKAGE = "unet_nuclei"
 # sample is written when the real data is absent.  Both are relative to the working directory, the way
 # users run the scripts from the repository root.
 DEFAULT_DATA_DIR = os.path.join("dataset", "stage1_train")
-DEFAULT_SAMPLE_DIR = os.path.join("dataset", "synthetic_sample")
 DEFAULT_RUNS_DIR = "runs"
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 # Files that operating systems and tools drop into folders.  They are skipped and listed in the report
 # (so a user sees why a count is what it is), never read as samples.
 STRAY_FILES = {".ds_store", "thumbs.db", "desktop.ini", ".gitkeep", ".ipynb_checkpoints"}
+# Reasons for skipped entries that are not damaged data (callers may leave them out of reports).
+STRAY_REASON = "stray system file (skipped)"
+NOT_A_SAMPLE_REASON = "not a sample folder (skipped)"
 
 
 # =====================================================================================================
@@ -104,6 +106,11 @@ class LoadedSample:
 def _is_stray(path: Path) -> bool:
     # Hidden entries (".DS_Store", "._foo" AppleDouble files, ".ipynb_checkpoints") are never samples.
     return path.name.lower() in STRAY_FILES or path.name.startswith(".")
+
+
+def _mask_stem(path: Path) -> str:
+    """The image stem a mask file belongs to: ``a.png`` and ``a_mask.png`` both belong to image ``a``."""
+    return path.stem[:-5] if path.stem.endswith("_mask") else path.stem
 
 
 def _is_image_file(path: Path) -> bool:
@@ -212,11 +219,10 @@ def find_samples(data_dir, require_masks: bool = True) -> tuple[list[Sample], li
         if masks_dir.is_dir():
             for path in sorted(masks_dir.iterdir()):
                 if _is_image_file(path):
-                    stem = path.stem[:-5] if path.stem.endswith("_mask") else path.stem
-                    masks.setdefault(stem, path)
+                    masks.setdefault(_mask_stem(path), path)
         for path in sorted(images_dir.iterdir()):
             if _is_stray(path):
-                problems.append((path.name, "stray system file (skipped)"))
+                problems.append((path.name, STRAY_REASON))
                 continue
             if path.is_dir():
                 continue
@@ -231,10 +237,10 @@ def find_samples(data_dir, require_masks: bool = True) -> tuple[list[Sample], li
     else:
         for child in sorted(root.iterdir()):
             if _is_stray(child):
-                problems.append((child.name, "stray system file (skipped)"))
+                problems.append((child.name, STRAY_REASON))
                 continue
             if not child.is_dir():
-                problems.append((child.name, "not a sample folder (skipped)"))
+                problems.append((child.name, NOT_A_SAMPLE_REASON))
                 continue
             image_dir = child / "images"
             candidates = sorted(p for p in image_dir.iterdir() if _is_image_file(p)) if image_dir.is_dir() else []
@@ -254,7 +260,7 @@ def find_samples(data_dir, require_masks: bool = True) -> tuple[list[Sample], li
             samples.append(Sample(child.name, image_path, mask_paths, "dsb"))
     if not samples:
         # Point at a real problem in the hint, not at a .DS_Store that happens to sort first.
-        real = [p for p in problems if "stray" not in p[1]] or problems
+        real = [p for p in problems if p[1] != STRAY_REASON] or problems
         raise DataError(
             f"no usable sample in {root}. Expected either the DSB-2018 layout "
             f"(<folder>/<id>/images/<id>.png with one PNG per nucleus in <folder>/<id>/masks/) or "
@@ -1203,12 +1209,14 @@ def train(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = Non
     # Score the best checkpoint the way it will be used: whole validation images at full resolution.
     best_model = keras.saving.load_model(run_dir / MODEL_FILE)
     _log("Choosing the threshold on the validation images (full resolution)...", verbose)
-    threshold, scores, per_image = choose_threshold(best_model, val_samples, config, progress=progress)
+    probabilities = predict_samples(best_model, val_samples, config, progress)  # once, for both uses below
+    threshold, scores, per_image = choose_threshold(best_model, val_samples, config, probabilities=probabilities)
     config = dataclasses.replace(config, threshold=threshold)
     extra.update(val_scores=scores, val_scores_per_image=per_image, best_epoch=checkpoint.best_epoch,
                  train_seconds=round(time.time() - started, 1))
     config.to_json(run_dir / CONFIG_FILE, **extra)
-    plot_validation_predictions(best_model, val_samples, config, run_dir / VAL_FIGURE_FILE)
+    plot_validation_predictions(best_model, val_samples, config, run_dir / VAL_FIGURE_FILE,
+                                probabilities=probabilities)
     seconds = time.time() - started
     _log(f"Validation (best epoch {checkpoint.best_epoch}, threshold {threshold:.2f}): "
          f"Dice {scores['dice']:.3f}  IoU {scores['iou']:.3f}  DSB score {scores['dsb_score']:.3f}", verbose)
@@ -2143,9 +2151,14 @@ def predict_mask(model: keras.Model, image: np.ndarray, config: Config, threshol
     return probability, mask
 
 
-def score_image(true_labels: np.ndarray, probability: np.ndarray, threshold: float, min_size: int) -> dict:
-    """Dice, IoU and DSB score of one prediction against its ground-truth instance labels."""
-    pred_labels = label_instances(probability, threshold, min_size)
+def score_image(true_labels: np.ndarray, probability: np.ndarray, threshold: float, min_size: int,
+                pred_labels: np.ndarray | None = None) -> dict:
+    """Dice, IoU and DSB score of one prediction against its ground-truth instance labels.
+
+    ``pred_labels`` are the predicted instances when the caller has labelled them already (at the same
+    threshold and minimum size); otherwise they are labelled here."""
+    if pred_labels is None:
+        pred_labels = label_instances(probability, threshold, min_size)
     dice_value, iou_value = binary_dice_iou(true_labels > 0, probability > threshold)
     return {"dice": dice_value, "iou": iou_value, "dsb_score": dsb_score(true_labels, pred_labels),
             "nuclei_true": count_instances(true_labels), "nuclei_pred": count_instances(pred_labels)}
@@ -2154,12 +2167,21 @@ def score_image(true_labels: np.ndarray, probability: np.ndarray, threshold: flo
 THRESHOLD_GRID = tuple(round(t, 2) for t in np.arange(0.3, 0.71, 0.05))
 
 
+def predict_samples(model: keras.Model, samples: Sequence[LoadedSample], config: Config,
+                    progress: bool = True) -> list[np.ndarray]:
+    """Full-resolution probability maps of decoded samples, in order."""
+    return [predict_probabilities(model, s.image, config)
+            for s in tqdm(samples, desc="Predicting validation images", disable=not progress, unit="img")]
+
+
 def choose_threshold(model: keras.Model, samples: Sequence[LoadedSample], config: Config,
-                     thresholds: Sequence[float] = THRESHOLD_GRID, progress: bool = True):
+                     thresholds: Sequence[float] = THRESHOLD_GRID, progress: bool = True,
+                     probabilities: Sequence[np.ndarray] | None = None):
     """Pick the probability threshold that maximises the mean DSB score on whole validation images
-    (ties broken by Dice).  Returns ``(threshold, mean_scores, per_image_scores)``."""
-    probabilities = [predict_probabilities(model, s.image, config)
-                     for s in tqdm(samples, desc="Predicting validation images", disable=not progress, unit="img")]
+    (ties broken by Dice).  ``probabilities`` are the samples' maps when already predicted.
+    Returns ``(threshold, mean_scores, per_image_scores)``."""
+    if probabilities is None:
+        probabilities = predict_samples(model, samples, config, progress)
     best = None
     for threshold in thresholds:
         per_image = [score_image(s.labels, p, threshold, config.min_nucleus_size) for s, p in zip(samples, probabilities)]
@@ -2174,16 +2196,20 @@ def choose_threshold(model: keras.Model, samples: Sequence[LoadedSample], config
 
 
 def plot_validation_predictions(model: keras.Model, samples: Sequence[LoadedSample], config: Config, path,
-                                max_images: int = 4) -> None:
-    """The run's ``val_predictions.png``: image, ground truth and prediction of validation images."""
+                                max_images: int = 4, probabilities: Sequence[np.ndarray] | None = None) -> None:
+    """The run's ``val_predictions.png``: image, ground truth and prediction of validation images
+    (``probabilities``: the samples' maps when already predicted)."""
+    shown = list(samples)[:max_images]
+    if probabilities is None:
+        probabilities = predict_samples(model, shown, config, progress=False)
     results = []
-    for sample in list(samples)[:max_images]:
-        probability = predict_probabilities(model, sample.image, config)
+    for sample, probability in zip(shown, probabilities):
         instances = label_instances(probability, config.threshold, config.min_nucleus_size)
         results.append({"name": sample.sample_id, "height": sample.image.shape[0], "width": sample.image.shape[1],
                         "image": sample.image, "probability": probability, "instance_labels": instances,
                         "nuclei": count_instances(instances), "truth_labels": sample.labels,
-                        **score_image(sample.labels, probability, config.threshold, config.min_nucleus_size)})
+                        **score_image(sample.labels, probability, config.threshold, config.min_nucleus_size,
+                                      instances)})
     plot_prediction_figure(results, path, max_images)
 
 
@@ -2215,7 +2241,7 @@ def collect_inputs(paths: Sequence, truth_dir=None) -> tuple[list[PredictionInpu
             try:
                 samples, skipped = find_samples(path, require_masks=False)
                 inputs.extend(PredictionInput(s.sample_id, s.image_path, s if s.mask_paths else None) for s in samples)
-                problems.extend(p for p in skipped if "stray" not in p[1] and "not a sample folder" not in p[1])
+                problems.extend(p for p in skipped if p[1] not in (STRAY_REASON, NOT_A_SAMPLE_REASON))
             except DataError:
                 files = [p for p in sorted(path.iterdir()) if p.is_file() and not _is_stray(p)]
                 if not files:
@@ -2246,8 +2272,7 @@ def _truth_index(folder: Path) -> dict[str, Sample]:
         index = {}
         for path in sorted(folder.iterdir()):
             if _is_image_file(path):
-                stem = path.stem[:-5] if path.stem.endswith("_mask") else path.stem
-                index[stem] = Sample(stem, path, (path,), "pairs")
+                index[_mask_stem(path)] = Sample(_mask_stem(path), path, (path,), "pairs")
         if not index:
             raise DataError(f"--truth {folder}: no masks found (expected the DSB layout, images/ + masks/, "
                             f"or files named <image stem>.png or <image stem>_mask.png)") from None
@@ -2259,10 +2284,14 @@ def truth_labels(sample: Sample, shape: tuple[int, int]) -> np.ndarray:
     return read_instance_labels(sample.mask_paths, shape, sample.layout).astype(np.int32)
 
 
-def write_png(path: Path, image: np.ndarray, overwrite: bool = False) -> None:
-    """Write a PNG (RGB images converted to OpenCV's BGR), refusing to replace a file unless asked."""
+def _refuse_existing(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
+
+
+def write_png(path: Path, image: np.ndarray, overwrite: bool = False) -> None:
+    """Write a PNG (RGB images converted to OpenCV's BGR), refusing to replace a file unless asked."""
+    _refuse_existing(path, overwrite)
     data = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
     ok, encoded = cv2.imencode(".png", data)
     if not ok:
@@ -2294,8 +2323,7 @@ def predict_input(model: keras.Model, config: Config, item: PredictionInput, out
     for path in targets.values():
         if path.resolve() == Path(item.image_path).resolve():
             raise FileExistsError(f"{path} is the input image itself; choose another --out")
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
+        _refuse_existing(path, overwrite)  # before the prediction, so a refused image costs nothing
     image = read_image(item.image_path)
     height, width = image.shape[:2]
     bar = tqdm(desc=f"{item.name} tiles", unit="tile", leave=False, disable=not progress or height * width < 2**21)
@@ -2316,7 +2344,7 @@ def predict_input(model: keras.Model, config: Config, item: PredictionInput, out
               "instance_labels": instances, "image": image, "probability": probability}
     if item.truth is not None:
         truth = truth_labels(item.truth, (height, width))
-        result.update(score_image(truth, probability, config.threshold, config.min_nucleus_size))
+        result.update(score_image(truth, probability, config.threshold, config.min_nucleus_size, instances))
         result["truth_labels"] = truth
     return result
 

@@ -54,8 +54,8 @@ def main() -> int:
         image = core.read_image(image_path)
         truth = cv2.imread(str(labels_path), cv2.IMREAD_UNCHANGED).astype(np.int32)
     probability = core.predict_probabilities(model, image, config)
-    scores = core.score_image(truth, probability, config.threshold, config.min_nucleus_size)
     predicted = core.label_instances(probability, config.threshold, config.min_nucleus_size)
+    scores = core.score_image(truth, probability, config.threshold, config.min_nucleus_size, predicted)
     result = {"name": "stardist img2d (real)", "height": image.shape[0], "width": image.shape[1], "image": image,
               "probability": probability, "instance_labels": predicted, "truth_labels": truth,
               "nuclei": core.count_instances(predicted), **scores}
