@@ -6,7 +6,8 @@
     python Predict_mask.py                                 # the run's validation images, scored, as a figure
 
 The model, its preprocessing and its threshold come from a run folder written by Train.py (the newest
-one unless --model says otherwise); no architecture flag is ever retyped.
+one unless --model says otherwise); no architecture flag is ever retyped.  The work is in
+``unet_nuclei.predict``; this script only parses flags and reports.
 """
 import argparse
 import csv
@@ -52,61 +53,64 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run the script with ``argv`` (default: the command line); returns the exit status."""
     args = build_parser().parse_args(argv)
-    import unet_model_core as core  # imports TensorFlow: after argument parsing, so --help is quick
+    # These import TensorFlow: after argument parsing, so --help is quick.
+    import unet_model_core as core
+    from unet_nuclei import plots, predict
+    from unet_nuclei.instances import rle_rows
 
     try:
-        model, config, info, run_dir = core.load_run(args.model, args.runs_dir)
+        model, config, info, run_dir = predict.load_run(args.model, args.runs_dir)
         overrides = {"threshold": args.threshold, "min_nucleus_size": args.min_size}
         config = core.Config.from_dict({**config.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
         if args.images:
-            inputs, problems = core.collect_inputs(args.images, args.truth)
+            inputs, problems = predict.collect_inputs(args.images, args.truth)
         else:
-            inputs, problems = core.validation_inputs(info)
+            inputs, problems = predict.validation_inputs(info)
             print(f"No image given: predicting the {len(inputs)} validation images of {run_dir}")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         if args.rle and Path(args.rle).exists() and not args.overwrite:
             raise FileExistsError(f"{args.rle} exists; pass --overwrite to replace it")
-    except (core.ModelError, core.DataError, FileNotFoundError, FileExistsError, ValueError) as error:
+    except (predict.ModelError, core.DataError, FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"Model: {run_dir} ({config.sampling} sampling, threshold {config.threshold:.2f}); writing to {out}/")
 
-    results, rle_rows = [], []
+    results, rows = [], []
     for item in inputs:
         started = time.time()
         try:
-            result = core.predict_input(model, config, item, out, labels=args.labels, overwrite=args.overwrite,
-                                        tile_size=args.tile_size, batch_size=args.batch_size)
+            result = predict.predict_input(model, config, item, out, labels=args.labels, overwrite=args.overwrite,
+                                           tile_size=args.tile_size, batch_size=args.batch_size)
         except (core.DataError, FileExistsError, OSError) as error:
             problems.append((item.name, str(error)))
             print(f"{item.name}: skipped: {error}", file=sys.stderr)
             continue
-        rle_rows.extend(core.rle_rows(item.name, result["instance_labels"]) if args.rle else [])
-        if args.images:  # keep the arrays only for the validation figure; a folder of big images adds up
-            for key in ("image", "probability", "instance_labels", "truth_labels"):
-                result.pop(key, None)
-        results.append(result)
-        line = f"{item.name}: {result['width']}x{result['height']}, {result['nuclei']} nuclei, {time.time() - started:.2f}s"
-        if "dice" in result:
-            line += f"  Dice {result['dice']:.3f}  IoU {result['iou']:.3f}  DSB {result['dsb_score']:.3f}"
+        if args.rle:
+            rows.extend(rle_rows(item.name, result.labels))
+        # Keep the arrays only for the validation figure; a folder of big images adds up.
+        results.append(result.summary() if args.images else result)
+        line = f"{item.name}: {result.width}x{result.height}, {result.count} nuclei, {time.time() - started:.2f}s"
+        if result.scores is not None:
+            line += f"  Dice {result.scores.dice:.3f}  IoU {result.scores.iou:.3f}  DSB {result.scores.dsb_score:.3f}"
         print(line, flush=True)
 
-    scored = [r for r in results if "dice" in r]
+    scored = [r for r in results if r.scores is not None]
     if scored:
-        means = core.write_scores(scored, out / "scores.csv")
+        means = predict.write_scores(scored, out / "scores.csv")
         print(f"Mean over {len(scored)} scored images: Dice {means['dice']:.3f}  IoU {means['iou']:.3f}  "
               f"DSB score {means['dsb_score']:.3f}  (per image: {out / 'scores.csv'})")
     if args.rle:
         with open(args.rle, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["ImageId", "EncodedPixels"])
-            writer.writerows(rle_rows)
-        print(f"Run-length encoding of {len(rle_rows)} rows written to {args.rle}")
+            writer.writerows(rows)
+        print(f"Run-length encoding of {len(rows)} rows written to {args.rle}")
     if not args.images and results:
-        figure = core.unique_path(out / "validation_predictions.png")
-        core.plot_prediction_figure(results, figure)
+        figure = predict.unique_path(out / "validation_predictions.png")
+        plots.save(plots.prediction_grid(results), figure, dpi=80)
         print(f"Figure: {figure}")
     if problems:
         core.report_problems(problems)

@@ -6,9 +6,11 @@
     python Train.py --quick              # a smoke run in seconds
 
 Every flag's default comes from ``unet_model_core.Config``; ``python Train.py --help`` lists them.
+The work is ``unet_nuclei.training.train``; this script only parses flags and reports.
 """
 import argparse
 import sys
+
 
 def build_parser(defaults) -> argparse.ArgumentParser:
     d = defaults
@@ -75,7 +77,9 @@ FIELDS = ("data", "sample_images", "sampling", "image_size", "val_size", "augmen
 
 
 def main(argv=None) -> int:
+    """Run the script with ``argv`` (default: the command line); returns the exit status."""
     import unet_model_core as core  # imports TensorFlow, so after the cheap checks in Python itself
+    from unet_nuclei import training
 
     args = build_parser(core.Config()).parse_args(argv)
     overrides = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
@@ -86,13 +90,13 @@ def main(argv=None) -> int:
             overrides["channels"] = tuple(int(c) for c in args.channels.split(","))
         config = core.quick_config(**overrides) if args.quick else core.Config(**overrides)
         print("Configuration:", ", ".join(f"{k}={v}" for k, v in config.to_dict().items()), flush=True)
-        result = core.train(config, runs_root=args.runs_dir, run_name=args.name, resume=args.resume,
-                            cpu_devices=args.cpu_devices, progress=True)
+        result = training.train(config, runs_root=args.runs_dir, run_name=args.name, resume=args.resume,
+                                cpu_devices=args.cpu_devices, progress=True)
     except KeyboardInterrupt:
         print("\nInterrupted. The last finished epoch is saved; continue with "
               "`python Train.py --resume RUN` (RUN is the folder printed above).", file=sys.stderr)
         return 130
-    except (core.DataError, core.TrainingError, FileNotFoundError, FileExistsError, ValueError) as error:
+    except (core.DataError, training.TrainingError, FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2 if isinstance(error, (core.DataError, FileNotFoundError, ValueError)) else 1
     print(f"Predict with: python Predict_mask.py IMAGE --model {result.run_dir}")

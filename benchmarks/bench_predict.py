@@ -67,13 +67,13 @@ def make_image(height: int, width: int, seed: int = 0):
     keep the generator's own memory out of the measurement)."""
     import numpy as np
 
-    import synthetic_nuclei
+    from unet_nuclei import synthetic
 
     if height * width > 1500 * 1500:
-        tile, _ = synthetic_nuclei.generate_sample(np.random.default_rng(seed), 1024, 1024, "fluorescence")
+        tile, _ = synthetic.generate_sample(np.random.default_rng(seed), 1024, 1024, "fluorescence")
         reps = (-(-height // 1024), -(-width // 1024), 1)
         return np.ascontiguousarray(np.tile(tile, reps)[:height, :width])
-    image, _ = synthetic_nuclei.generate_sample(np.random.default_rng(seed), height, width, "fluorescence")
+    image, _ = synthetic.generate_sample(np.random.default_rng(seed), height, width, "fluorescence")
     return image
 
 
@@ -83,13 +83,14 @@ def load_model(model_arg: str | None, overrides: dict):
     import keras
 
     import unet_model_core as core
+    from unet_nuclei import predict, training
 
     if model_arg:
-        model, config, _, _ = core.load_run(model_arg)
+        model, config, _, _ = predict.load_run(model_arg)
         return model, config
     config = core.Config(**overrides)
     keras.utils.set_random_seed(config.seed)
-    return core.export_inference_model(core.build_unet_from_config(config), config), config
+    return training.export_inference_model(core.build_unet_from_config(config), config), config
 
 
 def as_pair(value) -> tuple[int, int]:
@@ -116,14 +117,14 @@ def fmt(value) -> str:
 def child(image_file: str, model_arg: str | None, overrides: dict, batch_size: int) -> None:
     import numpy as np
 
-    import unet_model_core as core
+    from unet_nuclei import tiling
 
     model, config = load_model(model_arg, overrides)
     image = np.load(image_file)  # written by the parent, so the generator's memory never counts here
     height, width = image.shape[:2]
     before = rss_mb("VmRSS")
     start = time.perf_counter()
-    probability = core.predict_probabilities(model, image, config, batch_size=batch_size)
+    probability = tiling.predict_probabilities(model, image, config, batch_size=batch_size)
     seconds = time.perf_counter() - start
     assert probability.shape == (height, width)
     print(json.dumps({"height": height, "width": width, "peak_mb": round(rss_mb("VmHWM"), 1),
@@ -163,14 +164,14 @@ def time_size(model, config, height: int, width: int, repeats: int, batch_size: 
     import numpy as np
     import tensorflow as tf
 
-    import unet_model_core as core
+    from unet_nuclei import tiling
 
     image = make_image(height, width)
-    size, out_size, margin = core.tile_geometry(model, config, (height, width))
+    size, out_size, margin = tiling.tile_geometry(model, config, (height, width))
     tile_h, tile_w = as_pair(size)
     overlap = default_overlap(config, out_size, margin)
     done = []
-    core.predict_probabilities(model, image, config, batch_size=batch_size,
+    tiling.predict_probabilities(model, image, config, batch_size=batch_size,
                                progress=lambda n, total: done.append(n))  # warm-up (traces); records batches
     chunks = [b - a for a, b in zip([0] + done[:-1], done)]
     tiles = done[-1]
@@ -195,7 +196,7 @@ def time_size(model, config, height: int, width: int, repeats: int, batch_size: 
     tiled_s, pob_s, tff_s = [], [], []
     for _ in range(repeats):  # interleaved, so drifts of the machine hit all three alike
         start = time.perf_counter()
-        core.predict_probabilities(model, image, config, batch_size=batch_size)
+        tiling.predict_probabilities(model, image, config, batch_size=batch_size)
         tiled_s.append(time.perf_counter() - start)
         start = time.perf_counter()
         forward_predict_on_batch()
@@ -241,10 +242,10 @@ def main(argv=None) -> int:
     setting = SETTINGS[mode]
     import inspect
 
-    import unet_model_core as core
+    from unet_nuclei import tiling
 
     if args.batch_size is None:
-        args.batch_size = inspect.signature(core.predict_probabilities).parameters["batch_size"].default
+        args.batch_size = inspect.signature(tiling.predict_probabilities).parameters["batch_size"].default
     if args.child:
         child(args.child, args.model, setting["model"], args.batch_size)
         return 0
@@ -296,7 +297,7 @@ def main(argv=None) -> int:
     print(f"Machine: {machine_line(info)}")
     print(f"Model:   {'run ' + args.model if args.model else 'default architecture, untrained'}: U-Net channels "
           f"{'-'.join(map(str, config.channels))}, padding={config.padding}, float32; batch of "
-          f"{args.batch_size} tiles; default tile {core.PREDICT_TILE}, context margin {core.CONTEXT_MARGIN}")
+          f"{args.batch_size} tiles; default tile {tiling.PREDICT_TILE}, context margin {tiling.CONTEXT_MARGIN}")
     print("Forward bound = the model's plain forward pass (the faster of predict_on_batch and a cached "
           "tf.function) on in-memory float32 batches of tiles of the same size and number; its "
           "megapixels are the input tile pixels (no overlap or margin waste). Times: median of "

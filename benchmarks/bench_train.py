@@ -1,6 +1,6 @@
 """Training-input benchmark: the project's data pipeline against the compute bound and the DSB starter.
 
-In one run, on a DSB-like dataset written to disk for the purpose (``synthetic_nuclei`` in a real
+In one run, on a DSB-like dataset written to disk for the purpose (``unet_nuclei.synthetic`` in a real
 DSB-2018 size mix, one PNG per nucleus), with the default model and batch size:
 
   (a) the project's pipeline: ``prepare_data`` (find_samples + load_samples: every PNG decoded once, in
@@ -136,7 +136,7 @@ def rerun_command(argv: list[str]) -> str:
 # --------------------------------------------------------------------------------------------------
 def ensure_dataset(folder: Path, images: int, seed: int, sizes) -> Path:
     """Write the DSB-like dataset once; a folder that holds it already is reused across runs."""
-    import synthetic_nuclei
+    from unet_nuclei import synthetic
 
     if folder.is_dir() and len([p for p in folder.iterdir() if p.is_dir()]) == images:
         log(f"Reusing the dataset in {folder}")
@@ -146,7 +146,7 @@ def ensure_dataset(folder: Path, images: int, seed: int, sizes) -> Path:
                          f"--data-dir")
     log(f"Writing {images} DSB-like images with one PNG per nucleus to {folder} (once; reused after) ...")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    synthetic_nuclei.write_synthetic_dataset(folder, num_images=images, seed=seed, sizes=sizes, progress=False)
+    synthetic.write_synthetic_dataset(folder, num_images=images, seed=seed, sizes=sizes, progress=False)
     return folder
 
 
@@ -311,13 +311,14 @@ def main(argv=None) -> int:
     import tensorflow as tf
 
     import unet_model_core as core
+    from unet_nuclei import training
 
     info = machine_info()
     data_dir = ensure_dataset(data_dir, images, args.seed, sizes)
     config = core.Config(data_dir=str(data_dir), steps_per_epoch=setting["steps"], **setting["model"])
     batch = config.batch_size
 
-    policy = core.set_precision(args.mixed_precision)
+    policy = training.set_precision(args.mixed_precision)
     log("Timing the matrix-multiply peak ...")
     matmul_size = 1024 if mode == "smoke" else 2048
     peak = matmul_peak_gflops(matmul_size)
@@ -325,7 +326,7 @@ def main(argv=None) -> int:
     # (a) The project's pipeline, from files on disk.  The clock starts before the first file is read.
     log("(a) project pipeline: decode once, tf.data, fit ...")
     start = time.perf_counter()
-    train_samples, val_samples, _, _ = core.prepare_data(config, progress=False, verbose=0)
+    train_samples, val_samples, _, _ = training.prepare_data(config, progress=False, verbose=0)
     decoded = time.perf_counter()
     train_ds, _, steps = core.make_datasets(train_samples, val_samples, config)
     model = fresh_model(config)

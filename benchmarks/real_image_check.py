@@ -46,24 +46,25 @@ def main() -> int:
     import cv2
     import numpy as np
 
-    import unet_model_core as core
+    from unet_model_core import read_image
+    from unet_nuclei import plots, predict
+    from unet_nuclei.instances import Prediction
+    from unet_nuclei.tiling import predict_probabilities
 
-    model, config, _, run_dir = core.load_run(args.model, args.runs_dir)
+    model, config, _, run_dir = predict.load_run(args.model, args.runs_dir)
     with tempfile.TemporaryDirectory() as tmp:
         image_path, labels_path = fetch_real_image(Path(tmp))
-        image = core.read_image(image_path)
+        image = read_image(image_path)
         truth = cv2.imread(str(labels_path), cv2.IMREAD_UNCHANGED).astype(np.int32)
-    probability = core.predict_probabilities(model, image, config)
-    predicted = core.label_instances(probability, config.threshold, config.min_nucleus_size)
-    scores = core.score_image(truth, probability, config.threshold, config.min_nucleus_size, predicted)
-    result = {"name": "stardist img2d (real)", "height": image.shape[0], "width": image.shape[1], "image": image,
-              "probability": probability, "instance_labels": predicted, "truth_labels": truth,
-              "nuclei": core.count_instances(predicted), **scores}
+    probability = predict_probabilities(model, image, config)
+    result = Prediction.from_probability("stardist img2d (real)", image, probability, config.threshold,
+                                         config.min_nucleus_size, truth)
+    scores = result.scores
     out = Path(args.out) if args.out else run_dir / "real_image_check.png"
-    core.plot_prediction_figure([result], out)
-    print(f"Run {run_dir} on a real 512x512 fluorescence image ({scores['nuclei_true']} annotated nuclei): "
-          f"Dice {scores['dice']:.3f}  IoU {scores['iou']:.3f}  DSB score {scores['dsb_score']:.3f}  "
-          f"({scores['nuclei_pred']} nuclei found; threshold {config.threshold:.2f}). Figure: {out}")
+    plots.save(plots.prediction_grid([result]), out, dpi=80)
+    print(f"Run {run_dir} on a real 512x512 fluorescence image ({scores.nuclei_true} annotated nuclei): "
+          f"Dice {scores.dice:.3f}  IoU {scores.iou:.3f}  DSB score {scores.dsb_score:.3f}  "
+          f"({scores.nuclei_pred} nuclei found; threshold {config.threshold:.2f}). Figure: {out}")
     return 0
 
 

@@ -17,32 +17,22 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "example_prediction.png"))
     args = parser.parse_args()
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    import unet_model_core as core
+    from unet_model_core import read_image
+    from unet_nuclei import plots, predict
+    from unet_nuclei.instances import Prediction
+    from unet_nuclei.tiling import predict_probabilities
 
-    model, config, info, run_dir = core.load_run(args.model)
-    inputs, _ = core.validation_inputs(info)
-    images = [core.read_image(item.image_path) for item in inputs]
+    model, config, info, run_dir = predict.load_run(args.model)
+    inputs, _ = predict.validation_inputs(info)
+    images = [read_image(item.image_path) for item in inputs]
     # One dark-background (fluorescence) and one bright-background (stained) image, if the split has both.
     order = np.argsort([np.median(image) for image in images])
     picks = [order[0], order[-1]] if np.median(images[order[-1]]) > 100 else list(order[:2])
-    fig, axes = plt.subplots(len(picks), 2, figsize=(8, 4 * len(picks)), squeeze=False)
-    for row, index in zip(axes, picks):
-        image = images[index]
-        probability, _ = core.predict_mask(model, image, config)
-        labels = core.label_instances(probability, config.threshold, config.min_nucleus_size)
-        row[0].imshow(image)
-        row[0].set_title(f"input {image.shape[1]}x{image.shape[0]}")
-        row[1].imshow(core.draw_outlines(image, labels))
-        row[1].set_title(f"predicted outlines: {core.count_instances(labels)} nuclei")
-        for ax in row:
-            ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=72)
+    shown = [Prediction.from_probability(inputs[i].name, images[i], predict_probabilities(model, images[i], config),
+                                         config.threshold, config.min_nucleus_size) for i in picks]
+    plots.save(plots.outline_pairs(shown), args.out, dpi=72)
     print(f"wrote {args.out} from {run_dir}")
     return 0
 

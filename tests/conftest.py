@@ -1,4 +1,6 @@
 """Shared test set-up: CPU only, quiet TensorFlow, the repository root importable."""
+import contextlib
+import io
 import os
 import sys
 from pathlib import Path
@@ -25,18 +27,33 @@ def run_script(script: str, *args: str, cwd, timeout: int = 600) -> subprocess.C
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """A small DSB-layout folder written by the project's own generator (small images, fast)."""
-    import synthetic_nuclei
+    from unet_nuclei import synthetic
 
     folder = tmp_path_factory.mktemp("data") / "tiny"
-    synthetic_nuclei.write_synthetic_dataset(folder, num_images=6, seed=3, sizes=[(96, 96), (128, 160)],
-                                             progress=False)
+    synthetic.write_synthetic_dataset(folder, num_images=6, seed=3, sizes=[(96, 96), (128, 160)], progress=False)
     return folder
+
+
+def run_main(module, *argv: str) -> tuple[int, str, str]:
+    """Call a script's ``main(argv)`` in this process; returns ``(status, stdout, stderr)``.  A usage
+    error (argparse's SystemExit) counts as its exit status."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = module.main(list(argv))
+        except SystemExit as exit_:
+            status = exit_.code
+    return status, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory, tiny_dataset):
-    """One quick training run (Train.py --quick), shared by the tests that only read it."""
+    """One quick training run (``Train.py --quick``, in this process), shared by the tests that only read
+    it.  Returns ``(work folder, run folder, stdout)``."""
+    import Train
+
     work = tmp_path_factory.mktemp("work")
-    result = run_script("Train.py", "--quick", "--data", str(tiny_dataset), "--name", "first", cwd=work)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return work, work / "runs" / "first", result
+    status, out, err = run_main(Train, "--quick", "--data", str(tiny_dataset), "--name", "first",
+                                "--runs-dir", str(work / "runs"))
+    assert status == 0, out + err
+    return work, work / "runs" / "first", out

@@ -8,16 +8,17 @@ import cv2
 import numpy as np
 import pytest
 
-from unet_model_core import (
+from rle import rle_decode, rle_encode
+from unet_nuclei.instances import (
     DSB_IOU_THRESHOLDS,
+    Prediction,
     binary_dice_iou,
+    choose_threshold,
     count_instances,
     draw_outlines,
     dsb_score,
     instance_iou_matrix,
     label_instances,
-    rle_decode,
-    rle_encode,
     rle_rows,
 )
 
@@ -360,6 +361,38 @@ def test_empty_map_and_bad_input():
     assert labels.dtype == np.int32 and not labels.any()
     with pytest.raises(ValueError, match="2-D"):
         label_instances(np.zeros((4, 4, 1), np.float32))
+
+
+# ----------------------------------------------------------------------------------------------------
+# choose_threshold and Prediction
+# ----------------------------------------------------------------------------------------------------
+
+def test_choose_threshold_picks_the_best_dsb_score():
+    # A disc predicted at 0.9 inside a halo at 0.4: above 0.4 the prediction is exactly the truth (DSB 1);
+    # at 0.3 the halo joins it and the one predicted nucleus is more than twice the true one (DSB 0).
+    truth = (_discs((60, 60), (30, 30, 10)) > 0).astype(np.int32)
+    probability = np.where(truth > 0, 0.9, 0.0).astype(np.float32)
+    probability[(_discs((60, 60), (30, 30, 17)) > 0) & (truth == 0)] = 0.4
+    threshold, mean, per_image = choose_threshold([truth, truth], [probability, probability], min_size=5,
+                                                  thresholds=[0.3, 0.5, 0.7])
+    assert threshold == 0.5  # 0.5 and 0.7 tie on both scores: the first one wins
+    assert mean == {"dice": 1.0, "iou": 1.0, "dsb_score": 1.0}
+    assert [s.nuclei_pred for s in per_image] == [1, 1]
+    _, worse, _ = choose_threshold([truth], [probability], min_size=5, thresholds=[0.3])
+    assert worse["dsb_score"] == 0.0 and worse["iou"] == pytest.approx(np.pi * 100 / (np.pi * 289), abs=0.05)
+
+
+def test_prediction_labels_once_and_scores_against_the_truth():
+    probability = _discs((50, 60), (15, 20, 8), (45, 30, 6))
+    truth = label_instances(probability, min_size=1)
+    image = np.zeros((50, 60, 3), np.uint8)
+    p = Prediction.from_probability("a", image, probability, 0.5, 10, truth)
+    assert (p.name, p.height, p.width, p.count) == ("a", 50, 60, 2)
+    assert p.scores.dsb_score == 1.0 and p.scores.nuclei_true == p.scores.nuclei_pred == 2
+    summary = p.summary()
+    assert summary.image is summary.labels is summary.probability is summary.truth_labels is None
+    assert (summary.count, summary.scores) == (2, p.scores)
+    assert Prediction.from_probability("b", image, probability, 0.5, 10).scores is None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""Predict_mask.py as a user runs it, and the full-resolution inference it rests on."""
+"""Predict_mask.py, and the full-resolution inference it rests on.
+
+The flags and errors go through ``Predict_mask.main(argv)`` in this process; one real subprocess run
+checks the script as a user runs it."""
 import csv
 import json
 
@@ -6,9 +9,11 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import run_script
-
+import Predict_mask
 import unet_model_core as core
+from conftest import run_main, run_script
+from rle import rle_decode
+from unet_nuclei import predict, tiling, training
 
 
 def write_kinds(folder):
@@ -22,6 +27,7 @@ def write_kinds(folder):
     return {"grey": (67, 91), "rgba": (101, 77), "deep": (129, 65), "photo": (75, 203)}
 
 
+@pytest.mark.slow
 def test_masks_match_every_input_size_and_kind_and_bad_files_are_skipped(quick_run, tmp_path):
     work, run, _ = quick_run
     sizes = write_kinds(tmp_path / "in")
@@ -43,9 +49,9 @@ def test_masks_match_every_input_size_and_kind_and_bad_files_are_skipped(quick_r
 def test_labels_rle_and_scores_on_a_dsb_folder(quick_run, tiny_dataset, tmp_path):
     work, run, _ = quick_run
     out = tmp_path / "out"
-    result = run_script("Predict_mask.py", str(tiny_dataset), "--model", "first", "--out", str(out), "--labels",
-                        "--rle", str(tmp_path / "sub.csv"), cwd=work)
-    assert result.returncode == 0, result.stderr
+    status, stdout, stderr = run_main(Predict_mask, str(tiny_dataset), "--model", "first", "--out", str(out),
+                                      "--labels", "--rle", str(tmp_path / "sub.csv"), "--runs-dir", str(work / "runs"))
+    assert status == 0, stderr
     ids = sorted(p.name for p in tiny_dataset.iterdir())
     with open(tmp_path / "sub.csv") as handle:
         rows = list(csv.reader(handle))
@@ -57,19 +63,19 @@ def test_labels_rle_and_scores_on_a_dsb_folder(quick_run, tiny_dataset, tmp_path
         count = len(np.unique(labels)) - 1
         assert len(encoded) == max(count, 1)
         # Decoding the CSV gives back exactly the labelled nuclei.
-        decoded = sum((core.rle_decode(e, labels.shape) for e in encoded if e), np.zeros(labels.shape, np.uint8))
+        decoded = sum((rle_decode(e, labels.shape) for e in encoded if e), np.zeros(labels.shape, np.uint8))
         assert np.array_equal(decoded > 0, labels > 0) and decoded.max() <= 1
     scores = list(csv.reader(open(out / "scores.csv")))
     assert scores[0][-3:] == ["dice", "iou", "dsb_score"] and scores[-1][0] == "mean" and len(scores) == len(ids) + 2
-    assert "Mean over 6 scored images" in result.stdout
+    assert "Mean over 6 scored images" in stdout
 
 
 def test_no_argument_mode_predicts_the_validation_images(quick_run, tmp_path):
     work, run, _ = quick_run
-    result = run_script("Predict_mask.py", "--model", str(run), "--out", str(tmp_path / "val"), cwd=work)
-    assert result.returncode == 0, result.stderr
+    status, stdout, stderr = run_main(Predict_mask, "--model", str(run), "--out", str(tmp_path / "val"))
+    assert status == 0, stderr
     val_ids = json.loads((run / "config.json").read_text())["val_ids"]
-    assert f"predicting the {len(val_ids)} validation images" in result.stdout
+    assert f"predicting the {len(val_ids)} validation images" in stdout
     assert (tmp_path / "val" / "validation_predictions.png").is_file()
     assert all((tmp_path / "val" / f"{i}_mask.png").is_file() for i in val_ids)
 
@@ -80,22 +86,29 @@ def test_existing_outputs_are_not_overwritten(quick_run, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "grey_mask.png").write_bytes(b"the user's own file")
-    result = run_script("Predict_mask.py", str(tmp_path / "in" / "grey.png"), "--model", str(run), "--out", str(out),
-                        cwd=work)
-    assert result.returncode == 1 and "--overwrite" in result.stderr
+    status, _, stderr = run_main(Predict_mask, str(tmp_path / "in" / "grey.png"), "--model", str(run), "--out", str(out))
+    assert status == 1 and "--overwrite" in stderr
     assert (out / "grey_mask.png").read_bytes() == b"the user's own file"
 
 
-def test_no_run_and_foreign_models_get_clear_errors(tmp_path):
-    result = run_script("Predict_mask.py", "x.png", cwd=tmp_path)
-    assert result.returncode == 2 and "python Train.py" in result.stderr and "Traceback" not in result.stderr
+def test_no_run_and_foreign_models_get_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    status, _, stderr = run_main(Predict_mask, "x.png")
+    assert status == 2 and "python Train.py" in stderr
     import keras
     fake = tmp_path / "runs" / "fake"
     fake.mkdir(parents=True)
     keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]).save(fake / "model.keras")
     core.Config().to_json(fake / "config.json")
-    result = run_script("Predict_mask.py", "x.png", "--model", "fake", cwd=tmp_path)
-    assert result.returncode == 2 and "not a U-Net of this project" in result.stderr
+    status, _, stderr = run_main(Predict_mask, "x.png", "--model", "fake")
+    assert status == 2 and "not a U-Net of this project" in stderr
+
+
+def test_help_and_bad_flags():
+    status, stdout, _ = run_main(Predict_mask, "--help")
+    assert status == 0 and "--model" in stdout and "--rle" in stdout and "--truth" in stdout
+    status, _, stderr = run_main(Predict_mask, "--batch-size", "four")
+    assert status == 2 and "invalid int value" in stderr
 
 
 # --- Inference functions with a real (quickly trained) model -------------------------------------------
@@ -104,15 +117,15 @@ def test_no_run_and_foreign_models_get_clear_errors(tmp_path):
 @pytest.fixture(scope="module")
 def model_and_config(quick_run):
     _, run, _ = quick_run
-    model, config, _, _ = core.load_run(run)
+    model, config, _, _ = predict.load_run(run)
     return model, config
 
 
 def test_tiled_prediction_equals_one_forward_pass_on_an_image_that_fits_one_tile(model_and_config):
     model, config = model_and_config
     image = np.random.default_rng(1).integers(0, 255, (70, 90, 3)).astype(np.uint8)
-    tiled = core.predict_probabilities(model, image, config)
-    size, out_size, margin = core.tile_geometry(model, config, image.shape[:2])
+    tiled = tiling.predict_probabilities(model, image, config)
+    size, out_size, margin = tiling.tile_geometry(model, config, image.shape[:2])
     tile_h, tile_w = (size, size) if np.ndim(size) == 0 else size  # tiles are shaped to the image
     assert tile_h - 2 * margin >= 70 and tile_w - 2 * margin >= 90  # one tile covers the image
     # The same thing done by hand: mirror the image out to one tile, one forward pass, crop.
@@ -125,15 +138,15 @@ def test_tiled_prediction_has_no_visible_seams(model_and_config):
     model, config = model_and_config
     rng = np.random.default_rng(2)
     image = cv2.GaussianBlur(rng.integers(0, 255, (300, 300, 3)).astype(np.uint8), (0, 0), 3)
-    small_tiles = core.predict_probabilities(model, image, config, tile_size=96)
-    one_tile = core.predict_probabilities(model, image, config, tile_size=352)
-    size, out_size, margin = core.tile_geometry(model, config, image.shape[:2], 96)
-    assert size == 96 and core.tile_geometry(model, config, image.shape[:2], 352)[1] >= 300  # one tile covers all
+    small_tiles = tiling.predict_probabilities(model, image, config, tile_size=96)
+    one_tile = tiling.predict_probabilities(model, image, config, tile_size=352)
+    size, out_size, margin = tiling.tile_geometry(model, config, image.shape[:2], 96)
+    assert size == 96 and tiling.tile_geometry(model, config, image.shape[:2], 352)[1] >= 300  # one tile covers all
     # Differences come only from the context each pixel sees; they must be small, and no larger on the
     # tile borders than in the tile interiors (no seams).
     difference = np.abs(small_tiles - one_tile)
     assert difference.max() < 0.1
-    starts = core.tile_positions(300, out_size, 0 if config.tile_overlap == 0 else out_size // 8)
+    starts = tiling.tile_positions(300, out_size, 0 if config.tile_overlap == 0 else out_size // 8)
     borders = sorted({p for s in starts[1:] for p in (s, s + 1)})
     interior = [p for p in range(300) if all(abs(p - b) > 8 for b in borders)]
     column_difference = difference.mean(axis=0)
@@ -142,6 +155,6 @@ def test_tiled_prediction_has_no_visible_seams(model_and_config):
 
 def test_resize_mode_predicts_at_the_input_size():
     config = core.Config(sampling="resize", image_size=32, channels=(4, 8))
-    model = core.export_inference_model(core.build_unet_from_config(config), config)
-    probability, mask = core.predict_mask(model, np.zeros((45, 71, 3), np.uint8), config)
+    model = training.export_inference_model(core.build_unet_from_config(config), config)
+    probability, mask = tiling.predict_mask(model, np.zeros((45, 71, 3), np.uint8), config)
     assert probability.shape == mask.shape == (45, 71)

@@ -1,4 +1,6 @@
-"""Project-level promises: a silent import, and CI running exactly the README's test command."""
+"""Project-level promises: a silent import, imports running one way, small modules, and CI running
+exactly the README's test command."""
+import ast
 import os
 import re
 import subprocess
@@ -14,6 +16,31 @@ def test_importing_the_core_prints_nothing_and_writes_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def imported_modules(path):
+    """The top-level names of the modules a Python file imports."""
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_imports_run_one_way_from_the_package_to_the_core():
+    project = {"unet_nuclei", "Train", "Predict_mask", "synthetic_nuclei"}
+    assert not imported_modules(ROOT / "unet_model_core.py") & project
+    for module in (ROOT / "unet_nuclei").glob("*.py"):
+        assert not imported_modules(module) & {"Train", "Predict_mask"}, module.name
+
+
+def test_modules_stay_small_enough_to_hold_in_mind():
+    assert len((ROOT / "unet_model_core.py").read_text().splitlines()) <= 1000
+    for module in (ROOT / "unet_nuclei").glob("*.py"):
+        assert len(module.read_text().splitlines()) <= 500, module.name
 
 
 def test_ci_runs_exactly_the_readme_test_command():

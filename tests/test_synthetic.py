@@ -1,4 +1,4 @@
-"""Tests of the built-in synthetic nuclei dataset generator (synthetic_nuclei.py)."""
+"""Tests of the built-in synthetic nuclei dataset generator (unet_nuclei/synthetic.py)."""
 
 import os
 import subprocess
@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import synthetic_nuclei  # noqa: E402
-from synthetic_nuclei import MODALITY_WEIGHTS, generate_sample, write_synthetic_dataset  # noqa: E402
+from unet_nuclei import synthetic  # noqa: E402
+from unet_nuclei.synthetic import MODALITY_WEIGHTS, generate_sample, write_synthetic_dataset  # noqa: E402
 
 SMALL_SIZES = [(64, 64), (48, 80), (96, 96)]
 MODALITIES = sorted(MODALITY_WEIGHTS)
@@ -71,12 +71,12 @@ def test_layout_matches_dsb_stage1_train(dataset):
 
 
 def test_modality_mix_follows_weights_and_covers_all():
-    mix = synthetic_nuclei._modality_sequence(64, 0)
+    mix = synthetic._modality_sequence(64, 0)
     counts = {m: mix.count(m) for m in MODALITIES}
     assert counts == {"fluorescence": 51, "histology": 10, "brightfield": 3}
-    assert synthetic_nuclei._modality_sequence(64, 0) == mix
-    assert synthetic_nuclei._modality_sequence(64, 1) != mix
-    assert set(synthetic_nuclei._modality_sequence(6, 0)) == set(MODALITIES)
+    assert synthetic._modality_sequence(64, 0) == mix
+    assert synthetic._modality_sequence(64, 1) != mix
+    assert set(synthetic._modality_sequence(6, 0)) == set(MODALITIES)
 
 
 @pytest.mark.parametrize("modality", MODALITIES)
@@ -148,7 +148,7 @@ def test_bad_arguments_raise_value_error(call):
 
 def test_import_is_silent_and_does_not_load_keras():
     code = (
-        "import sys, synthetic_nuclei; "
+        "import sys, unet_nuclei.synthetic; "
         "print(sorted(m for m in sys.modules if m.startswith(('tensorflow', 'keras'))))"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

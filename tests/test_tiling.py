@@ -1,4 +1,4 @@
-"""Tests for the overlap-tile prediction helpers in unet_model_core.py (section 7).
+"""Tests for the overlap-tile prediction helpers in unet_nuclei/tiling.py.
 
 The "models" here are small NumPy functions whose full-image result is known,
 so the tiled result can be compared against it directly.
@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from unet_model_core import blend_window, predict_tiled, tile_positions
+from unet_nuclei.tiling import blend_window, predict_tiled, tile_positions
 
 
 RNG_SEED = 1234

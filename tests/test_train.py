@@ -1,12 +1,17 @@
-"""Train.py run as a user runs it, on a tiny generated dataset in quick mode."""
+"""Train.py and the training steps behind it, on a tiny generated dataset in quick mode.
+
+The flags and errors go through ``Train.main(argv)`` in this process; one real subprocess run (on two
+logical CPU devices, which only a fresh process can set up) checks the script as a user runs it."""
 import hashlib
 import json
 import math
 import subprocess
 import sys
 
+import pytest
 
-from conftest import run_script
+import Train
+from conftest import run_main, run_script
 
 RUN_FILES = ("model.keras", "config.json", "history.csv", "training_curves.png", "val_predictions.png")
 
@@ -16,89 +21,119 @@ def digest(folder):
 
 
 def test_a_run_directory_has_every_file_and_a_report(quick_run):
-    work, run, result = quick_run
+    work, run, out = quick_run
     for name in RUN_FILES:
         assert (run / name).is_file(), name
     assert (work / "runs" / "latest").read_text().strip() == "first"
     config = json.loads((run / "config.json").read_text())
     assert config["val_ids"] and 0 < config["threshold"] < 1 and config["sampling"] == "patch"
     assert set(config["val_scores"]) == {"dice", "iou", "dsb_score"}
-    out = result.stdout
+    assert [row["id"] for row in config["val_scores_per_image"]] == config["val_ids"]
+    assert config["best_epoch"] == 1 and config["train_seconds"] > 0
     assert "Configuration:" in out and "Data: using" in out  # resolved config and data source are shown
-    assert "Dice" in out and "IoU" in out and "DSB score" in out and str(run.relative_to(work)) in out
+    assert "Dice" in out and "IoU" in out and "DSB score" in out and str(run) in out
 
 
-def test_the_saved_model_loads_with_plain_keras_in_a_fresh_process(quick_run):
-    _, run, _ = quick_run
-    # No import of the project here at all: the model file alone must be enough.
-    code = ("import sys, numpy as np, keras; m = keras.saving.load_model(sys.argv[1]); "
-            "print(m.predict(np.zeros((1, 64, 96, 3), 'float32'), verbose=0).shape)")
-    result = subprocess.run([sys.executable, "-c", code, str(run / "model.keras")], capture_output=True,
-                            text=True, timeout=300, cwd=run)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("(1, 64, 96, 1)")
+def test_new_run_dir_never_reuses_an_existing_folder(tmp_path):
+    from unet_nuclei import training
 
-
-def test_a_second_run_never_touches_the_first(quick_run, tiny_dataset):
-    work, first, _ = quick_run
+    first = training.new_run_dir(tmp_path, "first")
+    (first / "model.keras").write_bytes(b"the first run's model")
     before = digest(first)
-    result = run_script("Train.py", "--quick", "--data", str(tiny_dataset), "--name", "first", cwd=work)
-    assert result.returncode == 0, result.stderr
+    second = training.new_run_dir(tmp_path, "first")  # same name asked for: a suffix, not an overwrite
+    assert second == tmp_path / "first-2" and second.is_dir() and not any(second.iterdir())
+    assert training.new_run_dir(tmp_path, "first") == tmp_path / "first-3"
     assert digest(first) == before
-    second = work / "runs" / "first-2"  # same name asked for: a suffix, not an overwrite
-    assert (second / "model.keras").is_file()
-    assert (work / "runs" / "latest").read_text().strip() == "first-2"
+    dated = training.new_run_dir(tmp_path)
+    assert dated.parent == tmp_path and dated.name[:8].isdigit()
+    for bad in ("latest", "..", "a/b"):
+        with pytest.raises(ValueError, match="plain folder name"):
+            training.new_run_dir(tmp_path, bad)
 
 
 def test_resume_continues_from_the_saved_epoch(tmp_path, tiny_dataset):
-    result = run_script("Train.py", "--quick", "--data", str(tiny_dataset), "--name", "r", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    runs = str(tmp_path / "runs")
+    status, out, err = run_main(Train, "--quick", "--data", str(tiny_dataset), "--name", "r", "--runs-dir", runs)
+    assert status == 0, out + err
     run = tmp_path / "runs" / "r"
     assert json.loads((run / "state.json").read_text())["epoch"] == 1
-    result = run_script("Train.py", "--resume", "r", "--epochs", "3", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "Resuming" in result.stdout and "after epoch 1 of 3" in result.stdout
+    status, out, err = run_main(Train, "--resume", "r", "--epochs", "3", "--runs-dir", runs)
+    assert status == 0, out + err
+    assert "Resuming" in out and "after epoch 1 of 3" in out
     assert json.loads((run / "state.json").read_text())["epoch"] == 3
     history = (run / "history.csv").read_text().splitlines()
     assert history[0].startswith("epoch") and [row.split(",")[0] for row in history[1:]] == ["0", "1", "2"]
 
 
-def test_a_missing_data_path_is_an_error_not_a_fallback(tmp_path):
-    result = run_script("Train.py", "--quick", "--data", "no/such/folder", cwd=tmp_path)
-    assert result.returncode != 0
-    assert "no such folder" in result.stderr and "Traceback" not in result.stderr
+def test_finalize_chooses_post_processing_again_without_training(quick_run, tmp_path):
+    import shutil
+
+    from unet_nuclei import training
+
+    _, run, _ = quick_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    before = json.loads((copy / "config.json").read_text())
+    model_before = digest(copy)["model.keras"]
+    result = training.finalize(copy, thresholds=[0.35], min_size=3, progress=False, verbose=0)
+    after = json.loads((copy / "config.json").read_text())
+    assert result.threshold == after["threshold"] == 0.35 and after["min_nucleus_size"] == 3
+    assert after["val_ids"] == before["val_ids"] and after["best_epoch"] == before["best_epoch"]
+    assert set(after["val_scores"]) == {"dice", "iou", "dsb_score"} and result.scores == after["val_scores"]
+    assert digest(copy)["model.keras"] == model_before  # the model is untouched
+
+
+def test_a_missing_data_path_is_an_error_not_a_fallback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_main(Train, "--quick", "--data", "no/such/folder")
+    assert status == 2 and "no such folder" in err
     assert not (tmp_path / "dataset").exists()  # it did not quietly generate the sample instead
 
 
-def test_bad_flag_values_get_a_clear_message(tmp_path):
-    result = run_script("Train.py", "--quick", "--image-size", "90", cwd=tmp_path)  # quick: depth 2, multiples of 4
-    assert result.returncode == 2 and "nearest sizes that work" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_bad_flag_values_get_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_main(Train, "--quick", "--image-size", "90")  # quick: depth 2, multiples of 4
+    assert status == 2 and "nearest sizes that work" in err
+    status, out, err = run_main(Train, "--epochs", "many")
+    assert status == 2 and "invalid int value" in err
 
 
-def test_two_logical_cpu_devices_train_data_parallel(tmp_path, tiny_dataset):
-    result = run_script("Train.py", "--quick", "--data", str(tiny_dataset), "--cpu-devices", "2", "--name", "dp",
-                        cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    config = json.loads((tmp_path / "runs" / "dp" / "config.json").read_text())
-    assert config["replicas"] == 2
-    assert "2 device(s)" in result.stdout
-
-
-def test_help_documents_every_flag(tmp_path):
-    result = run_script("Train.py", "--help", cwd=tmp_path)
-    assert result.returncode == 0
+def test_help_documents_every_flag():
+    status, out, _ = run_main(Train, "--help")
+    assert status == 0
     for flag in ("--data", "--epochs", "--batch-size", "--image-size", "--sampling", "--val-size", "--lr", "--loss",
                  "--channels", "--padding", "--no-augment", "--seed", "--runs-dir", "--name", "--resume", "--quick",
                  "--mixed-precision", "--xla", "--cpu-devices"):
-        assert flag in result.stdout, flag
+        assert flag in out, flag
+
+
+@pytest.mark.slow
+def test_the_script_trains_data_parallel_and_its_model_loads_with_plain_keras(tmp_path, tiny_dataset):
+    # The one real run of the script: a fresh process, so it can split the CPU into two logical devices.
+    result = run_script("Train.py", "--quick", "--data", str(tiny_dataset), "--cpu-devices", "2", "--name", "dp",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = tmp_path / "runs" / "dp"
+    for name in RUN_FILES:
+        assert (run / name).is_file(), name
+    assert (tmp_path / "runs" / "latest").read_text().strip() == "dp"
+    assert json.loads((run / "config.json").read_text())["replicas"] == 2
+    assert "2 device(s)" in result.stdout and "Predict with: python Predict_mask.py" in result.stdout
+    # No import of the project here at all: the model file alone must be enough.
+    code = ("import sys, numpy as np, keras; m = keras.saving.load_model(sys.argv[1]); "
+            "print(m.predict(np.zeros((1, 64, 96, 3), 'float32'), verbose=0).shape)")
+    loaded = subprocess.run([sys.executable, "-c", code, str(run / "model.keras")], capture_output=True,
+                            text=True, timeout=300, cwd=run)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip().endswith("(1, 64, 96, 1)")
 
 
 def test_nan_loss_stops_training_with_a_message():
     import keras
-    import unet_model_core as core
 
-    guard = core.StopOnNaN()
+    from unet_nuclei import training
+
+    guard = training.StopOnNaN()
     guard.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
     guard.model.stop_training = False  # as model.fit sets it before the first batch
     guard.on_epoch_begin(2)
@@ -110,14 +145,16 @@ def test_nan_loss_stops_training_with_a_message():
 
 def test_mixed_precision_model_keeps_a_float32_output():
     import keras
+
     import unet_model_core as core
+    from unet_nuclei import training
 
     try:
-        core.set_precision(True)
+        training.set_precision(True)
         model = core.build_unet((32, 32, 3), channels=(4, 8))
         assert model.get_layer("enc1_conv1").compute_dtype in ("bfloat16", "float16")
         assert model.output.dtype == "float32"
-        exported = core.export_inference_model(model, core.Config(image_size=32, channels=(4, 8)))
+        exported = training.export_inference_model(model, core.Config(image_size=32, channels=(4, 8)))
         assert exported.get_layer("enc1_conv1").compute_dtype == "float32"
     finally:
         keras.mixed_precision.set_global_policy("float32")

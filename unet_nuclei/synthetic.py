@@ -11,7 +11,8 @@ light background).  Every image gets one binary mask per nucleus::
 
 Nuclei are irregular ellipses drawn in their own small bounding box, placed by
 rejection sampling against a label image so that masks never overlap while
-nuclei may touch.  Importing this module does no work.
+nuclei may touch.  ``ensure_sample_dataset`` writes the project's built-in sample
+once and reuses it after.  Importing this module does no work.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -378,3 +380,19 @@ def write_synthetic_dataset(
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return sorted(ids)
+
+
+def sample_dataset_dir(num_images: int = 64, seed: int = 0, root="dataset") -> Path:
+    """Where the built-in synthetic sample of that size and seed lives (one folder per setting, so a
+    sample is never overwritten by another)."""
+    return Path(root) / f"synthetic_sample_{num_images}img_seed{seed}"
+
+
+def ensure_sample_dataset(num_images: int = 64, seed: int = 0, root="dataset", progress: bool = True) -> Path:
+    """Return the built-in synthetic sample's folder, generating it on first use and reusing it after."""
+    folder = sample_dataset_dir(num_images, seed, root)
+    if folder.is_dir() and any(folder.iterdir()):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    write_synthetic_dataset(folder, num_images=num_images, seed=seed, progress=progress)
+    return folder

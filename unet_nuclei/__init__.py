@@ -1,0 +1,12 @@
+"""The machinery around the U-Net of ``unet_model_core``, one module per job:
+
+    training   run folders, callbacks, devices, and ``train`` = ``open_run`` + ``fit`` + ``finalize``
+    tiling     overlap-tile prediction at full resolution (NumPy plus a predict callable)
+    instances  probability -> labelled nuclei, the DSB-2018 score, Dice/IoU, run-length rows, outlines
+    predict    prediction on files: load a run, predict one input, write its outputs and scores
+    plots      every figure, drawn on ``matplotlib.figure.Figure`` (no pyplot state)
+    synthetic  the built-in synthetic nuclei sample in the DSB-2018 layout
+
+Imports run one way: these modules import ``unet_model_core``, never the reverse.  Importing the
+package does no work; import the module you need (``from unet_nuclei import training``).
+"""

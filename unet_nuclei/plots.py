@@ -1,0 +1,78 @@
+"""The project's figures: training curves and predictions beside their ground truth.
+
+Every figure is a ``matplotlib.figure.Figure`` made without pyplot, so drawing one never touches
+pyplot's global state or the backend: a notebook keeps showing its own figures inline after training
+has saved these.  ``save`` writes a figure to a PNG; in a notebook, ``display(figure)`` shows it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from unet_nuclei.instances import Prediction, draw_outlines
+
+
+def save(figure: Figure, path, dpi: int = 100) -> Path:
+    """Write ``figure`` as a PNG to ``path`` and return the path."""
+    figure.savefig(path, dpi=dpi)
+    return Path(path)
+
+
+def training_curves(history: dict) -> Figure:
+    """Loss and Dice/IoU per epoch, training against validation (``history``: history.csv's columns)."""
+    epochs = [e + 1 for e in history.get("epoch", [])]
+    figure = Figure(figsize=(11, 4), layout="tight")
+    loss_axes, score_axes = figure.subplots(1, 2)
+    for key, style in (("loss", "-"), ("val_loss", "--")):
+        if key in history:
+            loss_axes.plot(epochs, history[key], style, marker="o", label=key)
+    for key, style in (("dice", "-"), ("val_dice", "--"), ("iou", "-"), ("val_iou", "--")):
+        if key in history:
+            score_axes.plot(epochs, history[key], style, marker="o", label=key)
+    loss_axes.set(title="Loss", xlabel="epoch")
+    score_axes.set(title="Dice and IoU (threshold 0.5)", xlabel="epoch", ylim=(0, 1))
+    for axes in (loss_axes, score_axes):
+        axes.grid(alpha=0.3)
+        axes.legend()
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    return figure
+
+
+def prediction_grid(predictions: Sequence[Prediction], max_images: int = 6) -> Figure:
+    """Image, ground truth (or the probability map when there is none) and predicted outlines with
+    their scores, one row per prediction.  The predictions must still hold their arrays."""
+    shown = list(predictions)[:max_images]
+    figure = Figure(figsize=(12, 4 * len(shown)), layout="tight")
+    for row, p in zip(figure.subplots(len(shown), 3, squeeze=False), shown):
+        row[0].imshow(p.image)
+        row[0].set_title(f"{p.name}  {p.width}x{p.height}")
+        if p.truth_labels is not None:
+            row[1].imshow(draw_outlines(p.image, p.truth_labels, color=(0, 255, 0)))
+            row[1].set_title(f"ground truth: {p.scores.nuclei_true} nuclei")
+        else:
+            row[1].imshow(p.probability, cmap="magma", vmin=0, vmax=1)
+            row[1].set_title("probability")
+        row[2].imshow(draw_outlines(p.image, p.labels))
+        title = f"prediction: {p.count} nuclei"
+        if p.scores is not None:
+            title += f"  Dice {p.scores.dice:.2f}  IoU {p.scores.iou:.2f}  DSB {p.scores.dsb_score:.2f}"
+        row[2].set_title(title)
+        for axes in row:
+            axes.axis("off")
+    return figure
+
+
+def outline_pairs(predictions: Sequence[Prediction]) -> Figure:
+    """Each input beside its predicted outlines and nuclei count, one row per prediction."""
+    figure = Figure(figsize=(8, 4 * len(predictions)), layout="tight")
+    for row, p in zip(figure.subplots(len(predictions), 2, squeeze=False), predictions):
+        row[0].imshow(p.image)
+        row[0].set_title(f"input {p.width}x{p.height}")
+        row[1].imshow(draw_outlines(p.image, p.labels))
+        row[1].set_title(f"predicted outlines: {p.count} nuclei")
+        for axes in row:
+            axes.axis("off")
+    return figure

@@ -1,0 +1,205 @@
+"""Prediction on files: load a run, collect the images to predict, predict one input and write its
+outputs, and the scores table.  This is what ``Predict_mask.py`` and the notebook call.
+
+For each input ``<stem>.<ext>`` the outputs are ``<stem>_mask.png`` (uint8 0/255, the input's exact
+height and width), ``<stem>_overlay.png`` (outlines on the image) and, on request, ``<stem>_labels.png``
+(16-bit instances).  No existing file is replaced unless ``overwrite`` is set.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import keras
+import numpy as np
+from tqdm.auto import tqdm
+
+from unet_model_core import (NOT_A_SAMPLE_REASON, STRAY_REASON, Config, DataError, Sample, find_samples,
+                             is_image_file, is_stray, mask_stem, read_image, read_instance_labels)
+from unet_nuclei.instances import SCORE_KEYS, Prediction, draw_outlines, mean_scores
+from unet_nuclei.tiling import predict_probabilities
+from unet_nuclei.training import DEFAULT_RUNS_DIR, MODEL_FILE, find_run, read_run_config, validation_samples
+
+
+class ModelError(ValueError):
+    """A model file that cannot be used for prediction (unreadable, or not a U-Net of this project)."""
+
+
+def load_run(run_or_file=None, runs_root=DEFAULT_RUNS_DIR) -> tuple[keras.Model, Config, dict, Path]:
+    """Load a run's model and its config: the newest run by default, or a run name, folder or model file.
+
+    Returns ``(model, config, run_info, run_dir)``; ``run_info`` is the whole config.json (threshold,
+    validation ids, scores).  Architecture and preprocessing come from the run, never from flags.
+    """
+    run_dir = find_run(run_or_file, runs_root)
+    model_path = Path(run_or_file) if run_or_file and Path(run_or_file).is_file() else run_dir / MODEL_FILE
+    config, info = read_run_config(run_dir)
+    model = load_unet(model_path)
+    return model, config, info, run_dir
+
+
+def load_unet(path) -> keras.Model:
+    """Load a ``.keras`` file and check that it is a U-Net of this project (clear error otherwise)."""
+    path = Path(path)
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as error:  # Keras raises many types for a bad file; all mean "cannot use this file".
+        raise ModelError(f"{path}: cannot be loaded as a Keras model ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''})") from error
+    names = {layer.name for layer in getattr(model, "layers", [])}
+    if not {"rescale", "enc1_conv1", "probabilities"} <= names:
+        raise ModelError(f"{path}: this Keras model is not a U-Net of this project (it lacks the "
+                         f"'rescale', 'enc1_conv1' and 'probabilities' layers). Use a model.keras "
+                         f"written by Train.py")
+    return model
+
+
+@dataclasses.dataclass
+class PredictionInput:
+    """One image to predict, with its ground truth when known (masks files or a truth mask)."""
+
+    name: str  # the output stem
+    image_path: Path
+    truth: Sample | None = None
+
+
+def collect_inputs(paths: Sequence, truth_dir=None) -> tuple[list[PredictionInput], list[tuple[str, str]]]:
+    """Expand image files and folders into the images to predict.
+
+    A folder may be plain (its image files), in the DSB layout (``<id>/images/<id>.png``, with ``masks/``
+    used as ground truth), or hold ``images/`` and ``masks/``.  ``truth_dir`` adds ground truth by name:
+    the DSB layout, ``images``/``masks`` pairs, or a flat folder of ``<stem>.png`` / ``<stem>_mask.png``.
+    Returns ``(inputs, problems)``; paths that do not exist are problems, not exceptions."""
+    inputs, problems = [], []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            inputs.append(PredictionInput(path.stem, path))
+        elif path.is_dir():
+            try:
+                samples, skipped = find_samples(path, require_masks=False)
+                inputs.extend(PredictionInput(s.sample_id, s.image_path, s if s.mask_paths else None) for s in samples)
+                problems.extend(p for p in skipped if p[1] not in (STRAY_REASON, NOT_A_SAMPLE_REASON))
+            except DataError:
+                files = [p for p in sorted(path.iterdir()) if p.is_file() and not is_stray(p)]
+                if not files:
+                    problems.append((str(path), "folder holds no image"))
+                inputs.extend(PredictionInput(p.stem, p) for p in files)
+        else:
+            problems.append((str(path), "no such file or folder"))
+    if truth_dir is not None:
+        truth = _truth_index(Path(truth_dir))
+        inputs = [dataclasses.replace(item, truth=truth.get(item.name, item.truth)) for item in inputs]
+    # Two inputs with the same stem would write the same output files: number the later ones.
+    seen: dict[str, int] = {}
+    for index, item in enumerate(inputs):
+        count = seen.get(item.name, 0)
+        seen[item.name] = count + 1
+        if count:
+            inputs[index] = dataclasses.replace(item, name=f"{item.name}-{count + 1}")
+    return inputs, problems
+
+
+def _truth_index(folder: Path) -> dict[str, Sample]:
+    if not folder.is_dir():
+        raise DataError(f"--truth {folder}: no such folder")
+    try:
+        samples, _ = find_samples(folder, require_masks=True)
+        return {s.sample_id: s for s in samples}
+    except DataError:
+        index = {}
+        for path in sorted(folder.iterdir()):
+            if is_image_file(path):
+                index[mask_stem(path)] = Sample(mask_stem(path), path, (path,), "pairs")
+        if not index:
+            raise DataError(f"--truth {folder}: no masks found (expected the DSB layout, images/ + masks/, "
+                            f"or files named <image stem>.png or <image stem>_mask.png)") from None
+        return index
+
+
+def truth_labels(sample: Sample, shape: tuple[int, int]) -> np.ndarray:
+    """Ground-truth instance labels of a PredictionInput's truth, checked against the image size."""
+    return read_instance_labels(sample.mask_paths, shape, sample.layout).astype(np.int32)
+
+
+def _refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
+
+
+def write_png(path: Path, image: np.ndarray, overwrite: bool = False) -> None:
+    """Write a PNG (RGB images converted to OpenCV's BGR), refusing to replace a file unless asked."""
+    _refuse_existing(path, overwrite)
+    data = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
+    ok, encoded = cv2.imencode(".png", data)
+    if not ok:
+        raise OSError(f"could not encode {path}")
+    encoded.tofile(str(path))
+
+
+def unique_path(path) -> Path:
+    """``path`` if it is free, else the same name with -2, -3, ... (so nothing is overwritten)."""
+    path = Path(path)
+    candidate, index = path, 2
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{index}{path.suffix}")
+        index += 1
+    return candidate
+
+
+def predict_input(model: keras.Model, config: Config, item: PredictionInput, out_dir, labels: bool = False,
+                  overwrite: bool = False, tile_size: int | None = None, batch_size: int = 4,
+                  progress: bool = True) -> Prediction:
+    """Predict one image file and write ``<name>_mask.png`` and ``<name>_overlay.png`` (and, with
+    ``labels``, ``<name>_labels.png``, 16-bit) into ``out_dir``.  Returns the ``Prediction``, scored when
+    the input has ground truth.  Raises DataError for an unreadable image or truth, FileExistsError
+    before writing anything when an output exists and ``overwrite`` is off."""
+    out_dir = Path(out_dir)
+    targets = {"mask": out_dir / f"{item.name}_mask.png", "overlay": out_dir / f"{item.name}_overlay.png"}
+    if labels:
+        targets["labels"] = out_dir / f"{item.name}_labels.png"
+    for path in targets.values():
+        if path.resolve() == Path(item.image_path).resolve():
+            raise FileExistsError(f"{path} is the input image itself; choose another --out")
+        _refuse_existing(path, overwrite)  # before the prediction, so a refused image costs nothing
+    image = read_image(item.image_path)
+    height, width = image.shape[:2]
+    truth = truth_labels(item.truth, (height, width)) if item.truth is not None else None
+    bar = tqdm(desc=f"{item.name} tiles", unit="tile", leave=False, disable=not progress or height * width < 2**21)
+
+    def on_progress(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    probability = predict_probabilities(model, image, config, tile_size=tile_size, batch_size=batch_size,
+                                        progress=on_progress)
+    bar.close()
+    prediction = Prediction.from_probability(item.name, image, probability, config.threshold,
+                                             config.min_nucleus_size, truth)
+    write_png(targets["mask"], (probability > config.threshold).astype(np.uint8) * 255, overwrite)
+    write_png(targets["overlay"], draw_outlines(image, prediction.labels), overwrite)
+    if labels:
+        write_png(targets["labels"], prediction.labels.astype(np.uint16), overwrite)
+    return prediction
+
+
+def write_scores(predictions: Sequence[Prediction], path) -> dict:
+    """Per-image Dice, IoU and DSB score of scored predictions, and their mean, as a CSV; returns the means."""
+    means = mean_scores([p.scores for p in predictions])
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "width", "height", "nuclei_true", "nuclei_pred", *SCORE_KEYS])
+        for p in predictions:
+            writer.writerow([p.name, p.width, p.height, p.scores.nuclei_true, p.count,
+                             *(f"{getattr(p.scores, k):.4f}" for k in SCORE_KEYS)])
+        writer.writerow(["mean", "", "", "", "", *(f"{means[k]:.4f}" for k in SCORE_KEYS)])
+    return means
+
+
+def validation_inputs(run_info: dict) -> tuple[list[PredictionInput], list[tuple[str, str]]]:
+    """The validation images a run recorded, with their masks as ground truth, and the ids not found."""
+    samples, problems = validation_samples(run_info)
+    return [PredictionInput(s.sample_id, s.image_path, s) for s in samples], problems

@@ -1,0 +1,364 @@
+"""Overlap-tile prediction at full resolution, as in the U-Net paper (Ronneberger et al., 2015).
+
+The image gets mirrored borders, is cut into tiles, the model predicts the tiles one batch at a time, and
+the tile predictions are blended into a full-size probability map with a smooth window.  Memory is
+bounded by one batch of tiles plus a few image-sized float32 arrays, never by the activations of the
+whole image.  ``predict_tiled`` needs only NumPy and a predict callable; ``tile_geometry`` and
+``predict_probabilities`` fit it to a U-Net of ``unet_model_core``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import cv2
+import keras
+import numpy as np
+from tqdm.auto import tqdm
+
+from unet_model_core import Config, LoadedSample, check_input_size, resize_image, unet_output_size
+
+
+def tile_positions(length: int, output_size: int, overlap: int) -> list[int]:
+    """Start offsets (in output coordinates) of tiles along one axis covering [0, length).
+
+    The first tile starts at 0 and, when ``length >= output_size``, the last
+    tile ends exactly at ``length`` so that no tile sticks out of the image.
+    The tiles in between are spread evenly, which makes every overlap at least
+    ``overlap`` pixels wide and every step at most ``output_size - overlap``.
+    When the axis is shorter than one output tile a single tile at 0 is used;
+    its surplus output is discarded by the caller.
+
+    Args:
+        length: Size of the axis to cover, in pixels (>= 1).
+        output_size: Size of one output tile along the axis (>= 1).
+        overlap: Minimum overlap between neighbouring tiles,
+            ``0 <= overlap < output_size``.
+
+    Returns:
+        Sorted list of start offsets.
+    """
+    if length < 1:
+        raise ValueError(f"length must be >= 1, got {length}")
+    if output_size < 1:
+        raise ValueError(f"output_size must be >= 1, got {output_size}")
+    if not 0 <= overlap < output_size:
+        raise ValueError(
+            f"overlap must satisfy 0 <= overlap < output_size ({output_size}), got {overlap}"
+        )
+    if length <= output_size:
+        return [0]
+    step = output_size - overlap
+    last = length - output_size
+    n_tiles = -(-last // step) + 1  # Integer ceil(last / step).
+    # Even spacing distributes the surplus overlap over all seams instead of
+    # piling it onto the last tile.  The real spacing last / (n_tiles - 1) is
+    # at most ``step``, and because ``step`` is an integer the differences of
+    # the floored positions (floor or ceil of that spacing) never exceed it
+    # either.  Integer arithmetic keeps the last position exact.
+    return [i * last // (n_tiles - 1) for i in range(n_tiles)]
+
+
+def blend_window(size) -> np.ndarray:
+    """The 2-D float32 blending window (size x size, or height x width for a pair), >0 everywhere.
+
+    The window is the outer product of 1-D Hann (raised cosine) windows
+    sampled at pixel centres, so it is symmetric and peaks in the middle of
+    the tile where a same-padding network is most reliable.  A floor of 1e-3
+    keeps the border pixels strictly positive: where only one tile covers a
+    pixel (the image border, or tiles without overlap) its prediction must
+    still count after normalisation by the accumulated weights.
+
+    Args:
+        size: Side length of a square output tile, or its (height, width).
+
+    Returns:
+        Array of shape (size, size) or (height, width), dtype float32, all
+        values in (0, 1].
+    """
+    height, width = (size, size) if np.ndim(size) == 0 else tuple(size)
+    if int(height) < 1 or int(width) < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+
+    def hann(length):
+        # Sampling at (i + 0.5) / length makes the window symmetric without
+        # putting an exact zero on either end.
+        centres = (np.arange(int(length), dtype=np.float64) + 0.5) / int(length)
+        return np.maximum(0.5 - 0.5 * np.cos(2.0 * np.pi * centres), 1e-3)
+
+    return np.outer(hann(height), hann(width)).astype(np.float32)
+
+
+def predict_tiled(
+    predict_batch,
+    image,
+    tile_size,
+    output_size=None,
+    overlap=None,
+    batch_size=8,
+    progress=None,
+) -> np.ndarray:
+    """Predict a full-size probability map with overlap-tile inference.
+
+    The image is covered by output tiles of ``output_size`` pixels placed by
+    :func:`tile_positions`.  Each output tile is predicted from an input tile
+    of ``tile_size`` pixels centred on it; for a "valid" (unpadded) network
+    the extra ``margin = (tile_size - output_size) // 2`` pixels on each side
+    provide the context the network consumes.  Where an input tile leaves the
+    image it is filled with the mirrored image, as in the U-Net paper.
+    Overlapping output tiles are blended with :func:`blend_window` so that the
+    less reliable tile borders of a same-padding network are down-weighted and
+    no seams appear.  When one tile covers the whole image its prediction is
+    returned as it is (there is nothing to blend).
+
+    Args:
+        predict_batch: Callable mapping a float32 array of shape
+            (n, tile_h, tile_w, C) to probabilities of shape
+            (n, output_h, output_w, K), e.g. a wrapped ``model.predict``.  The
+            array it is given is reused for the next batch: copy it to keep it.
+        image: Image of shape (H, W, C), any real dtype (uint8 stays uint8 in
+            memory, mirrored borders included; each tile is converted to
+            float32 as it is cut).
+        tile_size: Side length of the network input tiles, or their
+            (height, width).
+        output_size: Side length (or (height, width)) of the network output
+            tiles; ``None`` means ``tile_size`` (same-padding network).
+            ``tile_size - output_size`` must be even and non-negative.
+        overlap: Overlap in pixels between neighbouring output tiles (an int,
+            or one per axis).  ``None`` means ``output_size // 4`` for a
+            same-padding network and 0 for a valid network, whose outputs have
+            no border effect.
+        batch_size: Maximum number of tiles passed to ``predict_batch`` at once.
+        progress: Optional callable ``progress(done_tiles, total_tiles)``
+            invoked after each batch.
+
+    Returns:
+        Float32 array of shape (H, W, K) with the blended probabilities.
+
+    Raises:
+        ValueError: On a malformed image, inconsistent sizes, or a
+            ``predict_batch`` result of unexpected shape.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise ValueError(
+            f"image must be a 3-D array of shape (H, W, C), got shape {image.shape}"
+        )
+    if image.dtype.kind not in "biuf":
+        image = image.astype(np.float32)
+    height, width, channels = image.shape
+    if height < 1 or width < 1 or channels < 1:
+        raise ValueError(f"image must not be empty, got shape {image.shape}")
+
+    def pair(value, name):
+        if np.ndim(value) == 0:
+            return int(value), int(value)
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a (height, width) pair, got {value!r}")
+        return int(value[0]), int(value[1])
+
+    tile_h, tile_w = pair(tile_size, "tile_size")
+    if min(tile_h, tile_w) < 1:
+        raise ValueError(f"tile_size must be positive, got {tile_size}")
+    out_h, out_w = (tile_h, tile_w) if output_size is None else pair(output_size, "output_size")
+    if min(out_h, out_w) < 1:
+        raise ValueError(f"output_size must be positive, got {output_size}")
+    if out_h > tile_h or out_w > tile_w:
+        raise ValueError(
+            f"output_size ({output_size}) must not exceed tile_size ({tile_size})"
+        )
+    if (tile_h - out_h) % 2 or (tile_w - out_w) % 2:
+        raise ValueError(
+            f"tile_size - output_size must be even so the output is centred, "
+            f"got tile_size={tile_size}, output_size={output_size}"
+        )
+    margin_h, margin_w = (tile_h - out_h) // 2, (tile_w - out_w) // 2
+
+    if overlap is None:
+        overlap = (out_h // 4, out_w // 4) if margin_h == margin_w == 0 else 0
+    overlap_h, overlap_w = pair(overlap, "overlap")
+    if not (0 <= overlap_h < out_h and 0 <= overlap_w < out_w):
+        raise ValueError(
+            f"overlap must satisfy 0 <= overlap < output_size ({output_size}), got {overlap}"
+        )
+    batch_size = int(batch_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+
+    tops = tile_positions(height, out_h, overlap_h)
+    lefts = tile_positions(width, out_w, overlap_w)
+    tiles = [(top, left) for top in tops for left in lefts]
+    total = len(tiles)
+    # Mirror the image once, in its own dtype, far enough for every input tile: each tile is then a plain
+    # slice.  np.pad repeats the reflection when the pad is wider than the image, and a 1-pixel-wide axis
+    # (which cannot be reflected) repeats its pixel.
+    padded = np.pad(image, ((margin_h, max(0, tops[-1] + tile_h - margin_h - height)),
+                            (margin_w, max(0, lefts[-1] + tile_w - margin_w - width)), (0, 0)), mode="reflect")
+
+    # One float32 batch buffer for the whole image, filled in place; the
+    # accumulators are allocated once the number of classes K is known from
+    # the first batch.  They are the only image-sized buffers besides the
+    # input itself, and a single tile needs none of them.
+    buffer = np.empty((min(batch_size, total), tile_h, tile_w, channels), dtype=np.float32)
+    accumulator = weights = window = single = None
+    classes = None
+
+    for first in range(0, total, batch_size):
+        chunk = tiles[first:first + batch_size]
+        batch = buffer[:len(chunk)]
+        for slot, (top, left) in enumerate(chunk):
+            # In the padded image the input tile starts ``margin`` pixels before its output tile, so
+            # that the valid network's output lands on the output tile.
+            batch[slot] = padded[top:top + tile_h, left:left + tile_w]
+
+        result = np.asarray(predict_batch(batch))
+        if (
+            result.ndim != 4
+            or result.shape[:3] != (len(chunk), out_h, out_w)
+            or (classes is not None and result.shape[3] != classes)
+        ):
+            k_text = "K" if classes is None else str(classes)
+            raise ValueError(
+                f"predict_batch returned shape {result.shape} for an input of shape "
+                f"{batch.shape}; expected ({len(chunk)}, {out_h}, {out_w}, {k_text})"
+            )
+        classes = result.shape[3]
+
+        if total == 1:
+            # The tile covers the image: cropping its surplus is all there is to do.
+            single = np.array(result[0, :height, :width], dtype=np.float32)
+        else:
+            if accumulator is None:
+                accumulator = np.zeros((height, width, classes), dtype=np.float32)
+                weights = np.zeros((height, width), dtype=np.float32)
+                window = blend_window((out_h, out_w))
+            for slot, (top, left) in enumerate(chunk):
+                # Output tiles can only extend past the image when the image is
+                # smaller than one tile; that surplus is cropped away here.
+                rows = min(out_h, height - top)
+                cols = min(out_w, width - left)
+                tile_weight = window[:rows, :cols]
+                accumulator[top:top + rows, left:left + cols] += (
+                    result[slot, :rows, :cols].astype(np.float32, copy=False)
+                    * tile_weight[:, :, None]
+                )
+                weights[top:top + rows, left:left + cols] += tile_weight
+
+        if progress is not None:
+            progress(first + len(chunk), total)
+
+    if single is not None:
+        return single
+    # Every pixel is covered by at least one tile with a strictly positive
+    # weight, so the division is safe; doing it in place avoids another
+    # image-sized temporary.
+    accumulator /= weights[:, :, None]
+    return accumulator
+
+
+PREDICT_TILE = 1536  # largest tile side for padded models: an image up to 1504 px a side is one forward pass;
+# with the default channels such a tile takes about 1 GB of activations (wider models get smaller tiles)
+CONTEXT_MARGIN = 16  # pixels of (mirrored) context cut from each side of a padded model's tile output
+
+
+def _foreground_probability(output: np.ndarray) -> np.ndarray:
+    """The nucleus probability from a sigmoid (1 channel) or softmax (background first) output."""
+    return output[..., 0] if output.shape[-1] == 1 else 1.0 - output[..., 0]
+
+
+def tile_geometry(model: keras.Model, config: Config, image_shape: tuple[int, int],
+                  tile_size: int | None = None) -> tuple:
+    """``(tile_size, output_size, margin)`` for predicting an image of ``image_shape`` with ``model``.
+
+    Unpadded models use their fixed input size and give the centre of each tile.  Padded models take any
+    multiple of 2**depth on each side, and ``margin`` pixels of each tile's border (where zero padding
+    blurs the output) are cut so every kept pixel had real or mirrored context.  With ``tile_size`` the
+    tiles are squares of that side (shrunk for small images).  By default they are shaped to the image:
+    along each axis the fewest tiles of at most ``PREDICT_TILE`` pixels, each as small as covers the
+    image, so that the forward passes spend little on padding (a 520x696 image is one 560x736 tile, not
+    a 736x736 square).  Sizes are ints for square tiles and (height, width) pairs otherwise."""
+    fixed = model.input_shape[1]
+    if config.padding == "valid" or fixed is not None:
+        size = fixed or config.image_size
+        return size, unet_output_size(size, config.depth, config.padding), 0
+    step = 2 ** config.depth
+    margin = CONTEXT_MARGIN
+    needed = [int(math.ceil((length + 2 * margin) / step)) * step for length in image_shape]
+    if tile_size:
+        size = max(step, min(tile_size, max(needed)))
+        check_input_size(size, config.depth, "same")
+        margin = min(margin, (size - step) // 2) if size - 2 * margin < step else margin
+        return size, size - 2 * margin, margin
+    # Activations grow with the first level's channels: a wider model gets proportionally smaller tiles.
+    largest = int(PREDICT_TILE * math.sqrt(min(1.0, 16 / config.channels[0]))) // step * step
+    largest = max(largest, 2 * margin + step)
+    sides = []
+    for length in image_shape:
+        # The cheapest side along this axis: fewest input pixels (tiles x side) with the default overlap;
+        # one tile as small as covers the axis whenever it fits.
+        best = None
+        for side in range(largest, 2 * margin, -step):
+            out = side - 2 * margin
+            cost = len(tile_positions(length, out, out // 8)) * side
+            if best is None or cost < best[0]:
+                best = (cost, side)
+        sides.append(best[1])
+    for side in sides:
+        check_input_size(side, config.depth, "same")
+    if sides[0] == sides[1]:
+        return sides[0], sides[0] - 2 * margin, margin
+    return tuple(sides), (sides[0] - 2 * margin, sides[1] - 2 * margin), margin
+
+
+def predict_probabilities(model: keras.Model, image: np.ndarray, config: Config, tile_size: int | None = None,
+                          batch_size: int = 4, overlap: int | None = None, progress=None) -> np.ndarray:
+    """Nucleus probability (H x W float32) for an H x W x 3 uint8 image of any size.
+
+    Models trained on resized images predict on the image resized the same way (and the result is
+    resized back); patch-trained models predict at full resolution by overlap-tile (``tile_geometry``
+    says how).  ``batch_size`` tiles go through the model at once, but never more input pixels than one
+    largest tile, so memory stays bounded whatever the tile size."""
+    image = np.asarray(image)
+    height, width = image.shape[:2]
+    if config.sampling == "resize":
+        # An unpadded model's output covers only the centre of its input: resize the image to the output
+        # size and give it mirrored borders, so the output covers the whole image.
+        out_size = unet_output_size(config.image_size, config.depth, config.padding)
+        margin = (config.image_size - out_size) // 2
+        small = np.pad(resize_image(image, out_size), ((margin, margin), (margin, margin), (0, 0)), mode="reflect")
+        out = _foreground_probability(np.asarray(model.predict_on_batch(small.astype(np.float32)[None]))[0])
+        return cv2.resize(out.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    size, out_size, margin = tile_geometry(model, config, (height, width), tile_size)
+    tile_h, tile_w = (size, size) if np.ndim(size) == 0 else size
+    out_h, out_w = (out_size, out_size) if np.ndim(out_size) == 0 else out_size
+
+    def predict_batch(tiles):
+        output = np.asarray(model.predict_on_batch(tiles))
+        if margin:
+            output = output[:, margin:tile_h - margin, margin:tile_w - margin]
+        return output
+
+    if overlap is None:
+        overlap = config.tile_overlap if config.tile_overlap is not None else (min(out_h, out_w) // 8 if margin else 0)
+    budget = PREDICT_TILE ** 2 * min(1.0, 16 / config.channels[0])
+    batch_size = max(1, min(int(batch_size), int(budget // (tile_h * tile_w))))
+    # The image goes in as it is (uint8): predict_tiled converts one tile at a time, so no float32 copy
+    # of a large image is ever made.
+    probabilities = predict_tiled(predict_batch, image, size, out_size, min(overlap, out_h - 1, out_w - 1),
+                                  batch_size, progress)
+    return _foreground_probability(probabilities)
+
+
+def predict_mask(model: keras.Model, image: np.ndarray, config: Config, threshold: float | None = None,
+                 **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """``(probability, mask)``: the mask is uint8 0/255 at the image's exact height and width."""
+    probability = predict_probabilities(model, image, config, **kwargs)
+    mask = (probability > (config.threshold if threshold is None else threshold)).astype(np.uint8) * 255
+    return probability, mask
+
+
+def predict_samples(model: keras.Model, samples: Sequence[LoadedSample], config: Config,
+                    progress: bool = True) -> list[np.ndarray]:
+    """Full-resolution probability maps of decoded samples, in order."""
+    return [predict_probabilities(model, s.image, config)
+            for s in tqdm(samples, desc="Predicting validation images", disable=not progress, unit="img")]

@@ -1,0 +1,446 @@
+"""Training runs: the run folder, its callbacks, devices and precision, and ``train``.
+
+``train`` is three public steps, each usable on its own:
+
+    open_run   a new run folder (or an interrupted one, to resume), the data and the tf.data pipelines
+    fit        model.fit with checkpoints at every epoch end; history.csv and training_curves.png
+    finalize   the post-processing threshold chosen on the validation images at full resolution, their
+               scores and val_predictions.png, all stored in config.json
+
+``finalize(run_dir)`` also works on a finished run, to choose its post-processing again without
+retraining.
+
+A run folder holds everything a run produced:
+  model.keras   best checkpoint: float32, uncompiled, built-in layers only, so plain
+                keras.saving.load_model(path) reads it in any program, with or without this project;
+  last.keras    the latest full training state (model + optimizer), for --resume;
+  state.json    the epoch reached and the best validation loss so far, for --resume;
+  config.json   resolved Config + validation ids + chosen threshold + sampling mode + scores;
+  history.csv, training_curves.png, val_predictions.png.
+runs/latest is a one-line text file naming the newest run's folder (a file, not a symlink, so it also
+works on Windows).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from unet_model_core import (DEFAULT_DATA_DIR, Config, DataError, LoadedSample, Sample, build_unet,
+                             build_unet_from_config, compile_unet, find_samples, load_samples, make_datasets,
+                             report_problems, split_ids)
+from unet_nuclei import plots, synthetic
+from unet_nuclei.instances import THRESHOLD_GRID, Prediction, choose_threshold
+from unet_nuclei.tiling import predict_samples
+
+DEFAULT_RUNS_DIR = "runs"
+
+MODEL_FILE, LAST_FILE, STATE_FILE, CONFIG_FILE = "model.keras", "last.keras", "state.json", "config.json"
+HISTORY_FILE, CURVES_FILE, VAL_FIGURE_FILE = "history.csv", "training_curves.png", "val_predictions.png"
+LATEST_FILE = "latest"
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must act on (a NaN loss, a bad resume); the message says so."""
+
+
+def new_run_dir(runs_root=DEFAULT_RUNS_DIR, name: str | None = None) -> Path:
+    """Create and return a fresh run folder; an existing one is never reused or overwritten."""
+    root = Path(runs_root)
+    root.mkdir(parents=True, exist_ok=True)
+    base = name or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if base in (LATEST_FILE, ".", "..") or os.sep in base or (os.altsep and os.altsep in base):
+        raise ValueError(f"run name {base!r} is not a plain folder name")
+    for suffix in [""] + [f"-{i}" for i in range(2, 1000)]:
+        candidate = root / f"{base}{suffix}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not find a free run folder name for {base!r} in {root}")
+
+
+def find_run(run_or_file=None, runs_root=DEFAULT_RUNS_DIR) -> Path:
+    """The run folder for a run name, a run folder, a model file inside a run, or (None) the newest run.
+
+    Raises FileNotFoundError with a message that says what to do when nothing is found.
+    """
+    root = Path(runs_root)
+    if run_or_file is None:
+        latest = root / LATEST_FILE
+        if latest.is_file():
+            candidate = root / latest.read_text().strip()
+            if (candidate / MODEL_FILE).is_file():
+                return candidate
+        runs = sorted((p for p in root.glob("*") if (p / MODEL_FILE).is_file()), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise FileNotFoundError(f"no trained model found in {root}/. Run `python Train.py` first "
+                                    f"(or pass --model RUN_FOLDER_OR_MODEL_FILE)")
+        return runs[-1]
+    path = Path(run_or_file)
+    for candidate in (path, root / path):
+        if candidate.is_file():
+            return candidate.parent
+        if candidate.is_dir() and ((candidate / MODEL_FILE).is_file() or (candidate / LAST_FILE).is_file()):
+            return candidate
+    raise FileNotFoundError(f"no run or model at {run_or_file!r} (looked for a model file, a run folder "
+                            f"holding {MODEL_FILE}, and {root / path})")
+
+
+def read_run_config(run_dir) -> tuple[Config, dict]:
+    """The Config a run was trained with, and the whole config.json (ids, threshold, scores)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {run_dir} is not a complete run of this project")
+    data = json.loads(path.read_text())
+    return Config.from_dict(data), data
+
+
+def configure_devices(cpu_devices: int = 0) -> None:
+    """Split the CPU into ``cpu_devices`` logical devices (to exercise multi-device code without GPUs).
+
+    Must run before TensorFlow creates its devices, i.e. before any op runs in the process."""
+    if cpu_devices > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_devices)
+
+
+def get_strategy(cpu_devices: int = 0) -> tf.distribute.Strategy:
+    """TensorFlow's own engine for scaling out.
+
+    * ``TF_CONFIG`` set (several machines): MultiWorkerMirroredStrategy;
+    * several GPUs on this machine: MirroredStrategy over all of them;
+    * ``cpu_devices`` > 1 logical CPUs (tests, demos): MirroredStrategy over those;
+    * otherwise the default (single-device) strategy.
+    """
+    if os.environ.get("TF_CONFIG"):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    cpus = tf.config.list_logical_devices("CPU")
+    if cpu_devices > 1 and len(cpus) > 1:
+        return tf.distribute.MirroredStrategy(devices=[d.name for d in cpus[:cpu_devices]])
+    return tf.distribute.get_strategy()
+
+
+def set_precision(mixed: bool) -> str:
+    """Set Keras' global dtype policy: float16 compute on GPUs, bfloat16 on CPUs (which lack fast
+    float16), float32 when ``mixed`` is off.  The U-Net's output layer stays float32 either way."""
+    policy = "float32"
+    if mixed:
+        policy = "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
+def _atomic_save(model: keras.Model, path: Path) -> None:
+    # Write next to the target and rename: an interruption mid-save never leaves a half-written model.
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def export_inference_model(model: keras.Model, config: Config) -> keras.Model:
+    """A float32, uncompiled copy of a trained model, for saving as the run's ``model.keras``.
+
+    Padded models get a ``(None, None, C)`` input, so they predict tiles of any size that fits; unpadded
+    models keep their training size.  Only built-in layers are used, so the file loads anywhere."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        size = None if config.padding == "same" else config.image_size
+        copy = build_unet((size, size, config.input_channels), config.num_classes, config.channels,
+                          config.padding, config.batch_norm, config.dropout)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    copy.set_weights([np.asarray(w, dtype=np.float32) for w in model.get_weights()])
+    return copy
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """At every epoch end: the full training state to ``last.keras`` (+ ``state.json``); and, when the
+    validation loss improved, the inference model to ``model.keras``.  So an interruption or a crash
+    loses at most the epoch under way."""
+
+    def __init__(self, run_dir: Path, config: Config, best: float = math.inf):
+        super().__init__()
+        self.run_dir, self.config, self.best = Path(run_dir), config, best
+        self.best_epoch = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        current = logs.get("val_loss", logs.get("loss"))
+        if current is not None and np.isfinite(current) and current < self.best:
+            self.best, self.best_epoch = float(current), epoch + 1
+            _atomic_save(export_inference_model(self.model, self.config), self.run_dir / MODEL_FILE)
+        _atomic_save(self.model, self.run_dir / LAST_FILE)
+        state = {"epoch": epoch + 1, "best_val_loss": self.best, "best_epoch": self.best_epoch}
+        (self.run_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Stop at the first NaN or infinite loss and remember where, so the user gets a message."""
+
+    def __init__(self):
+        super().__init__()
+        self.where, self.epoch = None, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            self.where = f"epoch {self.epoch + 1}, batch {batch + 1}"
+            self.model.stop_training = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+
+@dataclasses.dataclass
+class OpenRun:
+    """A run ready for ``fit``: its folder, resolved config, data and pipelines, and where it resumes."""
+
+    run_dir: Path
+    runs_root: Path
+    config: Config
+    strategy: tf.distribute.Strategy
+    train_samples: list[LoadedSample]
+    val_samples: list[LoadedSample]
+    train_ds: tf.data.Dataset
+    val_ds: tf.data.Dataset
+    steps: int
+    extra: dict  # what config.json holds besides the Config: data, ids, devices, later the scores
+    resumed: bool = False
+    initial_epoch: int = 0
+    best_val_loss: float = math.inf
+    started: float = dataclasses.field(default_factory=time.time)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What ``train`` and ``finalize`` return: where the run is and what it scored."""
+
+    run_dir: Path
+    config: Config
+    threshold: float
+    scores: dict
+    history: dict
+    data_source: str
+    seconds: float
+
+
+def _log(message: str, verbose: int) -> None:
+    if verbose:
+        print(message, flush=True)
+
+
+def resolve_data_dir(data_dir: str | None, sample_images: int = 64, progress: bool = True) -> tuple[Path, str]:
+    """Pick the training data: an explicit path (which must exist), else the real DSB folder when it is
+    there, else the built-in synthetic sample.  Returns ``(folder, why)``, ``why`` being a sentence for
+    the user."""
+    if data_dir:
+        folder = Path(data_dir)
+        if not folder.is_dir():
+            raise DataError(f"--data {data_dir}: no such folder. Give the folder that holds the sample "
+                            f"folders (for DSB-2018: dataset/stage1_train), or leave --data out to use "
+                            f"the built-in synthetic sample")
+        return folder, f"using {folder} (given explicitly)"
+    if Path(DEFAULT_DATA_DIR).is_dir():
+        return Path(DEFAULT_DATA_DIR), f"using the real DSB-2018 data found in {DEFAULT_DATA_DIR}"
+    folder = synthetic.ensure_sample_dataset(sample_images, progress=progress)
+    return folder, (f"using the built-in synthetic sample in {folder} ({DEFAULT_DATA_DIR} not found; "
+                    f"see dataset.txt to get the real data)")
+
+
+def prepare_data(config: Config, progress: bool = True, verbose: int = 1):
+    """Find, split and decode the training data a Config points to (section 1 in one call).
+
+    Returns ``(train_samples, val_samples, data_dir, why)``."""
+    data_dir, why = resolve_data_dir(config.data_dir, config.sample_images, progress=progress)
+    _log(f"Data: {why}", verbose)
+    samples, problems = find_samples(data_dir)
+    train_ids, val_ids = split_ids([s.sample_id for s in samples], config.val_size, config.seed)
+    loaded, load_problems = load_samples(samples, progress=progress)
+    report_problems(problems + load_problems)
+    by_id = {s.sample_id: s for s in loaded}
+    train = [by_id[i] for i in train_ids if i in by_id]
+    val = [by_id[i] for i in val_ids if i in by_id]
+    if not train or not val:
+        raise DataError(f"{data_dir}: after skipping unreadable samples, {len(train)} remain for training "
+                        f"and {len(val)} for validation; both need at least one")
+    _log(f"      {len(train)} training and {len(val)} validation images "
+         f"({sum(s.image.shape[0] * s.image.shape[1] for s in train) / 1e6:.1f} Mpx of training pixels)", verbose)
+    return train, val, data_dir, why
+
+
+def validation_samples(run_info: dict) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """The validation samples a run recorded (config.json's ``val_ids`` in its ``data_dir``) and the
+    ids not found.  A missing built-in sample is regenerated (it is deterministic)."""
+    data_dir = Path(run_info.get("data_dir", ""))
+    val_ids = set(run_info.get("val_ids", []))
+    if not val_ids:
+        raise DataError("this run's config.json lists no validation images; give image paths instead")
+    if not data_dir.is_dir() and data_dir.name.startswith("synthetic_sample_"):
+        synthetic.ensure_sample_dataset(int(run_info.get("sample_images", 64)), 0, str(data_dir.parent))
+    if not data_dir.is_dir():
+        raise DataError(f"the run's data folder {data_dir} is gone; give image paths instead")
+    samples, _ = find_samples(data_dir)
+    found = [s for s in samples if s.sample_id in val_ids]
+    missing = sorted(val_ids - {s.sample_id for s in found})
+    return found, [(m, f"validation image not found in {data_dir}") for m in missing]
+
+
+def read_history(path) -> dict:
+    """history.csv as {column: [values...]} (floats), the epoch column included."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    return {key: [float(row[key]) for row in rows if row.get(key) not in (None, "")] for key in (rows[0] if rows else {})}
+
+
+def open_run(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = None, resume=None,
+             cpu_devices: int = 0, verbose: int = 1, progress: bool = True) -> OpenRun:
+    """Step 1 of ``train``: a new run folder (or, with ``resume``, an interrupted run), the data decoded
+    and split, the tf.data pipelines, and config.json written, so even an interrupted run says what it
+    was.  On resume, architecture and data come from the run; only the epoch budget may be raised."""
+    started = time.time()
+    configure_devices(cpu_devices)
+    # The strategy comes before any other TensorFlow op: multi-worker training requires it.
+    strategy = get_strategy(cpu_devices)
+    keras.utils.set_random_seed(config.seed)
+    initial_epoch, best = 0, math.inf
+    if resume is not None:
+        run_dir = find_run(resume, runs_root)
+        if not (run_dir / LAST_FILE).is_file() or not (run_dir / STATE_FILE).is_file():
+            raise TrainingError(f"{run_dir} has no {LAST_FILE}/{STATE_FILE} to resume from")
+        saved_config, _ = read_run_config(run_dir)
+        config = dataclasses.replace(saved_config, epochs=max(config.epochs, saved_config.epochs))
+        state = json.loads((run_dir / STATE_FILE).read_text())
+        initial_epoch, best = int(state["epoch"]), float(state.get("best_val_loss", math.inf))
+        _log(f"Resuming {run_dir} after epoch {initial_epoch} of {config.epochs}", verbose)
+    else:
+        run_dir = new_run_dir(runs_root, run_name)
+
+    train_samples, val_samples, data_dir, why = prepare_data(config, progress, verbose)
+    train_ds, val_ds, steps = make_datasets(train_samples, val_samples, config)
+    options = tf.data.Options()
+    # Generator-backed data cannot be sharded by file; shard by element across workers instead.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    policy = set_precision(config.mixed_precision)
+    extra = dict(val_ids=[s.sample_id for s in val_samples], data_dir=str(data_dir), data_source=why,
+                 steps_per_epoch_used=steps, replicas=strategy.num_replicas_in_sync, precision=policy)
+    config.to_json(run_dir / CONFIG_FILE, **extra)
+    _log(f"Run:  {run_dir}", verbose)
+    _log(f"      {config.epochs} epochs x {steps} steps of batch {config.batch_size}, "
+         f"{config.image_size}px {config.sampling} sampling, loss {config.loss}, lr {config.learning_rate}, "
+         f"{strategy.num_replicas_in_sync} device(s), {policy}" + (", XLA" if config.xla else ""), verbose)
+    return OpenRun(run_dir, Path(runs_root), config, strategy, train_samples, val_samples,
+                   train_ds.with_options(options), val_ds.with_options(options), steps, extra,
+                   resumed=resume is not None, initial_epoch=initial_epoch, best_val_loss=best, started=started)
+
+
+def fit(run: OpenRun, verbose: int = 1) -> int | None:
+    """Step 2 of ``train``: train up to ``run.config.epochs`` epochs, checkpointing at every epoch end;
+    then history.csv, training_curves.png and ``runs/latest``.  Returns the best epoch (None when no
+    epoch improved the validation loss in this call).  Raises ``TrainingError`` on a NaN loss; a
+    KeyboardInterrupt propagates after the last finished epoch has been saved."""
+    config, run_dir = run.config, run.run_dir
+    try:
+        with run.strategy.scope():
+            if run.resumed:
+                model = keras.saving.load_model(run_dir / LAST_FILE)
+            else:
+                model = compile_unet(build_unet_from_config(config), config)
+        _log(f"Model: {model.count_params():,} parameters, channels {list(config.channels)}, "
+             f"padding={config.padding}", verbose)
+        checkpoint = RunCheckpoint(run_dir, config, run.best_val_loss)
+        nan_guard = StopOnNaN()
+        callbacks = [checkpoint, nan_guard,
+                     keras.callbacks.CSVLogger(str(run_dir / HISTORY_FILE), append=run.resumed),
+                     keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=4, min_lr=1e-5)]
+        fit_verbose = (1 if sys.stdout.isatty() else 2) if verbose else 0
+        if run.initial_epoch < config.epochs:
+            model.fit(run.train_ds, validation_data=run.val_ds, epochs=config.epochs,
+                      initial_epoch=run.initial_epoch, steps_per_epoch=run.steps, callbacks=callbacks,
+                      verbose=fit_verbose,
+                      shuffle=False)  # the pipeline already randomises; Keras cannot shuffle a tf.data stream
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    if nan_guard.where:
+        raise TrainingError(f"the loss became NaN at {nan_guard.where}; training stopped. The last good "
+                            f"epoch is saved in {run_dir}. Try a lower --lr (now {config.learning_rate}) "
+                            f"or --loss bce+dice")
+    plots.save(plots.training_curves(read_history(run_dir / HISTORY_FILE)), run_dir / CURVES_FILE, dpi=100)
+    (run.runs_root / LATEST_FILE).write_text(run_dir.name + "\n")
+    run.extra.update(best_epoch=checkpoint.best_epoch, train_seconds=round(time.time() - run.started, 1))
+    config.to_json(run_dir / CONFIG_FILE, **run.extra)
+    return checkpoint.best_epoch
+
+
+def finalize(run_dir, val_samples: list[LoadedSample] | None = None, thresholds=THRESHOLD_GRID,
+             min_size: int | None = None, progress: bool = True, verbose: int = 1) -> TrainResult:
+    """Step 3 of ``train``: choose the probability threshold that gives the best DSB-2018 score on the
+    run's validation images, predicted whole at full resolution by the best checkpoint; store it with
+    the scores in config.json and draw val_predictions.png.
+
+    On a finished run this chooses the post-processing again without retraining: ``thresholds`` are the
+    candidates, ``min_size`` a new smallest nucleus size.  ``val_samples`` are the decoded validation
+    images when the caller has them (``train`` does); otherwise they are read from the run's data."""
+    started = time.time()
+    run_dir = Path(run_dir)
+    config, info = read_run_config(run_dir)
+    if min_size is not None:
+        config = dataclasses.replace(config, min_nucleus_size=int(min_size))
+    if val_samples is None:
+        samples, problems = validation_samples(info)
+        val_samples, load_problems = load_samples(samples, progress=progress)
+        report_problems(problems + load_problems)
+        if not val_samples:
+            raise DataError(f"none of the validation images of {run_dir} could be read")
+    model = keras.saving.load_model(run_dir / MODEL_FILE)
+    _log("Choosing the threshold on the validation images (full resolution)...", verbose)
+    probabilities = predict_samples(model, val_samples, config, progress)  # once, for both uses below
+    threshold, scores, per_image = choose_threshold([s.labels for s in val_samples], probabilities,
+                                                    config.min_nucleus_size, thresholds)
+    config = dataclasses.replace(config, threshold=threshold)
+    fields = set(config.to_dict())
+    extra = {k: v for k, v in info.items() if k not in fields}
+    extra.update(val_scores=scores,
+                 val_scores_per_image=[{"id": s.sample_id, **row.rounded()} for s, row in zip(val_samples, per_image)])
+    config.to_json(run_dir / CONFIG_FILE, **extra)
+    shown = [Prediction.from_probability(s.sample_id, s.image, p, threshold, config.min_nucleus_size, s.labels)
+             for s, p in list(zip(val_samples, probabilities))[:4]]
+    plots.save(plots.prediction_grid(shown), run_dir / VAL_FIGURE_FILE, dpi=80)
+    _log(f"Validation (best epoch {info.get('best_epoch')}, threshold {threshold:.2f}): "
+         f"Dice {scores['dice']:.3f}  IoU {scores['iou']:.3f}  DSB score {scores['dsb_score']:.3f}", verbose)
+    return TrainResult(run_dir, config, threshold, scores, read_history(run_dir / HISTORY_FILE),
+                       info.get("data_source", ""), time.time() - started)
+
+
+def train(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = None, resume=None,
+          cpu_devices: int = 0, verbose: int = 1, progress: bool = True) -> TrainResult:
+    """Train a U-Net as ``config`` says and save a complete run folder: ``open_run``, ``fit``, ``finalize``.
+
+    ``resume`` (a run name or folder) continues that run from its last checkpoint, with the epoch count
+    carried on, up to ``config.epochs`` in all.  ``cpu_devices`` > 1 splits the CPU into that many
+    logical devices and trains data-parallel over them (a way to test the multi-device path).
+    """
+    run = open_run(config, runs_root, run_name, resume, cpu_devices, verbose, progress)
+    fit(run, verbose)
+    result = finalize(run.run_dir, run.val_samples, progress=progress, verbose=verbose)
+    seconds = time.time() - run.started
+    _log(f"Done in {seconds / 60:.1f} min. Run saved in {run.run_dir}", verbose)
+    return dataclasses.replace(result, seconds=seconds)
