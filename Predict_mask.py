@@ -35,7 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace output files that already exist (default: refuse and skip that image)")
     parser.add_argument("--threshold", type=float, metavar="T",
-                        help="probability threshold (default: the one chosen on validation, stored in the run)")
+                        help="nucleus probability threshold (default: the one chosen on validation, stored in the run)")
+    parser.add_argument("--marker-threshold", type=float, metavar="T",
+                        help="interior probability that seeds a nucleus, for instance-aware models "
+                             "(default: the one chosen on validation, stored in the run)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="test-time augmentation: average the 8 flips and rotations of each image "
+                             "(8x slower; default: the run's setting)")
     parser.add_argument("--labels", action="store_true",
                         help="also write <stem>_labels.png, a 16-bit image with one value per nucleus "
                              "(touching nuclei split by a watershed)")
@@ -62,7 +68,8 @@ def main(argv=None) -> int:
 
     try:
         model, config, info, run_dir = predict.load_run(args.model, args.runs_dir)
-        overrides = {"threshold": args.threshold, "min_nucleus_size": args.min_size}
+        overrides = {"threshold": args.threshold, "marker_threshold": args.marker_threshold,
+                     "min_nucleus_size": args.min_size, "tta": args.tta}
         config = core.Config.from_dict({**config.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
         if args.images:
             inputs, problems = predict.collect_inputs(args.images, args.truth)
@@ -76,7 +83,9 @@ def main(argv=None) -> int:
     except (predict.ModelError, core.DataError, FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"Model: {run_dir} ({config.sampling} sampling, threshold {config.threshold:.2f}); writing to {out}/")
+    markers = f", markers {config.marker_threshold:.2f}" if config.targets == "instance" else ""
+    print(f"Model: {run_dir} ({config.targets} targets, {config.sampling} sampling, threshold "
+          f"{config.threshold:.2f}{markers}{', TTA' if config.tta else ''}); writing to {out}/")
 
     results, rows = [], []
     for item in inputs:

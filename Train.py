@@ -37,13 +37,23 @@ def build_parser(defaults) -> argparse.ArgumentParser:
                       help=f"validation images: a fraction below 1 or a count (default: {d.val_size})")
     data.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                       help="turn off flips, rotations and intensity jitter (default: on)")
+    data.add_argument("--scale-range", metavar="LOW,HIGH",
+                      help=f"random patch scale, so the model meets smaller and larger nuclei; 'none' keeps "
+                           f"the native scale (default: {','.join(map(str, d.scale_range)) if d.scale_range else 'none'})")
+    data.add_argument("--preprocessing", choices=["grey", "rgb"],
+                      help=f"'grey': grey, bright nuclei on dark, contrast-stretched, the same for every kind "
+                           f"of microscopy; 'rgb': the image as it is (default: {d.preprocessing})")
     model = parser.add_argument_group("model")
+    model.add_argument("--targets", choices=["instance", "binary"],
+                       help=f"'instance': background / nucleus interior / boundary classes, so touching nuclei "
+                            f"separate; 'binary': one nucleus mask, the original U-Net (default: {d.targets})")
     model.add_argument("--channels", metavar="C1,C2,...",
                        help=f"channels per level, the last being the bottleneck; the depth follows "
                             f"(default: {','.join(map(str, d.channels))})")
     model.add_argument("--padding", choices=["same", "valid"],
                        help=f"'same' keeps the size; 'valid' is the unpadded original (default: {d.padding})")
-    model.add_argument("--batch-norm", action="store_true", default=None, help="add batch normalisation (default: off)")
+    model.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"batch normalisation after each convolution (default: {'on' if d.batch_norm else 'off'})")
     model.add_argument("--dropout", type=float, metavar="P", help=f"dropout after each block (default: {d.dropout})")
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=int, metavar="N", help=f"number of epochs (default: {d.epochs})")
@@ -52,7 +62,12 @@ def build_parser(defaults) -> argparse.ArgumentParser:
     training.add_argument("--batch-size", type=int, metavar="N", help=f"global batch size (default: {d.batch_size})")
     training.add_argument("--lr", dest="learning_rate", type=float, metavar="LR",
                           help=f"Adam learning rate (default: {d.learning_rate})")
-    training.add_argument("--loss", choices=["bce", "dice", "bce+dice"], help=f"loss (default: {d.loss})")
+    training.add_argument("--loss", choices=["bce", "dice", "bce+dice"],
+                          help=f"loss; cross-entropy is categorical and Dice per class for instance targets "
+                               f"(default: {d.loss})")
+    training.add_argument("--lr-schedule", choices=["cosine", "plateau"],
+                          help=f"'cosine': decay to 2%% of --lr over the run; 'plateau': halve when the "
+                               f"validation loss stalls (default: {d.lr_schedule})")
     training.add_argument("--seed", type=int, help=f"random seed for the split, patches and weights (default: {d.seed})")
     training.add_argument("--mixed-precision", action="store_true", default=None,
                           help="float16 compute on GPUs (bfloat16 on CPUs), float32 output (default: off)")
@@ -71,9 +86,30 @@ def build_parser(defaults) -> argparse.ArgumentParser:
     return parser
 
 
-FIELDS = ("data", "sample_images", "sampling", "image_size", "val_size", "augment", "padding", "batch_norm",
-          "dropout", "epochs", "steps_per_epoch", "batch_size", "learning_rate", "loss", "seed",
-          "mixed_precision", "xla")
+FIELDS = ("data", "sample_images", "sampling", "image_size", "val_size", "augment", "preprocessing", "targets",
+          "padding", "batch_norm", "dropout", "epochs", "steps_per_epoch", "batch_size", "learning_rate", "loss",
+          "lr_schedule", "seed", "mixed_precision", "xla")
+
+
+def config_from_args(args, core):
+    """The ``Config`` that parsed flags describe (flags left out keep the defaults); ValueError, naming
+    the flag, for a malformed list."""
+    overrides = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
+    if "data" in overrides:
+        overrides["data_dir"] = overrides.pop("data")
+    for flag, field, kind in (("--channels", "channels", int), ("--scale-range", "scale_range", float)):
+        text = getattr(args, field)
+        if text is None:
+            continue
+        if field == "scale_range" and text.strip().lower() == "none":
+            overrides[field] = None
+            continue
+        try:
+            overrides[field] = tuple(kind(v) for v in text.split(","))
+        except ValueError:
+            raise ValueError(f"{flag} {text!r}: expected comma-separated numbers, for example "
+                             f"{'16,32,64,128,256' if kind is int else '0.6,1.8'}") from None
+    return core.quick_config(**overrides) if args.quick else core.Config(**overrides)
 
 
 def main(argv=None) -> int:
@@ -82,13 +118,8 @@ def main(argv=None) -> int:
     from unet_nuclei import training
 
     args = build_parser(core.Config()).parse_args(argv)
-    overrides = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
-    if "data" in overrides:
-        overrides["data_dir"] = overrides.pop("data")
     try:
-        if args.channels:
-            overrides["channels"] = tuple(int(c) for c in args.channels.split(","))
-        config = core.quick_config(**overrides) if args.quick else core.Config(**overrides)
+        config = config_from_args(args, core)
         print("Configuration:", ", ".join(f"{k}={v}" for k, v in config.to_dict().items()), flush=True)
         result = training.train(config, runs_root=args.runs_dir, run_name=args.name, resume=args.resume,
                                 cpu_devices=args.cpu_devices, progress=True)

@@ -10,10 +10,8 @@ where to look in the other:
     4. Convolutional blocks (``conv_block``, ``down_block``, ``bottleneck``, ``up_block``)
     5. The U-Net model (``build_unet``) and its losses and metrics
 
-Sections 6 and 7 of the notebook (training, testing) use the ``unet_nuclei`` package beside this file:
-training runs, overlap-tile prediction, instances and scores, prediction on files, plots and the
-built-in synthetic sample.  That package imports this module; this module imports nothing
-of the project.
+Sections 6 and 7 of the notebook (training, testing) use the ``unet_nuclei`` package beside this file,
+which imports this module; this module imports nothing of the project.
 
 Importing this module does no work: it builds no model, touches no file and prints nothing.
 """
@@ -41,6 +39,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers, ops
+from scipy import ndimage
+from skimage import segmentation
 from tqdm.auto import tqdm
 
 # The name under which the losses and metrics are registered with Keras' serialisation framework.
@@ -346,9 +346,10 @@ def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
 
 def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Resize a mask or label image with nearest-neighbour only, so it stays binary (labels stay labels)."""
+    """Resize a mask or label image by nearest neighbour (labels stay labels), on the pixel grid that
+    ``resize_image`` uses: plain INTER_NEAREST samples half a pixel off it."""
     height, width = (size, size) if isinstance(size, int) else size
-    return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+    return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
 
 
 def grid_positions(length: int, size: int) -> list[int]:
@@ -360,44 +361,107 @@ def grid_positions(length: int, size: int) -> list[int]:
     return [i * (length - size) // (count - 1) for i in range(count)]
 
 
-def _patch_arrays(samples: Sequence[LoadedSample], size: int) -> tuple[np.ndarray, np.ndarray]:
+# --- The model's view of an image, and what it learns -------------------------------------------------
+# The same preprocessing at training and at prediction; targets from instance labels, never a union mask.
+
+PREPROCESSING = ("grey", "rgb")
+TARGETS = ("instance", "binary")  # instance: classes 0 background, 1 nucleus interior, 2 boundary
+
+
+def preprocess_image(image: np.ndarray, mode: str = "grey") -> np.ndarray:
+    """The model's input for an H x W x 3 uint8 RGB image: the same code at training and at prediction.
+
+    "rgb" keeps the image.  "grey" makes every kind of microscopy look alike: the channels are averaged,
+    an image with a bright background (brightfield, stained tissue) is inverted so its nuclei are bright
+    on dark as in fluorescence, and intensities are stretched between the 0.5th and 99.8th percentiles so
+    a dim exposure and a bright one give the same input.  Returns H x W x 1 uint8 for "grey".
+    """
+    if mode == "rgb":
+        return np.asarray(image)
+    if mode != "grey":
+        raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {mode!r}")
+    grey = np.asarray(image, dtype=np.float32).mean(axis=2)
+    if np.median(grey) > 127:
+        grey = 255.0 - grey
+    low, high = np.percentile(grey, (0.5, 99.8))
+    # A nearly flat image (an empty field of view) is not stretched into noise.
+    high = max(float(high), float(low) + 16.0)
+    grey = np.clip((grey - low) * (255.0 / (high - low)), 0, 255)
+    return grey.round().astype(np.uint8)[..., None]
+
+
+def instance_targets(labels: np.ndarray, contact: int = 2) -> np.ndarray:
+    """Instance labels -> per-pixel classes: 0 background, 1 nucleus interior, 2 nucleus boundary.
+
+    The boundary is each nucleus's one-pixel inner rim, widened to ``contact`` pixels wherever another
+    nucleus is that close.  The pixels where two nuclei meet are what a binary mask cannot express; with
+    them as a class of their own, the interiors of touching nuclei come out as separate blobs.
+    """
+    labels = np.asarray(labels).astype(np.int32)
+    nuclei = labels > 0
+    classes = nuclei.astype(np.uint8)
+    rim = segmentation.find_boundaries(labels, mode="inner") & nuclei
+    # A nucleus pixel is near another nucleus when the largest or the smallest label within ``contact``
+    # pixels (the background counting as +infinity for the smallest) is a nucleus other than its own.
+    window = 2 * contact + 1
+    none = np.iinfo(np.int32).max
+    largest = ndimage.maximum_filter(labels, window)
+    smallest = ndimage.minimum_filter(np.where(nuclei, labels, none), window)
+    near_other = ((largest != labels) & (largest > 0)) | ((smallest != labels) & (smallest != none))
+    classes[rim | (nuclei & near_other)] = 2
+    return classes
+
+
+def targets_from_labels(labels: np.ndarray, targets: str = "instance") -> np.ndarray:
+    """The training target of an instance-label image: ``instance_targets`` or the binary union mask."""
+    if targets == "instance":
+        return instance_targets(labels)
+    if targets == "binary":
+        return (np.asarray(labels) > 0).astype(np.uint8)
+    raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
+
+
+def _patch_arrays(views, size: int, targets: str) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic validation patches: a grid of ``size`` windows covering every image."""
-    images, masks = [], []
-    for sample in samples:
-        image, mask = pad_to_min_size(sample.image, size), pad_to_min_size(sample.mask, size)
+    images, classes = [], []
+    for image, labels in views:
+        image = pad_to_min_size(image, size)
+        target = pad_to_min_size(targets_from_labels(labels, targets), size)
         for top in grid_positions(image.shape[0], size):
             for left in grid_positions(image.shape[1], size):
                 images.append(image[top:top + size, left:left + size])
-                masks.append(mask[top:top + size, left:left + size])
-    return np.stack(images), np.stack(masks)[..., None]
+                classes.append(target[top:top + size, left:left + size])
+    return np.stack(images), np.stack(classes)[..., None]
 
 
-def _resized_arrays(samples: Sequence[LoadedSample], size: int) -> tuple[np.ndarray, np.ndarray]:
+def _resized_arrays(views, size: int, targets: str) -> tuple[np.ndarray, np.ndarray]:
     """Whole images resized to ``size`` x ``size`` (the original DSB-starter way)."""
-    images = np.stack([resize_image(s.image, size) for s in samples])
-    masks = np.stack([resize_mask(s.mask, size) for s in samples])[..., None]
-    return images, masks
+    images = np.stack([resize_image(image, size).reshape(size, size, -1) for image, _ in views])
+    classes = np.stack([targets_from_labels(resize_mask(labels, size), targets) for _, labels in views])
+    return images, classes[..., None]
 
 
 class PatchSampler:
-    """Draws random ``size`` x ``size`` patches (image, mask) from decoded images held in memory.
+    """Draws random ``size`` x ``size`` patches (image, target classes) from images held in memory.
 
-    Images are chosen with probability proportional to their area, so every pixel of the training set
-    is about equally likely to be seen, and large images are not under-sampled.  Images smaller than a
-    patch are mirror-padded once, up front.  Cropping is a NumPy slice, so drawing a patch costs
-    microseconds beside a training step.
+    Images are chosen with probability proportional to their area, so every pixel is about equally
+    likely to be seen.  With ``scale_range`` each patch is cut at a random scale (log-uniform) and
+    resized to ``size`` (labels by nearest neighbour), so the model meets nuclei larger and smaller than
+    the training set's; targets come from the resized labels, so a boundary is as thin at every scale.
     """
 
-    def __init__(self, samples: Sequence[LoadedSample], size: int, seed: int = 0):
-        if not samples:
+    def __init__(self, views, size: int, seed: int = 0, targets: str = "binary",
+                 scale_range: tuple[float, float] | None = None):
+        if not views:
             raise DataError("no training samples to draw patches from")
-        self.size = size
-        self.images = [pad_to_min_size(s.image, size) for s in samples]
-        self.masks = [pad_to_min_size(s.mask, size)[..., None] for s in samples]
-        areas = np.array([s.image.shape[0] * s.image.shape[1] for s in samples], dtype=np.float64)
+        self.size, self.seed, self.targets = size, seed, targets
+        self.scale_range = tuple(scale_range) if scale_range else None
+        largest = size if not self.scale_range else int(math.ceil(size / min(self.scale_range)))
+        self.images = [pad_to_min_size(image, largest) for image, _ in views]
+        self.labels = [pad_to_min_size(labels, largest) for _, labels in views]
+        areas = np.array([labels.shape[0] * labels.shape[1] for _, labels in views], dtype=np.float64)
         self.weights = areas / areas.sum()
         self.total_area = float(areas.sum())
-        self.seed = seed
 
     def patches_per_epoch(self) -> int:
         """How many patches make one pass over the training pixels, on average."""
@@ -408,20 +472,27 @@ class PatchSampler:
         # patches; Keras iterates one endless stream across epochs.
         rng = np.random.default_rng(self.seed)
         size = self.size
+        log_low, log_high = np.log(self.scale_range) if self.scale_range else (0.0, 0.0)
         while True:
             index = rng.choice(len(self.images), p=self.weights)
-            image, mask = self.images[index], self.masks[index]
-            top = int(rng.integers(0, image.shape[0] - size + 1))
-            left = int(rng.integers(0, image.shape[1] - size + 1))
-            yield image[top:top + size, left:left + size], mask[top:top + size, left:left + size]
+            image, labels = self.images[index], self.labels[index]
+            crop = max(1, int(round(size / math.exp(rng.uniform(log_low, log_high))))) if self.scale_range else size
+            top = int(rng.integers(0, image.shape[0] - crop + 1))
+            left = int(rng.integers(0, image.shape[1] - crop + 1))
+            image, labels = image[top:top + crop, left:left + crop], labels[top:top + crop, left:left + crop]
+            if crop != size:
+                image = resize_image(image, size).reshape(size, size, -1)
+                labels = resize_mask(labels, size)
+            yield image, targets_from_labels(labels, self.targets)[..., None]
 
 
 def augment_batch(images, masks, seed):
     """Paired random augmentation of a batch: the 8 flips/rotations, applied identically to image and
-    mask, and intensity jitter (brightness, contrast, gamma, per-channel gain) on the image only.
+    target, and intensity jitter (brightness, contrast, gamma, per-channel gain) on the image only.
 
-    ``images`` are float32 in [0, 255]; ``seed`` is a shape-[2] int tensor, so the whole stream is
-    reproducible.  Square patches only (rotation by 90 degrees is a transpose plus a flip).
+    ``images`` are float32 in [0, 255] with any number of channels; ``seed`` is a shape-[2] int tensor,
+    so the whole stream is reproducible.  Square patches only (rotation by 90 degrees is a transpose
+    plus a flip).
     """
     batch = tf.shape(images)[0]
     draws = tf.random.stateless_uniform([batch, 8], seed=seed)
@@ -440,7 +511,7 @@ def augment_batch(images, masks, seed):
     brightness = tf.reshape((draws[:, 3] - 0.5) * 0.2 * 255.0, shape)  # +-10% of full scale
     contrast = tf.reshape(0.75 + draws[:, 4] * 0.5, shape)  # 0.75 .. 1.25
     gamma = tf.reshape(tf.exp((draws[:, 5] - 0.5) * 0.6), shape)  # about 0.74 .. 1.35
-    gain = 1.0 + (tf.random.stateless_uniform([batch, 1, 1, 3], seed=seed + 1) - 0.5) * 0.2
+    gain = 1.0 + (tf.random.stateless_uniform([batch, 1, 1, images.shape[-1]], seed=seed + 1) - 0.5) * 0.2
     mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
     images = (images - mean) * contrast + mean + brightness
     images = 255.0 * tf.pow(tf.clip_by_value(images / 255.0, 0.0, 1.0), gamma) * gain
@@ -448,7 +519,7 @@ def augment_batch(images, masks, seed):
 
 
 def _targets(masks, num_classes: int, crop: int):
-    """Mask batch (uint8 0/1) -> the model's target: centre-cropped for unpadded models, one-hot for
+    """Batch of target classes (0/1, or 0/1/2 for instance targets) -> the model's target: centre-cropped for unpadded models, one-hot for
     more than one class, float32 in every case."""
     if crop:
         masks = masks[:, crop:-crop, crop:-crop, :]
@@ -469,20 +540,23 @@ def make_datasets(train_samples: Sequence[LoadedSample], val_samples: Sequence[L
     out_size = unet_output_size(size, len(config.channels) - 1, config.padding)
     crop = (size - out_size) // 2
     autotune = tf.data.AUTOTUNE
-    image_spec = tf.TensorSpec([size, size, 3], tf.uint8)
+    image_spec = tf.TensorSpec([size, size, config.input_channels], tf.uint8)
     mask_spec = tf.TensorSpec([size, size, 1], tf.uint8)
+    # (preprocessed image, instance labels) of each sample: preprocessed once, before any random work.
+    train_views, val_views = ([(preprocess_image(s.image, config.preprocessing), s.labels) for s in samples]
+                              for samples in (train_samples, val_samples))
 
     if config.sampling == "patch":
-        sampler = PatchSampler(train_samples, size, seed=config.seed)
+        sampler = PatchSampler(train_views, size, config.seed, config.targets, config.scale_range)
         train = tf.data.Dataset.from_generator(sampler, output_signature=(image_spec, mask_spec))
         steps = config.steps_per_epoch or max(1, math.ceil(sampler.patches_per_epoch() / batch))
-        val_images, val_masks = _patch_arrays(val_samples, size)
+        val_images, val_masks = _patch_arrays(val_views, size, config.targets)
     else:
-        images, masks = _resized_arrays(train_samples, size)
+        images, masks = _resized_arrays(train_views, size, config.targets)
         train = (tf.data.Dataset.from_tensor_slices((images, masks))
                  .shuffle(len(images), seed=config.seed, reshuffle_each_iteration=True).repeat())
         steps = config.steps_per_epoch or max(1, math.ceil(len(images) / batch))
-        val_images, val_masks = _resized_arrays(val_samples, size)
+        val_images, val_masks = _resized_arrays(val_views, size, config.targets)
 
     def to_float(images, masks):
         # Masks become float here too: oneDNN has no fast uint8 kernels for the flips that follow.
@@ -510,6 +584,9 @@ def make_datasets(train_samples: Sequence[LoadedSample], val_samples: Sequence[L
 SAMPLING_MODES = ("patch", "resize")
 PADDINGS = ("same", "valid")
 LOSSES = ("bce", "dice", "bce+dice")
+LR_SCHEDULES = ("cosine", "plateau")
+# Runs of earlier versions (their config.json has "num_classes") were binary, RGB, unscaled, plateau LR.
+LEGACY_DEFAULTS = {"targets": "binary", "preprocessing": "rgb", "scale_range": None, "lr_schedule": "plateau"}
 
 
 @dataclasses.dataclass
@@ -524,12 +601,13 @@ class Config:
     image_size: int = 128  # patch side (or resize target), the model's training input size
     val_size: float = 0.1  # fraction (<1) or number (>=1) of images held out for validation
     augment: bool = True  # flips, rotations and intensity jitter on training batches
+    scale_range: tuple[float, float] | None = (0.6, 1.8)  # random patch scale (None: native scale only)
+    preprocessing: str = "grey"  # "grey": grey, bright-on-dark, contrast-stretched; "rgb": as it is
     # Model
-    input_channels: int = 3
-    num_classes: int = 1
+    targets: str = "instance"  # "instance": background/interior/boundary classes; "binary": one mask
     channels: tuple[int, ...] = (16, 32, 64, 128, 256)  # per level; the last is the bottleneck
     padding: str = "same"  # "same" keeps the size; "valid" is the unpadded original
-    batch_norm: bool = False
+    batch_norm: bool = True
     dropout: float = 0.0
     # Training
     epochs: int = 20
@@ -537,25 +615,31 @@ class Config:
     steps_per_epoch: int | None = None  # None: one pass over the training pixels per epoch
     learning_rate: float = 1e-3
     loss: str = "bce+dice"
+    lr_schedule: str = "cosine"  # "cosine": decay to 2% over the run; "plateau": halve when val loss stalls
     seed: int = 42
     mixed_precision: bool = False
     xla: bool = False
     # Inference
-    threshold: float = 0.5  # replaced by the one chosen on validation at the end of training
+    threshold: float = 0.5  # nucleus probability; replaced by the one chosen on validation after training
+    marker_threshold: float = 0.5  # interior probability of the markers (instance targets); chosen likewise
     tile_overlap: int | None = None  # None: 1/8 of the output tile for padded models, 0 for unpadded
     min_nucleus_size: int = 15  # instances smaller than this many pixels are dropped
+    tta: bool = False  # average the 8 flips and rotations of each image at prediction (8x the time)
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
-        if self.sampling not in SAMPLING_MODES:
-            raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
-        if self.padding not in PADDINGS:
-            raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        for name, choices in (("sampling", SAMPLING_MODES), ("padding", PADDINGS), ("loss", LOSSES),
+                              ("lr_schedule", LR_SCHEDULES), ("targets", TARGETS), ("preprocessing", PREPROCESSING)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.scale_range is not None:
+            self.scale_range = tuple(float(v) for v in self.scale_range)
+            if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1] <= 10:
+                raise ValueError(f"scale_range must be two scales 0 < low <= high <= 10, or None, got "
+                                 f"{self.scale_range}")
         if len(self.channels) < 2 or any(c < 1 for c in self.channels):
             raise ValueError(f"channels needs at least two positive counts (levels + bottleneck), got {self.channels}")
-        for name in ("image_size", "batch_size", "epochs", "num_classes", "input_channels", "sample_images"):
+        for name in ("image_size", "batch_size", "epochs", "sample_images"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.val_size <= 0 or (self.val_size >= 1 and self.val_size != int(self.val_size)):
@@ -564,8 +648,9 @@ class Config:
             raise ValueError(f"steps_per_epoch must be a positive integer (or None), got {self.steps_per_epoch}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0 < self.threshold < 1:
-            raise ValueError(f"threshold must be between 0 and 1, got {self.threshold}")
+        for name in ("threshold", "marker_threshold"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         # The size check gives the nearest sizes that work, so a user can fix the flag at once.
@@ -576,17 +661,32 @@ class Config:
         """Number of pooling steps (levels below the input resolution)."""
         return len(self.channels) - 1
 
+    @property
+    def input_channels(self) -> int:
+        """Channels of the model's input: 1 for grey preprocessing, 3 for RGB."""
+        return 1 if self.preprocessing == "grey" else 3
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the output layer: background, interior, boundary; or one sigmoid channel."""
+        return 3 if self.targets == "instance" else 1
+
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["channels"] = list(self.channels)
+        data["scale_range"] = list(self.scale_range) if self.scale_range else None
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "Config":
         """Build a Config from a dict, ignoring keys that are not fields (a run's config.json also holds
-        the validation ids and scores)."""
+        the validation ids and scores).  A config.json of an earlier version of this project keeps its
+        meaning: the fields it lacks take their old values (``LEGACY_DEFAULTS``)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        values = {k: v for k, v in data.items() if k in names}
+        if "num_classes" in data:
+            values = {**LEGACY_DEFAULTS, **values}
+        return cls(**values)
 
     def to_json(self, path=None, **extra) -> str:
         text = json.dumps({**self.to_dict(), **extra}, indent=2)
@@ -767,11 +867,12 @@ def build_unet_from_config(config: Config, input_size: int | None = None) -> ker
 # in any program that imports this module.
 
 
-def _overlap(y_true, y_pred):
-    """Per-image intersection and sum of sizes, reduced over height, width and channels."""
+def _overlap(y_true, y_pred, per_class: bool = False):
+    """Per-image intersection and sum of sizes, reduced over height, width and (unless ``per_class``)
+    channels."""
     y_true = ops.cast(y_true, "float32")
     y_pred = ops.cast(y_pred, "float32")
-    axes = tuple(range(1, len(y_pred.shape)))
+    axes = tuple(range(1, len(y_pred.shape) - int(per_class)))
     intersection = ops.sum(y_true * y_pred, axis=axes)
     total = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
     return intersection, total
@@ -789,6 +890,16 @@ def iou_coefficient(y_true, y_pred, smooth: float = 1.0):
     """Soft IoU (Jaccard) per image, averaged over the batch: (|A.B| + s) / (|A| + |B| - |A.B| + s)."""
     intersection, total = _overlap(y_true, y_pred)
     return ops.mean((intersection + smooth) / (total - intersection + smooth))
+
+
+def _soft_dice_per_image(y_true, y_pred, smooth: float):
+    """Soft Dice of each image of a batch.  For a softmax output it is the mean of the per-class Dice of
+    the classes after the background: each class counts the same however few pixels it has, so the thin
+    boundary class weighs as much as the nucleus interiors."""
+    per_class = y_pred.shape[-1] is not None and y_pred.shape[-1] > 1
+    intersection, total = _overlap(y_true[..., 1:], y_pred[..., 1:], True) if per_class else _overlap(y_true, y_pred)
+    dice_value = (2.0 * intersection + smooth) / (total + smooth)
+    return ops.mean(dice_value, axis=-1) if per_class else dice_value
 
 
 def _foreground(y_true, y_pred):
@@ -820,9 +931,8 @@ class DiceLoss(keras.losses.Loss):
         self.smooth = smooth
 
     def call(self, y_true, y_pred):
-        intersection, total = _overlap(y_true, y_pred)
         # Per image, so Keras' reduction averages over the batch (and across replicas correctly).
-        return 1.0 - (2.0 * intersection + self.smooth) / (total + self.smooth)
+        return 1.0 - _soft_dice_per_image(y_true, y_pred, self.smooth)
 
     def get_config(self):
         return {**super().get_config(), "smooth": self.smooth}
@@ -841,12 +951,9 @@ class BceDiceLoss(keras.losses.Loss):
         self.bce_weight, self.dice_weight, self.smooth = bce_weight, dice_weight, smooth
 
     def call(self, y_true, y_pred):
-        y_true = ops.cast(y_true, "float32")
-        y_pred = ops.cast(y_pred, "float32")
-        crossentropy = _pixel_crossentropy(y_true, y_pred)
-        intersection, total = _overlap(y_true, y_pred)
-        dice_loss = 1.0 - (2.0 * intersection + self.smooth) / (total + self.smooth)
-        return self.bce_weight * crossentropy + self.dice_weight * dice_loss
+        y_true, y_pred = ops.cast(y_true, "float32"), ops.cast(y_pred, "float32")
+        dice_loss = 1.0 - _soft_dice_per_image(y_true, y_pred, self.smooth)
+        return self.bce_weight * _pixel_crossentropy(y_true, y_pred) + self.dice_weight * dice_loss
 
     def get_config(self):
         return {**super().get_config(), "bce_weight": self.bce_weight, "dice_weight": self.dice_weight,
@@ -880,9 +987,14 @@ def make_loss(name: str) -> keras.losses.Loss:
     return losses[name]()
 
 
-def compile_unet(model: keras.Model, config: Config, jit_compile: bool | None = None) -> keras.Model:
-    """Compile with Adam, the Config's loss, and the Dice/IoU metrics."""
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=make_loss(config.loss),
+def compile_unet(model: keras.Model, config: Config, jit_compile: bool | None = None,
+                 total_steps: int | None = None) -> keras.Model:
+    """Compile with Adam, the Config's loss, and the Dice/IoU metrics.  With the cosine schedule and
+    ``total_steps`` (epochs x steps per epoch), the learning rate decays from ``config.learning_rate`` to
+    2% of it over the run; otherwise it stays constant (a plateau callback may lower it)."""
+    learning_rate = config.learning_rate
+    if config.lr_schedule == "cosine" and total_steps:
+        learning_rate = keras.optimizers.schedules.CosineDecay(config.learning_rate, int(total_steps), alpha=0.02)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=make_loss(config.loss),
                   metrics=[dice, iou], jit_compile=config.xla if jit_compile is None else jit_compile)
     return model
-

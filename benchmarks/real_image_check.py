@@ -48,17 +48,13 @@ def main() -> int:
 
     from unet_model_core import read_image
     from unet_nuclei import plots, predict
-    from unet_nuclei.instances import Prediction
-    from unet_nuclei.tiling import predict_probabilities
 
     model, config, _, run_dir = predict.load_run(args.model, args.runs_dir)
     with tempfile.TemporaryDirectory() as tmp:
         image_path, labels_path = fetch_real_image(Path(tmp))
         image = read_image(image_path)
         truth = cv2.imread(str(labels_path), cv2.IMREAD_UNCHANGED).astype(np.int32)
-    probability = predict_probabilities(model, image, config)
-    result = Prediction.from_probability("stardist img2d (real)", image, probability, config.threshold,
-                                         config.min_nucleus_size, truth)
+    result = predict.predict_image(model, config, image, "stardist img2d (real)", truth, progress=False)
     scores = result.scores
     out = Path(args.out) if args.out else run_dir / "real_image_check.png"
     plots.save(plots.prediction_grid([result]), out, dpi=80)

@@ -21,8 +21,6 @@ def main() -> int:
 
     from unet_model_core import read_image
     from unet_nuclei import plots, predict
-    from unet_nuclei.instances import Prediction
-    from unet_nuclei.tiling import predict_probabilities
 
     model, config, info, run_dir = predict.load_run(args.model)
     inputs, _ = predict.validation_inputs(info)
@@ -30,8 +28,7 @@ def main() -> int:
     # One dark-background (fluorescence) and one bright-background (stained) image, if the split has both.
     order = np.argsort([np.median(image) for image in images])
     picks = [order[0], order[-1]] if np.median(images[order[-1]]) > 100 else list(order[:2])
-    shown = [Prediction.from_probability(inputs[i].name, images[i], predict_probabilities(model, images[i], config),
-                                         config.threshold, config.min_nucleus_size) for i in picks]
+    shown = [predict.predict_image(model, config, images[i], inputs[i].name, progress=False) for i in picks]
     plots.save(plots.outline_pairs(shown), args.out, dpi=72)
     print(f"wrote {args.out} from {run_dir}")
     return 0

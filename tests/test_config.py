@@ -9,8 +9,26 @@ import unet_model_core as core
 def test_defaults_describe_the_default_model():
     config = core.Config()
     assert config.channels == (16, 32, 64, 128, 256) and config.padding == "same"
-    assert (config.image_size, config.num_classes, config.batch_norm, config.dropout) == (128, 1, False, 0.0)
-    assert core.build_unet_from_config(config).count_params() == 1_941_105
+    assert (config.image_size, config.num_classes, config.input_channels) == (128, 3, 1)
+    assert (config.targets, config.preprocessing, config.batch_norm, config.dropout) == ("instance", "grey", True, 0.0)
+    # The seed's binary RGB model, without batch norm, is the same network with its own first and last layer.
+    binary = core.Config(targets="binary", preprocessing="rgb", batch_norm=False)
+    assert core.build_unet_from_config(binary).count_params() == 1_941_105
+    # 3 -> 1 input channels: 16 * 9 * 2 fewer weights; 1 -> 3 classes: 2 * (16 + 1) more; batch norm after
+    # each of the 18 3x3 convolutions: 4 numbers per channel, less the convolution's now redundant bias.
+    batch_norm = 3 * 2 * (2 * (16 + 32 + 64 + 128) + 256)
+    assert core.build_unet_from_config(config).count_params() == 1_941_105 - 288 + 34 + batch_norm
+
+
+def test_a_run_of_an_earlier_version_keeps_its_meaning():
+    old = {"image_size": 128, "input_channels": 3, "num_classes": 1, "channels": [16, 32, 64, 128, 256],
+           "batch_norm": False, "threshold": 0.65}
+    config = core.Config.from_dict(old)
+    assert (config.targets, config.preprocessing, config.scale_range, config.lr_schedule) == (
+        "binary", "rgb", None, "plateau")
+    assert (config.num_classes, config.input_channels, config.threshold) == (1, 3, 0.65)
+    # A dict of today's fields only takes today's defaults.
+    assert core.Config.from_dict({"image_size": 64}).targets == "instance"
 
 
 def test_json_round_trip_keeps_every_field(tmp_path):
@@ -30,6 +48,11 @@ def test_json_round_trip_keeps_every_field(tmp_path):
     ("batch_size", 0, "batch_size must be a positive integer"),
     ("dropout", 1.5, "dropout must be in"),
     ("channels", (16,), "at least two"),
+    ("targets", "contour", "targets must be one of"),
+    ("preprocessing", "hsv", "preprocessing must be one of"),
+    ("scale_range", (2.0, 1.0), "scale_range must be"),
+    ("lr_schedule", "step", "lr_schedule must be one of"),
+    ("marker_threshold", 1.0, "marker_threshold must be between"),
 ])
 def test_bad_values_raise_clear_errors(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from scipy import ndimage
 import pytest
 import tensorflow as tf
 
 import unet_model_core as core
+from unet_nuclei import evaluation
 from unet_nuclei import synthetic, training
 
 
@@ -100,7 +102,11 @@ def _assert_monotone(out_channel, in_channel):
 
 
 def _config(**overrides):
-    base = dict(image_size=32, batch_size=4, channels=(4, 8), steps_per_epoch=2, seed=0)
+    # The pipeline's mechanics are tested on binary targets of RGB patches at their native scale, where
+    # every target pixel can be checked against the image; the instance targets, the grey preprocessing
+    # and the scaled patches have tests of their own below.
+    base = dict(image_size=32, batch_size=4, channels=(4, 8), steps_per_epoch=2, seed=0, targets="binary",
+                preprocessing="rgb", scale_range=None)
     base.update(overrides)
     return core.Config(**base)
 
@@ -529,26 +535,94 @@ def test_valid_padding_centre_crops_the_target(pipeline_samples):
     np.testing.assert_array_equal(vy, masks[:, crop:crop + out, crop:crop + out].astype(np.float32))
 
 
-def test_two_classes_give_one_hot_targets(pipeline_samples):
-    train, val, _ = core.make_datasets(pipeline_samples, pipeline_samples, _config(num_classes=2))
+def test_instance_targets_give_three_one_hot_classes_from_the_labels(pipeline_samples):
+    config = _config(targets="instance", augment=False)
+    train, val, _ = core.make_datasets(pipeline_samples, pipeline_samples, config)
+    big = pipeline_samples[0]
     for x, y in _take(train, 2):
-        assert y.shape == (4, 32, 32, 2) and y.dtype == np.float32
+        assert y.shape == (4, 32, 32, 3) and y.dtype == np.float32
         np.testing.assert_array_equal(y.sum(axis=-1), np.ones((4, 32, 32), np.float32))
         for image, target in zip(x, y):
-            np.testing.assert_array_equal(target[..., 1], _mask_from_red(image))
-    _, masks = _expected_val_patches(pipeline_samples)
+            # Interior and boundary together are the nuclei; the classes are those of the window's labels.
+            np.testing.assert_array_equal(target[..., 1] + target[..., 2], _mask_from_red(image))
+            found = [(t, l) for t in range(9) for l in range(17)
+                     if np.array_equal(big.image[t:t + 32, l:l + 32], image)]
+            if found:
+                t, l = found[0]
+                expected = core.instance_targets(big.labels[t:t + 32, l:l + 32])
+                np.testing.assert_array_equal(target.argmax(axis=-1), expected)
     vy = np.concatenate([b[1] for b in _take(val)])
-    assert vy.shape == (5, 32, 32, 2)
-    np.testing.assert_array_equal(vy[..., 1], masks[..., 0].astype(np.float32))
-    np.testing.assert_array_equal(vy[..., 0], 1.0 - masks[..., 0].astype(np.float32))
+    assert vy.shape == (5, 32, 32, 3)
+    np.testing.assert_array_equal(vy[0].argmax(axis=-1), core.instance_targets(big.labels)[:32, :32])
 
 
 def test_patch_sampler_weights_and_epoch_length(pipeline_samples):
-    sampler = core.PatchSampler(pipeline_samples, 32, seed=0)
+    views = [(s.image, s.labels) for s in pipeline_samples]
+    sampler = core.PatchSampler(views, 32, seed=0)
     np.testing.assert_allclose(sampler.weights, np.array([40 * 48, 20 * 25]) / (40 * 48 + 20 * 25))
     assert sampler.patches_per_epoch() == int(np.ceil((40 * 48 + 20 * 25) / 32 ** 2))
     with pytest.raises(core.DataError):
         core.PatchSampler([], 32)
+
+
+def test_scaled_patches_resize_image_and_labels_together():
+    # Nuclei are 6x6 squares on a 12 px grid, their labels all different; at scale s a patch holds
+    # nuclei about 6 * s px wide, and the image's red channel still marks the target's nuclei.
+    labels = np.zeros((200, 200), np.uint16)
+    for index, (top, left) in enumerate((t, l) for t in range(3, 200, 12) for l in range(3, 200, 12)):
+        labels[top:top + 6, left:left + 6] = index + 1
+    image = np.zeros((200, 200, 3), np.uint8)
+    image[..., 0] = (labels > 0) * 255
+    sampler = core.PatchSampler([(image, labels)], 32, seed=3, targets="instance", scale_range=(0.5, 2.0))
+    widths = []
+    for (patch, target), _ in zip(sampler(), range(40)):
+        assert patch.shape == (32, 32, 3) and target.shape == (32, 32, 1)
+        # The image is interpolated and the labels are not, so they may differ on the nuclei's edges only.
+        red, nuclei = patch[..., 0] > 127, target[..., 0] > 0
+        assert not (red & ~ndimage.binary_dilation(nuclei)).any()
+        assert not (ndimage.binary_erosion(nuclei) & ~red).any()
+        assert set(np.unique(target)) <= {0, 1, 2}
+        rows = np.flatnonzero((target[..., 0] > 0).any(axis=1))
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1)
+        widths += [len(r) for r in runs[1:-1]]  # whole nuclei only, not ones cut by the patch edge
+    assert min(widths) <= 4 and max(widths) >= 10, f"nucleus sizes {sorted(set(widths))} do not span the scales"
+
+
+def test_preprocessing_makes_every_kind_bright_on_dark_and_stretched():
+    rng = np.random.default_rng(0)
+    nuclei = np.zeros((64, 64), bool)
+    nuclei[20:40, 20:40] = True
+    # Brightfield: dark nuclei (60) on a bright background (200); dim fluorescence: 30 on 10.
+    brightfield = np.repeat(np.where(nuclei, 60, 200).astype(np.uint8)[..., None], 3, axis=2)
+    fluorescence = np.repeat(np.where(nuclei, 30, 10).astype(np.uint8)[..., None], 3, axis=2)
+    stained = np.stack([np.where(nuclei, 90, 230), np.where(nuclei, 40, 180), np.where(nuclei, 150, 220)],
+                       axis=2).astype(np.uint8)
+    for image, kind in ((brightfield, "brightfield"), (fluorescence, "fluorescence"), (stained, "stained")):
+        assert evaluation.image_kind(image) == kind
+        grey = core.preprocess_image(image, "grey")
+        assert grey.shape == (64, 64, 1) and grey.dtype == np.uint8
+        assert grey[nuclei].min() == 255 and grey[~nuclei].max() == 0, kind
+    np.testing.assert_array_equal(core.preprocess_image(stained, "rgb"), stained)
+    # A flat image is not stretched into noise.
+    flat = rng.integers(100, 103, (32, 32, 3)).astype(np.uint8)
+    assert np.ptp(core.preprocess_image(flat, "grey")) <= 3 * 255 // 16 + 1
+    with pytest.raises(ValueError, match="preprocessing"):
+        core.preprocess_image(stained, "hsv")
+
+
+def test_instance_targets_of_two_touching_nuclei():
+    # Two 6x6 squares side by side: label 1 in columns 2-7, label 2 in columns 8-13, rows 2-7.
+    labels = np.zeros((10, 16), np.int32)
+    labels[2:8, 2:8], labels[2:8, 8:14] = 1, 2
+    expected = np.zeros((10, 16), np.uint8)
+    expected[2:8, 2:14] = 2  # every rim pixel, and within 2 px of the other nucleus, is boundary
+    expected[3:7, 3:6] = 1  # interior of 1: inside its rim, 3+ px from column 8
+    expected[3:7, 10:13] = 1  # interior of 2: inside its rim, 3+ px from column 7
+    np.testing.assert_array_equal(core.instance_targets(labels), expected)
+    # One nucleus alone has only its 1-px rim as boundary.
+    alone = np.where(labels == 1, 1, 0)
+    assert (core.instance_targets(alone)[3:7, 3:7] == 1).all()
+    assert core.targets_from_labels(labels, "binary").max() == 1
 
 
 # --------------------------------------------------------------------------------------------------

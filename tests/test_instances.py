@@ -11,15 +11,19 @@ import pytest
 from rle import rle_decode, rle_encode
 from unet_nuclei.instances import (
     DSB_IOU_THRESHOLDS,
+    PostProcessing,
     Prediction,
     binary_dice_iou,
-    choose_threshold,
+    choose_post_processing,
     count_instances,
     draw_outlines,
     dsb_score,
     instance_iou_matrix,
+    instances_from_classes,
     label_instances,
+    matching_precisions,
     rle_rows,
+    score_image,
 )
 
 
@@ -364,21 +368,27 @@ def test_empty_map_and_bad_input():
 
 
 # ----------------------------------------------------------------------------------------------------
-# choose_threshold and Prediction
+# choose_post_processing, Prediction and the instance-aware (3-class) path
 # ----------------------------------------------------------------------------------------------------
 
-def test_choose_threshold_picks_the_best_dsb_score():
+def _one_hot_output(probability):
+    """A binary model's H x W x 1 output from a probability map."""
+    return probability.astype(np.float32)[..., None]
+
+
+def test_choose_post_processing_picks_the_best_dsb_score():
     # A disc predicted at 0.9 inside a halo at 0.4: above 0.4 the prediction is exactly the truth (DSB 1);
     # at 0.3 the halo joins it and the one predicted nucleus is more than twice the true one (DSB 0).
     truth = (_discs((60, 60), (30, 30, 10)) > 0).astype(np.int32)
     probability = np.where(truth > 0, 0.9, 0.0).astype(np.float32)
     probability[(_discs((60, 60), (30, 30, 17)) > 0) & (truth == 0)] = 0.4
-    threshold, mean, per_image = choose_threshold([truth, truth], [probability, probability], min_size=5,
-                                                  thresholds=[0.3, 0.5, 0.7])
-    assert threshold == 0.5  # 0.5 and 0.7 tie on both scores: the first one wins
-    assert mean == {"dice": 1.0, "iou": 1.0, "dsb_score": 1.0}
+    output = _one_hot_output(probability)
+    post, mean, per_image = choose_post_processing([truth, truth], [output, output], min_sizes=[5],
+                                                   thresholds=[0.3, 0.5, 0.7])
+    assert post.threshold == 0.5  # 0.5 and 0.7 tie on both scores: the first one wins
+    assert mean == {"dice": 1.0, "iou": 1.0, "dsb_score": 1.0, "ap50": 1.0}
     assert [s.nuclei_pred for s in per_image] == [1, 1]
-    _, worse, _ = choose_threshold([truth], [probability], min_size=5, thresholds=[0.3])
+    _, worse, _ = choose_post_processing([truth], [output], min_sizes=[5], thresholds=[0.3])
     assert worse["dsb_score"] == 0.0 and worse["iou"] == pytest.approx(np.pi * 100 / (np.pi * 289), abs=0.05)
 
 
@@ -386,13 +396,84 @@ def test_prediction_labels_once_and_scores_against_the_truth():
     probability = _discs((50, 60), (15, 20, 8), (45, 30, 6))
     truth = label_instances(probability, min_size=1)
     image = np.zeros((50, 60, 3), np.uint8)
-    p = Prediction.from_probability("a", image, probability, 0.5, 10, truth)
+    post = PostProcessing(0.5, 0.5, 10)
+    p = Prediction.from_output("a", image, _one_hot_output(probability), post, truth)
     assert (p.name, p.height, p.width, p.count) == ("a", 50, 60, 2)
     assert p.scores.dsb_score == 1.0 and p.scores.nuclei_true == p.scores.nuclei_pred == 2
+    np.testing.assert_array_equal(p.probability, probability)
     summary = p.summary()
     assert summary.image is summary.labels is summary.probability is summary.truth_labels is None
     assert (summary.count, summary.scores) == (2, p.scores)
-    assert Prediction.from_probability("b", image, probability, 0.5, 10).scores is None
+    assert Prediction.from_output("b", image, _one_hot_output(probability), post).scores is None
+
+
+def _class_output(labels, interior_width=2):
+    """A confident 3-class output for a label image: boundary on each nucleus's outer ``interior_width``
+    pixels and where nuclei meet, interior inside, background elsewhere."""
+    from unet_model_core import instance_targets
+
+    classes = instance_targets(labels, contact=interior_width)
+    return np.eye(3, dtype=np.float32)[classes] * 0.9 + 0.1 / 3
+
+
+def test_touching_discs_are_split_by_the_model_markers():
+    # Two discs of radius 10 whose centres are 16 px apart overlap by a lens 4 px wide: one blob for a
+    # threshold, two nuclei with the boundary class between them.
+    yy, xx = np.mgrid[:40, :60]
+    left = (yy - 20) ** 2 + (xx - 22) ** 2 <= 100
+    right = ((yy - 20) ** 2 + (xx - 38) ** 2 <= 100) & ~left
+    truth = left.astype(np.int32) + 2 * right
+    output = _class_output(truth)
+    labels = instances_from_classes(output, threshold=0.5, marker_threshold=0.5, min_size=5)
+    assert count_instances(labels) == 2
+    # Each predicted nucleus is its true disc up to the contested pixels: DSB at 0.5-0.85 at least.
+    assert matching_precisions(truth, labels)[:8].min() == 1.0
+    # The same area as a binary mask is one connected component: the old path needs the distance
+    # transform to split it, the instance-aware one reads the split off the model.
+    assert count_instances(label_instances((truth > 0).astype(np.float32), split_touching=False)) == 1
+
+
+def test_instances_from_classes_keeps_nuclei_without_markers_and_drops_specks():
+    output = np.zeros((30, 30, 3), np.float32)
+    output[..., 0] = 1.0
+    output[2:10, 2:10] = (0.2, 0.0, 0.8)  # all boundary, no interior: a nucleus without a marker
+    output[20:22, 20:22] = (0.0, 1.0, 0.0)  # a 4-pixel speck
+    labels = instances_from_classes(output, min_size=10)
+    assert count_instances(labels) == 1 and (labels[2:10, 2:10] == 1).all()
+    assert count_instances(instances_from_classes(output, min_size=3)) == 2
+    with pytest.raises(ValueError, match="H x W x 3"):
+        instances_from_classes(output[..., :2])
+
+
+def test_post_processing_dispatches_on_the_output_classes():
+    truth = np.zeros((40, 60), np.int32)
+    yy, xx = np.mgrid[:40, :60]
+    truth[(yy - 20) ** 2 + (xx - 22) ** 2 <= 100] = 1
+    truth[((yy - 20) ** 2 + (xx - 38) ** 2 <= 100) & (truth == 0)] = 2
+    post = PostProcessing(0.5, 0.5, 5)
+    assert count_instances(post.nuclei(_class_output(truth))) == 2
+    assert post.nuclei(_one_hot_output((truth > 0).astype(np.float32))).max() >= 1
+
+
+def test_choose_post_processing_tries_marker_thresholds_for_instance_outputs():
+    truth = np.zeros((40, 60), np.int32)
+    yy, xx = np.mgrid[:40, :60]
+    truth[(yy - 20) ** 2 + (xx - 22) ** 2 <= 100] = 1
+    truth[((yy - 20) ** 2 + (xx - 38) ** 2 <= 100) & (truth == 0)] = 2
+    output = _class_output(truth)
+    # Interior at 0.55 everywhere in the nuclei but 0.65 in the two cores: only a marker threshold
+    # between them separates the nuclei.
+    from unet_model_core import instance_targets
+
+    cores = instance_targets(truth, contact=4) == 1
+    output[..., 1] = np.where(truth > 0, 0.55, 0.0)
+    output[cores, 1] = 0.65
+    output[..., 2] = np.where(truth > 0, 0.4, 0.0) - np.where(cores, 0.1, 0.0)
+    output[..., 0] = 1.0 - output[..., 1] - output[..., 2]
+    post, mean, _ = choose_post_processing([truth], [output], min_sizes=[5], thresholds=[0.5],
+                                           marker_thresholds=[0.5, 0.6])
+    assert post.marker_threshold == 0.6 and mean["dsb_score"] > 0.5
+    assert score_image(truth, PostProcessing(0.5, 0.5, 5).nuclei(output)).nuclei_pred == 1
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -68,7 +68,8 @@ def test_each_loss_trains_a_toy_segmentation(name):
         x[i, top:top + 6, left:left + 6] = 200
         y[i, top:top + 6, left:left + 6] = 1
     x += rng.normal(0, 10, x.shape).astype(np.float32)
-    config = core.Config(image_size=16, channels=(8, 16), loss=name, learning_rate=1e-2)
+    config = core.Config(image_size=16, channels=(8, 16), loss=name, learning_rate=1e-2, targets="binary",
+                         preprocessing="rgb", batch_norm=False)
     model = core.compile_unet(core.build_unet_from_config(config), config)
     before = model.evaluate(x, y, verbose=0, return_dict=True)
     model.fit(x, y, epochs=40, batch_size=8, verbose=0)
@@ -80,9 +81,26 @@ def test_each_loss_trains_a_toy_segmentation(name):
 def test_softmax_model_trains_with_one_hot_targets():
     keras.utils.set_random_seed(1)
     x = np.random.default_rng(1).uniform(0, 255, (8, 16, 16, 1)).astype(np.float32)
-    y = keras.utils.to_categorical((x[..., 0] > 128).astype(int), 2).astype(np.float32)
-    config = core.Config(image_size=16, channels=(4, 8), num_classes=2, input_channels=1, learning_rate=1e-2)
+    classes = (x[..., 0] > 85).astype(int) + (x[..., 0] > 170)
+    y = keras.utils.to_categorical(classes, 3).astype(np.float32)
+    config = core.Config(image_size=16, channels=(4, 8), targets="instance", preprocessing="grey", learning_rate=1e-2)
     model = core.compile_unet(core.build_unet_from_config(config), config)
+    assert model.output_shape == (None, 16, 16, 3) and model.input_shape == (None, 16, 16, 1)
     before = model.evaluate(x, y, verbose=0)[0]
     model.fit(x, y, epochs=30, verbose=0)
     assert model.evaluate(x, y, verbose=0)[0] < before
+
+
+def test_softmax_dice_weighs_each_class_the_same_however_thin():
+    # 100 pixels: 40 interior, 4 boundary, 56 background.  A prediction that is right everywhere except
+    # that it calls the boundary interior has interior Dice (80+1)/(84+1) and boundary Dice (0+1)/(4+1)
+    # = 0.2 (smooth 1): the loss is 1 - their mean, not the near-zero loss of a pixel-weighted Dice.
+    truth = np.zeros((1, 10, 10), int)
+    truth[0, :4] = 1
+    truth[0, 4, :4] = 2
+    y_true = keras.utils.to_categorical(truth, 3).astype(np.float32)
+    guess = np.where(truth == 2, 1, truth)
+    y_pred = keras.utils.to_categorical(guess, 3).astype(np.float32)
+    loss = float(core.DiceLoss()(y_true, y_pred))
+    assert loss == pytest.approx(1 - (81 / 85 + 0.2) / 2, abs=1e-5)
+    assert float(core.DiceLoss()(y_true, y_true)) == pytest.approx(0.0, abs=1e-6)

@@ -79,13 +79,16 @@ def test_batch_norm_and_dropout_are_off_by_default_and_can_be_switched_on():
 
 
 def test_compiled_model_round_trips_through_keras_file(tmp_path):
+    # The default instance-aware model, with its cosine learning-rate schedule, as last.keras holds it.
     config = core.Config(image_size=32, channels=(4, 8, 16), loss="bce+dice")
-    model = core.compile_unet(core.build_unet_from_config(config), config)
-    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
-    y = (x[..., :1] > 128).astype(np.float32)
+    model = core.compile_unet(core.build_unet_from_config(config), config, total_steps=10)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 1)).astype(np.float32)
+    y = keras.utils.to_categorical((x[..., 0] > 85).astype(int) + (x[..., 0] > 170), 3).astype(np.float32)
     model.fit(x, y, epochs=1, verbose=0)
     path = tmp_path / "model.keras"
     model.save(path)
     loaded = keras.saving.load_model(path)  # no custom_objects
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
     assert isinstance(loaded.loss, core.BceDiceLoss)
+    schedule = loaded.optimizer.learning_rate
+    assert float(loaded.optimizer.iterations) == 1 and float(schedule) < config.learning_rate

@@ -66,6 +66,6 @@ def test_the_notebook_runs_top_to_bottom_in_quick_mode(tmp_path, monkeypatch):
     client.execute()  # raises CellExecutionError, naming the cell, on any error
     outputs = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
     assert "quick mode: True" in outputs
-    assert "training batch: (4, 64, 64, 3) (4, 64, 64, 1)" in outputs
+    assert "training batch: (4, 64, 64, 1) (4, 64, 64, 3)" in outputs
     assert (tmp_path / "runs" / "latest").is_file()
     assert cells_missing_their_figure(notebook) == []  # training switches no backend

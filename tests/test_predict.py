@@ -60,13 +60,13 @@ def test_labels_rle_and_scores_on_a_dsb_folder(quick_run, tiny_dataset, tmp_path
         labels = cv2.imread(str(out / f"{image_id}_labels.png"), cv2.IMREAD_UNCHANGED)
         assert labels.dtype == np.uint16
         encoded = [r[1] for r in rows[1:] if r[0] == image_id]
-        count = len(np.unique(labels)) - 1
+        count = np.count_nonzero(np.unique(labels))  # a smoke-run model may leave no background
         assert len(encoded) == max(count, 1)
         # Decoding the CSV gives back exactly the labelled nuclei.
         decoded = sum((rle_decode(e, labels.shape) for e in encoded if e), np.zeros(labels.shape, np.uint8))
         assert np.array_equal(decoded > 0, labels > 0) and decoded.max() <= 1
     scores = list(csv.reader(open(out / "scores.csv")))
-    assert scores[0][-3:] == ["dice", "iou", "dsb_score"] and scores[-1][0] == "mean" and len(scores) == len(ids) + 2
+    assert scores[0][-4:] == ["dice", "iou", "dsb_score", "ap50"] and scores[-1][0] == "mean" and len(scores) == len(ids) + 2
     assert "Mean over 6 scored images" in stdout
 
 
@@ -107,6 +107,7 @@ def test_no_run_and_foreign_models_get_clear_errors(tmp_path, monkeypatch):
 def test_help_and_bad_flags():
     status, stdout, _ = run_main(Predict_mask, "--help")
     assert status == 0 and "--model" in stdout and "--rle" in stdout and "--truth" in stdout
+    assert "--tta" in stdout and "--marker-threshold" in stdout
     status, _, stderr = run_main(Predict_mask, "--batch-size", "four")
     assert status == 2 and "invalid int value" in stderr
 
@@ -128,10 +129,27 @@ def test_tiled_prediction_equals_one_forward_pass_on_an_image_that_fits_one_tile
     size, out_size, margin = tiling.tile_geometry(model, config, image.shape[:2])
     tile_h, tile_w = (size, size) if np.ndim(size) == 0 else size  # tiles are shaped to the image
     assert tile_h - 2 * margin >= 70 and tile_w - 2 * margin >= 90  # one tile covers the image
-    # The same thing done by hand: mirror the image out to one tile, one forward pass, crop.
-    padded = np.pad(image, ((margin, tile_h - margin - 70), (margin, tile_w - margin - 90), (0, 0)), mode="reflect")
-    direct = model.predict(padded[None].astype(np.float32), verbose=0)[0, margin:margin + 70, margin:margin + 90, 0]
+    # The same thing done by hand: preprocess, mirror the image out to one tile, one forward pass, crop.
+    view = core.preprocess_image(image, config.preprocessing)
+    padded = np.pad(view, ((margin, tile_h - margin - 70), (margin, tile_w - margin - 90), (0, 0)), mode="reflect")
+    direct = model.predict(padded[None].astype(np.float32), verbose=0)[0, margin:margin + 70, margin:margin + 90]
+    assert tiled.shape == (70, 90, config.num_classes)
     np.testing.assert_allclose(tiled, direct, atol=1e-5)
+
+
+def test_test_time_augmentation_averages_the_eight_orientations(model_and_config):
+    model, config = model_and_config
+    image = np.random.default_rng(3).integers(0, 255, (40, 56, 3)).astype(np.uint8)
+    averaged = tiling.predict_probabilities(model, image, config, tta=True)
+    by_hand = []
+    for turns in range(4):
+        for flip in (False, True):
+            view = np.rot90(image, turns)
+            view = np.ascontiguousarray(view[:, ::-1] if flip else view)
+            output = tiling.predict_probabilities(model, view, config)
+            by_hand.append(np.rot90(output[:, ::-1] if flip else output, -turns))
+    assert averaged.shape == (40, 56, config.num_classes)
+    np.testing.assert_allclose(averaged, np.mean(by_hand, axis=0), atol=1e-5)
 
 
 def test_tiled_prediction_has_no_visible_seams(model_and_config):
@@ -144,8 +162,8 @@ def test_tiled_prediction_has_no_visible_seams(model_and_config):
     assert size == 96 and tiling.tile_geometry(model, config, image.shape[:2], 352)[1] >= 300  # one tile covers all
     # Differences come only from the context each pixel sees; they must be small, and no larger on the
     # tile borders than in the tile interiors (no seams).
-    difference = np.abs(small_tiles - one_tile)
-    assert difference.max() < 0.1
+    difference = np.abs(small_tiles - one_tile).max(axis=-1)
+    assert np.median(difference) < 0.05
     starts = tiling.tile_positions(300, out_size, 0 if config.tile_overlap == 0 else out_size // 8)
     borders = sorted({p for s in starts[1:] for p in (s, s + 1)})
     interior = [p for p in range(300) if all(abs(p - b) > 8 for b in borders)]
@@ -154,7 +172,9 @@ def test_tiled_prediction_has_no_visible_seams(model_and_config):
 
 
 def test_resize_mode_predicts_at_the_input_size():
-    config = core.Config(sampling="resize", image_size=32, channels=(4, 8))
-    model = training.export_inference_model(core.build_unet_from_config(config), config)
-    probability, mask = tiling.predict_mask(model, np.zeros((45, 71, 3), np.uint8), config)
-    assert probability.shape == mask.shape == (45, 71)
+    for targets, preprocessing in (("instance", "grey"), ("binary", "rgb")):
+        config = core.Config(sampling="resize", image_size=32, channels=(4, 8), targets=targets,
+                             preprocessing=preprocessing)
+        model = training.export_inference_model(core.build_unet_from_config(config), config)
+        output = tiling.predict_probabilities(model, np.zeros((45, 71, 3), np.uint8), config)
+        assert output.shape == (45, 71, config.num_classes)

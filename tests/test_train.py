@@ -27,7 +27,8 @@ def test_a_run_directory_has_every_file_and_a_report(quick_run):
     assert (work / "runs" / "latest").read_text().strip() == "first"
     config = json.loads((run / "config.json").read_text())
     assert config["val_ids"] and 0 < config["threshold"] < 1 and config["sampling"] == "patch"
-    assert set(config["val_scores"]) == {"dice", "iou", "dsb_score"}
+    assert set(config["val_scores"]) == {"dice", "iou", "dsb_score", "ap50"}
+    assert config["targets"] == "instance" and 0 < config["marker_threshold"] < 1
     assert [row["id"] for row in config["val_scores_per_image"]] == config["val_ids"]
     assert config["best_epoch"] == 1 and config["train_seconds"] > 0
     assert "Configuration:" in out and "Data: using" in out  # resolved config and data source are shown
@@ -75,11 +76,13 @@ def test_finalize_chooses_post_processing_again_without_training(quick_run, tmp_
     shutil.copytree(run, copy)
     before = json.loads((copy / "config.json").read_text())
     model_before = digest(copy)["model.keras"]
-    result = training.finalize(copy, thresholds=[0.35], min_size=3, progress=False, verbose=0)
+    result = training.finalize(copy, thresholds=[0.35], marker_thresholds=[0.45], min_sizes=[3], progress=False,
+                               verbose=0)
     after = json.loads((copy / "config.json").read_text())
     assert result.threshold == after["threshold"] == 0.35 and after["min_nucleus_size"] == 3
+    assert after["marker_threshold"] == 0.45
     assert after["val_ids"] == before["val_ids"] and after["best_epoch"] == before["best_epoch"]
-    assert set(after["val_scores"]) == {"dice", "iou", "dsb_score"} and result.scores == after["val_scores"]
+    assert set(after["val_scores"]) == {"dice", "iou", "dsb_score", "ap50"} and result.scores == after["val_scores"]
     assert digest(copy)["model.keras"] == model_before  # the model is untouched
 
 
@@ -96,6 +99,24 @@ def test_bad_flag_values_get_a_clear_message(tmp_path, monkeypatch):
     assert status == 2 and "nearest sizes that work" in err
     status, out, err = run_main(Train, "--epochs", "many")
     assert status == 2 and "invalid int value" in err
+    status, out, err = run_main(Train, "--quick", "--scale-range", "0.5,big")
+    assert status == 2 and "--scale-range '0.5,big'" in err and "0.6,1.8" in err
+    status, out, err = run_main(Train, "--quick", "--channels", "abc")
+    assert status == 2 and "--channels 'abc'" in err
+
+
+def test_flags_reach_the_config():
+    import unet_model_core as core
+
+    parser = Train.build_parser(core.Config())
+    args = parser.parse_args(["--targets", "binary", "--preprocessing", "rgb", "--scale-range", "none",
+                              "--no-batch-norm", "--lr-schedule", "plateau", "--channels", "8,16,32"])
+    config = Train.config_from_args(args, core)
+    assert (config.targets, config.preprocessing, config.scale_range, config.batch_norm, config.lr_schedule) == (
+        "binary", "rgb", None, False, "plateau")
+    assert config.channels == (8, 16, 32) and config.num_classes == 1 and config.input_channels == 3
+    config = Train.config_from_args(parser.parse_args(["--scale-range", "0.5,2"]), core)
+    assert config.scale_range == (0.5, 2.0) and config.targets == "instance" and config.batch_norm
 
 
 def test_help_documents_every_flag():
@@ -103,7 +124,8 @@ def test_help_documents_every_flag():
     assert status == 0
     for flag in ("--data", "--epochs", "--batch-size", "--image-size", "--sampling", "--val-size", "--lr", "--loss",
                  "--channels", "--padding", "--no-augment", "--seed", "--runs-dir", "--name", "--resume", "--quick",
-                 "--mixed-precision", "--xla", "--cpu-devices"):
+                 "--mixed-precision", "--xla", "--cpu-devices", "--targets", "--preprocessing", "--scale-range",
+                 "--no-batch-norm", "--lr-schedule"):
         assert flag in out, flag
 
 
@@ -151,10 +173,11 @@ def test_mixed_precision_model_keeps_a_float32_output():
 
     try:
         training.set_precision(True)
-        model = core.build_unet((32, 32, 3), channels=(4, 8))
+        config = core.Config(image_size=32, channels=(4, 8))
+        model = core.build_unet_from_config(config)
         assert model.get_layer("enc1_conv1").compute_dtype in ("bfloat16", "float16")
         assert model.output.dtype == "float32"
-        exported = training.export_inference_model(model, core.Config(image_size=32, channels=(4, 8)))
+        exported = training.export_inference_model(model, config)
         assert exported.get_layer("enc1_conv1").compute_dtype == "float32"
     finally:
         keras.mixed_precision.set_global_policy("float32")

@@ -1,9 +1,11 @@
 """From a probability map to labelled nuclei, and how good they are.
 
-``label_instances`` turns a probability map into an instance label image (touching nuclei split by a
-marker-based watershed); ``dsb_score``, ``instance_iou_matrix`` and ``binary_dice_iou`` score labels
+``instances_from_classes`` turns an instance-aware model's output (background, interior, boundary)
+into an instance label image, seeded by the model's own interior markers; ``label_instances`` does it for
+a binary probability map (touching nuclei split by a distance-transform watershed); ``PostProcessing``
+picks between them and holds their thresholds; ``dsb_score``, ``instance_iou_matrix`` and ``binary_dice_iou`` score labels
 against ground truth; ``rle_rows`` writes the DSB-2018 run-length encoding; ``draw_outlines`` draws
-instances on an image; ``choose_threshold`` picks the probability threshold on validation images; and
+instances on an image; ``choose_post_processing`` picks the thresholds on validation images; and
 ``Prediction`` carries one image's result between the steps.  Instance label images (0 = background,
 1..N = nuclei) are the currency between all of them.
 """
@@ -110,13 +112,13 @@ def instance_iou_matrix(true_labels, pred_labels) -> np.ndarray:
     return intersection / union
 
 
-def dsb_score(true_labels, pred_labels, thresholds=DSB_IOU_THRESHOLDS) -> float:
-    """DSB-2018 score of one image: the mean over thresholds t of TP / (TP + FP + FN).
+def matching_precisions(true_labels, pred_labels, thresholds=DSB_IOU_THRESHOLDS) -> np.ndarray:
+    """TP / (TP + FP + FN) at each IoU threshold: the DSB-2018 metric before its mean.
 
     A true and a predicted instance match when their IoU is strictly greater than t.  Instances of one
     label image do not overlap, so for t >= 0.5 an instance can have at most one partner with IoU > t and
     counting the pairs above t counts the matches exactly; thresholds below 0.5 are refused for that
-    reason.  Both images empty -> 1.0; one empty and the other not -> 0.0.
+    reason.  Both images empty -> 1 everywhere; one empty and the other not -> 0 everywhere.
     """
     thresholds = np.asarray(thresholds, dtype=np.float64).ravel()
     if thresholds.size == 0:
@@ -125,15 +127,17 @@ def dsb_score(true_labels, pred_labels, thresholds=DSB_IOU_THRESHOLDS) -> float:
         raise ValueError(f"thresholds must lie in [0.5, 1), got {thresholds.tolist()}")
     iou = instance_iou_matrix(true_labels, pred_labels)
     n_true, n_pred = iou.shape
-    if n_true == 0 and n_pred == 0:
-        return 1.0
     if n_true == 0 or n_pred == 0:
-        return 0.0
+        return np.full(thresholds.shape, float(n_true == n_pred))
     tp = (iou[None, :, :] > thresholds[:, None, None]).sum(axis=(1, 2))
     # With TP matches, the remaining predictions are false positives and the remaining truths misses.
-    fp = n_pred - tp
-    fn = n_true - tp
-    return float(np.mean(tp / (tp + fp + fn)))
+    return tp / (tp + (n_pred - tp) + (n_true - tp))
+
+
+def dsb_score(true_labels, pred_labels, thresholds=DSB_IOU_THRESHOLDS) -> float:
+    """DSB-2018 score of one image: the mean over IoU thresholds t (0.5, 0.55, ..., 0.95) of
+    TP / (TP + FP + FN); see ``matching_precisions``."""
+    return float(np.mean(matching_precisions(true_labels, pred_labels, thresholds)))
 
 
 def count_instances(labels) -> int:
@@ -295,6 +299,70 @@ def draw_outlines(image_rgb, labels_or_mask, color=(255, 255, 0), thickness=1) -
     return result
 
 
+# The smallest interior blob, in pixels, that counts as a marker: smaller ones are noise on a boundary.
+MIN_MARKER_SIZE = 4
+
+
+def instances_from_classes(probabilities, threshold=0.5, marker_threshold=0.5, min_size=15) -> np.ndarray:
+    """Nuclei from an instance-aware model's H x W x 3 output (background, interior, boundary).
+
+    The model marks where one nucleus ends and the next begins, so its interior class already holds one
+    blob per nucleus.  Those blobs (interior probability above ``marker_threshold``) are the markers; a
+    watershed over the inverted interior probability grows them to the nucleus area (one minus the
+    background probability, above ``threshold``), so touching nuclei part where the model saw their
+    boundary.  A nucleus area without a marker becomes a nucleus of its own; pieces smaller than
+    ``min_size`` pixels are dropped.  Returns int32 labels 1..N (0 = background).
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    if probabilities.ndim != 3 or probabilities.shape[2] != 3:
+        raise ValueError(f"probabilities must be H x W x 3 (background, interior, boundary), got shape "
+                         f"{probabilities.shape}")
+    if min_size < 0:
+        raise ValueError(f"min_size must be >= 0, got {min_size}")
+    interior = np.nan_to_num(probabilities[..., 1])
+    markers, _ = ndi.label(interior > marker_threshold)
+    markers = _remove_small(markers, MIN_MARKER_SIZE)
+    nuclei = (1.0 - np.nan_to_num(probabilities[..., 0], nan=1.0) > threshold) | (markers > 0)
+    labels = segmentation.watershed(-interior, markers, mask=nuclei)
+    orphans, _ = ndi.label(nuclei & (labels == 0), structure=_EIGHT)
+    labels = np.where(orphans > 0, orphans + labels.max(), labels)
+    return segmentation.relabel_sequential(_remove_small(labels, min_size))[0].astype(np.int32)
+
+
+def foreground_probability(output: np.ndarray) -> np.ndarray:
+    """The nucleus probability (H x W) of a model output: the sigmoid channel, or one minus background."""
+    output = np.asarray(output)
+    return output[..., 0] if output.shape[-1] == 1 else 1.0 - output[..., 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class PostProcessing:
+    """How a model output becomes nuclei; chosen on the validation images at the end of training."""
+
+    threshold: float = 0.5  # nucleus probability
+    marker_threshold: float = 0.5  # interior probability of a marker (instance-aware models only)
+    min_size: int = 15  # pixels
+
+    @classmethod
+    def of(cls, config) -> "PostProcessing":
+        """The post-processing a run's ``Config`` holds."""
+        return cls(config.threshold, config.marker_threshold, config.min_nucleus_size)
+
+    def nuclei(self, output: np.ndarray) -> np.ndarray:
+        """Instance labels of an H x W x K model output: the markers of an instance-aware (3-class)
+        model, or the distance-transform watershed of a binary one."""
+        output = np.asarray(output)
+        if output.ndim == 3 and output.shape[2] == 3:
+            return instances_from_classes(output, self.threshold, self.marker_threshold, self.min_size)
+        return label_instances(foreground_probability(output), self.threshold, self.min_size)
+
+
+# The marker thresholds (instance-aware models) and smallest nucleus sizes, in pixels, tried on the
+# validation images.
+MARKER_GRID = (0.3, 0.4, 0.5, 0.6, 0.7)
+MIN_SIZE_GRID = (8, 15, 30)
+
+
 @dataclasses.dataclass(frozen=True)
 class Scores:
     """How one predicted label image compares with its ground truth."""
@@ -302,6 +370,7 @@ class Scores:
     dice: float
     iou: float
     dsb_score: float
+    ap50: float  # TP / (TP + FP + FN) at IoU 0.5
     nuclei_true: int
     nuclei_pred: int
 
@@ -310,47 +379,53 @@ class Scores:
         return {k: round(v, digits) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
 
 
-def score_image(true_labels: np.ndarray, probability: np.ndarray, threshold: float, min_size: int,
-                pred_labels: np.ndarray | None = None) -> Scores:
-    """Dice, IoU and DSB score of one prediction against its ground-truth instance labels.
-
-    ``pred_labels`` are the predicted instances when the caller has labelled them already (at the same
-    threshold and minimum size); otherwise they are labelled here."""
-    if pred_labels is None:
-        pred_labels = label_instances(probability, threshold, min_size)
-    dice_value, iou_value = binary_dice_iou(true_labels > 0, probability > threshold)
-    return Scores(dice_value, iou_value, dsb_score(true_labels, pred_labels), count_instances(true_labels),
-                  count_instances(pred_labels))
+def score_image(true_labels: np.ndarray, pred_labels: np.ndarray) -> Scores:
+    """Dice and IoU of the nucleus areas, the DSB score and AP at IoU 0.5 of the instances."""
+    true_labels, pred_labels = np.asarray(true_labels), np.asarray(pred_labels)
+    dice_value, iou_value = binary_dice_iou(true_labels > 0, pred_labels > 0)
+    precisions = matching_precisions(true_labels, pred_labels)
+    return Scores(dice_value, iou_value, float(np.mean(precisions)), float(precisions[0]),
+                  count_instances(true_labels), count_instances(pred_labels))
 
 
-SCORE_KEYS = ("dice", "iou", "dsb_score")
+SCORE_KEYS = ("dice", "iou", "dsb_score", "ap50")
 
 
 def mean_scores(scores: Sequence[Scores]) -> dict:
-    """Mean Dice, IoU and DSB score over images."""
+    """Mean of each score over images."""
     return {k: float(np.mean([getattr(s, k) for s in scores])) for k in SCORE_KEYS}
 
 
-def choose_threshold(truths: Sequence[np.ndarray], probabilities: Sequence[np.ndarray], min_size: int,
-                     thresholds: Sequence[float] = THRESHOLD_GRID) -> tuple[float, dict, list[Scores]]:
-    """The probability threshold that maximises the mean DSB score over images (ties broken by Dice).
+def choose_post_processing(truths: Sequence[np.ndarray], outputs: Sequence[np.ndarray],
+                           thresholds: Sequence[float] = THRESHOLD_GRID,
+                           marker_thresholds: Sequence[float] = MARKER_GRID,
+                           min_sizes: Sequence[int] = MIN_SIZE_GRID) -> tuple[PostProcessing, dict, list[Scores]]:
+    """The post-processing that maximises the mean DSB score over images (ties broken by Dice).
 
-    ``truths`` are the images' ground-truth labels, ``probabilities`` their predicted maps.  Returns
-    ``(threshold, mean_scores, per_image_scores)``, the means rounded to 4 decimals."""
+    ``truths`` are the images' ground-truth labels, ``outputs`` the model's H x W x K outputs; every
+    combination of the candidates is tried, marker thresholds only for instance-aware (3-class)
+    outputs.  Returns ``(post_processing, mean_scores, per_image_scores)``, the means rounded to 4
+    decimals."""
+    instance_aware = all(np.ndim(o) == 3 and np.shape(o)[2] == 3 for o in outputs)
+    markers = tuple(marker_thresholds) if instance_aware else (PostProcessing.marker_threshold,)
     best = None
     for threshold in thresholds:
-        per_image = [score_image(t, p, threshold, min_size) for t, p in zip(truths, probabilities)]
-        mean = mean_scores(per_image)
-        key = (round(mean["dsb_score"], 6), round(mean["dice"], 6))
-        if best is None or key > best[0]:
-            best = (key, float(threshold), mean, per_image)
-    _, threshold, mean, per_image = best
-    return threshold, {k: round(v, 4) for k, v in mean.items()}, per_image
+        for marker in markers:
+            for min_size in min_sizes:
+                post = PostProcessing(float(threshold), float(marker), int(min_size))
+                per_image = [score_image(t, post.nuclei(o)) for t, o in zip(truths, outputs)]
+                mean = mean_scores(per_image)
+                key = (round(mean["dsb_score"], 6), round(mean["dice"], 6))
+                if best is None or key > best[0]:
+                    best = (key, post, mean, per_image)
+    _, post, mean, per_image = best
+    return post, {k: round(v, 4) for k, v in mean.items()}, per_image
 
 
 @dataclasses.dataclass
 class Prediction:
-    """One image's prediction: its probability map, nuclei and count, with scores when the truth is known.
+    """One image's prediction: its nucleus probability, nuclei and count, with scores when the truth is
+    known.
 
     The arrays may be dropped (``summary``) once the files are written, so that predicting a folder of
     large images keeps only a few numbers per image."""
@@ -360,22 +435,21 @@ class Prediction:
     width: int
     count: int
     image: np.ndarray | None = None  # H x W x 3 uint8 RGB
-    probability: np.ndarray | None = None  # H x W float32
+    probability: np.ndarray | None = None  # H x W float32 nucleus probability
     labels: np.ndarray | None = None  # H x W int32 instances
     truth_labels: np.ndarray | None = None
     scores: Scores | None = None
 
     @classmethod
-    def from_probability(cls, name: str, image: np.ndarray, probability: np.ndarray, threshold: float,
-                         min_size: int, truth_labels: np.ndarray | None = None) -> "Prediction":
-        """Label the nuclei of ``probability`` once, and score them when ``truth_labels`` are given."""
-        labels = label_instances(probability, threshold, min_size)
-        scores = None
-        if truth_labels is not None:
-            scores = score_image(truth_labels, probability, threshold, min_size, labels)
-        height, width = probability.shape
-        return cls(name, height, width, count_instances(labels), image, probability, labels, truth_labels,
-                   scores)
+    def from_output(cls, name: str, image: np.ndarray, output: np.ndarray, post: PostProcessing,
+                    truth_labels: np.ndarray | None = None) -> "Prediction":
+        """Find the nuclei of a model ``output`` (H x W x K) once, and score them when ``truth_labels``
+        are given."""
+        labels = post.nuclei(output)
+        scores = score_image(truth_labels, labels) if truth_labels is not None else None
+        height, width = labels.shape
+        return cls(name, height, width, count_instances(labels), image, foreground_probability(output),
+                   labels, truth_labels, scores)
 
     def summary(self) -> "Prediction":
         """The same prediction without its arrays."""

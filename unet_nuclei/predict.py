@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from unet_model_core import (NOT_A_SAMPLE_REASON, STRAY_REASON, Config, DataError, Sample, find_samples,
                              is_image_file, is_stray, mask_stem, read_image, read_instance_labels)
-from unet_nuclei.instances import SCORE_KEYS, Prediction, draw_outlines, mean_scores
+from unet_nuclei.instances import SCORE_KEYS, PostProcessing, Prediction, draw_outlines, mean_scores
 from unet_nuclei.tiling import predict_probabilities
 from unet_nuclei.training import DEFAULT_RUNS_DIR, MODEL_FILE, find_run, read_run_config, validation_samples
 
@@ -150,13 +150,32 @@ def unique_path(path) -> Path:
     return candidate
 
 
+def predict_image(model: keras.Model, config: Config, image: np.ndarray, name: str = "image",
+                  truth: np.ndarray | None = None, tile_size: int | None = None, batch_size: int = 4,
+                  tta: bool | None = None, progress: bool = True) -> Prediction:
+    """Predict one decoded RGB image at full resolution and find its nuclei with the run's
+    post-processing; scored when ``truth`` (instance labels) is given.  ``tta`` None: the run's setting."""
+    height, width = image.shape[:2]
+    bar = tqdm(desc=f"{name} tiles", unit="tile", leave=False, disable=not progress or height * width < 2**21)
+
+    def on_progress(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    output = predict_probabilities(model, image, config, tile_size=tile_size, batch_size=batch_size,
+                                   progress=on_progress, tta=config.tta if tta is None else tta)
+    bar.close()
+    return Prediction.from_output(name, image, output, PostProcessing.of(config), truth)
+
+
 def predict_input(model: keras.Model, config: Config, item: PredictionInput, out_dir, labels: bool = False,
                   overwrite: bool = False, tile_size: int | None = None, batch_size: int = 4,
-                  progress: bool = True) -> Prediction:
-    """Predict one image file and write ``<name>_mask.png`` and ``<name>_overlay.png`` (and, with
-    ``labels``, ``<name>_labels.png``, 16-bit) into ``out_dir``.  Returns the ``Prediction``, scored when
-    the input has ground truth.  Raises DataError for an unreadable image or truth, FileExistsError
-    before writing anything when an output exists and ``overwrite`` is off."""
+                  tta: bool | None = None, progress: bool = True) -> Prediction:
+    """Predict one image file and write ``<name>_mask.png`` (the union of the nuclei) and
+    ``<name>_overlay.png`` (and, with ``labels``, ``<name>_labels.png``, 16-bit) into ``out_dir``.
+    Returns the ``Prediction``, scored when the input has ground truth.  Raises DataError for an
+    unreadable image or truth, FileExistsError before writing anything when an output exists and
+    ``overwrite`` is off."""
     out_dir = Path(out_dir)
     targets = {"mask": out_dir / f"{item.name}_mask.png", "overlay": out_dir / f"{item.name}_overlay.png"}
     if labels:
@@ -166,20 +185,9 @@ def predict_input(model: keras.Model, config: Config, item: PredictionInput, out
             raise FileExistsError(f"{path} is the input image itself; choose another --out")
         _refuse_existing(path, overwrite)  # before the prediction, so a refused image costs nothing
     image = read_image(item.image_path)
-    height, width = image.shape[:2]
-    truth = truth_labels(item.truth, (height, width)) if item.truth is not None else None
-    bar = tqdm(desc=f"{item.name} tiles", unit="tile", leave=False, disable=not progress or height * width < 2**21)
-
-    def on_progress(done, total):
-        bar.total = total
-        bar.update(done - bar.n)
-
-    probability = predict_probabilities(model, image, config, tile_size=tile_size, batch_size=batch_size,
-                                        progress=on_progress)
-    bar.close()
-    prediction = Prediction.from_probability(item.name, image, probability, config.threshold,
-                                             config.min_nucleus_size, truth)
-    write_png(targets["mask"], (probability > config.threshold).astype(np.uint8) * 255, overwrite)
+    truth = truth_labels(item.truth, image.shape[:2]) if item.truth is not None else None
+    prediction = predict_image(model, config, image, item.name, truth, tile_size, batch_size, tta, progress)
+    write_png(targets["mask"], (prediction.labels > 0).astype(np.uint8) * 255, overwrite)
     write_png(targets["overlay"], draw_outlines(image, prediction.labels), overwrite)
     if labels:
         write_png(targets["labels"], prediction.labels.astype(np.uint16), overwrite)

@@ -8,6 +8,7 @@ whole image.  ``predict_tiled`` needs only NumPy and a predict callable; ``tile_
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -16,7 +17,8 @@ import keras
 import numpy as np
 from tqdm.auto import tqdm
 
-from unet_model_core import Config, LoadedSample, check_input_size, resize_image, unet_output_size
+from unet_model_core import (Config, LoadedSample, check_input_size, preprocess_image, resize_image,
+                             unet_output_size)
 
 
 def tile_positions(length: int, output_size: int, overlap: int) -> list[int]:
@@ -261,11 +263,6 @@ PREDICT_TILE = 1536  # largest tile side for padded models: an image up to 1504 
 CONTEXT_MARGIN = 16  # pixels of (mirrored) context cut from each side of a padded model's tile output
 
 
-def _foreground_probability(output: np.ndarray) -> np.ndarray:
-    """The nucleus probability from a sigmoid (1 channel) or softmax (background first) output."""
-    return output[..., 0] if output.shape[-1] == 1 else 1.0 - output[..., 0]
-
-
 def tile_geometry(model: keras.Model, config: Config, image_shape: tuple[int, int],
                   tile_size: int | None = None) -> tuple:
     """``(tile_size, output_size, margin)`` for predicting an image of ``image_shape`` with ``model``.
@@ -311,23 +308,39 @@ def tile_geometry(model: keras.Model, config: Config, image_shape: tuple[int, in
 
 
 def predict_probabilities(model: keras.Model, image: np.ndarray, config: Config, tile_size: int | None = None,
-                          batch_size: int = 4, overlap: int | None = None, progress=None) -> np.ndarray:
-    """Nucleus probability (H x W float32) for an H x W x 3 uint8 image of any size.
+                          batch_size: int = 4, overlap: int | None = None, progress=None,
+                          tta: bool = False) -> np.ndarray:
+    """The model's class probabilities (H x W x K float32) for an H x W x 3 uint8 image of any size.
 
-    Models trained on resized images predict on the image resized the same way (and the result is
-    resized back); patch-trained models predict at full resolution by overlap-tile (``tile_geometry``
-    says how).  ``batch_size`` tiles go through the model at once, but never more input pixels than one
-    largest tile, so memory stays bounded whatever the tile size."""
-    image = np.asarray(image)
+    The image is preprocessed as in training (``preprocess_image``).  Models trained on resized images
+    predict on the image resized the same way (and the result is resized back); patch-trained models
+    predict at full resolution by overlap-tile (``tile_geometry`` says how).  ``batch_size`` tiles go
+    through the model at once, but never more input pixels than one largest tile, so memory stays
+    bounded whatever the tile size.  With ``tta`` the image is predicted in its 8 flips and rotations
+    and the probabilities are averaged (8 times the work)."""
+    image = preprocess_image(np.asarray(image), config.preprocessing)
+    if tta:
+        total = None
+        for turns in range(4):
+            for flip in (False, True):
+                view = np.rot90(image, turns)
+                view = np.ascontiguousarray(view[:, ::-1] if flip else view)
+                output = predict_probabilities(model, view, dataclasses.replace(config, preprocessing="rgb"),
+                                               tile_size, batch_size, overlap)
+                output = np.rot90(output[:, ::-1] if flip else output, -turns)
+                total = output if total is None else total + output
+        return np.ascontiguousarray(total / 8.0, dtype=np.float32)
     height, width = image.shape[:2]
     if config.sampling == "resize":
         # An unpadded model's output covers only the centre of its input: resize the image to the output
         # size and give it mirrored borders, so the output covers the whole image.
         out_size = unet_output_size(config.image_size, config.depth, config.padding)
         margin = (config.image_size - out_size) // 2
-        small = np.pad(resize_image(image, out_size), ((margin, margin), (margin, margin), (0, 0)), mode="reflect")
-        out = _foreground_probability(np.asarray(model.predict_on_batch(small.astype(np.float32)[None]))[0])
-        return cv2.resize(out.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+        small = resize_image(image, out_size).reshape(out_size, out_size, -1)
+        small = np.pad(small, ((margin, margin), (margin, margin), (0, 0)), mode="reflect")
+        out = np.asarray(model.predict_on_batch(small.astype(np.float32)[None]))[0]
+        out = cv2.resize(out.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+        return out.reshape(height, width, -1)
     size, out_size, margin = tile_geometry(model, config, (height, width), tile_size)
     tile_h, tile_w = (size, size) if np.ndim(size) == 0 else size
     out_h, out_w = (out_size, out_size) if np.ndim(out_size) == 0 else out_size
@@ -344,21 +357,12 @@ def predict_probabilities(model: keras.Model, image: np.ndarray, config: Config,
     batch_size = max(1, min(int(batch_size), int(budget // (tile_h * tile_w))))
     # The image goes in as it is (uint8): predict_tiled converts one tile at a time, so no float32 copy
     # of a large image is ever made.
-    probabilities = predict_tiled(predict_batch, image, size, out_size, min(overlap, out_h - 1, out_w - 1),
-                                  batch_size, progress)
-    return _foreground_probability(probabilities)
-
-
-def predict_mask(model: keras.Model, image: np.ndarray, config: Config, threshold: float | None = None,
-                 **kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """``(probability, mask)``: the mask is uint8 0/255 at the image's exact height and width."""
-    probability = predict_probabilities(model, image, config, **kwargs)
-    mask = (probability > (config.threshold if threshold is None else threshold)).astype(np.uint8) * 255
-    return probability, mask
+    return predict_tiled(predict_batch, image, size, out_size, min(overlap, out_h - 1, out_w - 1),
+                         batch_size, progress)
 
 
 def predict_samples(model: keras.Model, samples: Sequence[LoadedSample], config: Config,
-                    progress: bool = True) -> list[np.ndarray]:
-    """Full-resolution probability maps of decoded samples, in order."""
-    return [predict_probabilities(model, s.image, config)
+                    progress: bool = True, tta: bool = False) -> list[np.ndarray]:
+    """Full-resolution class probabilities of decoded samples, in order."""
+    return [predict_probabilities(model, s.image, config, tta=tta)
             for s in tqdm(samples, desc="Predicting validation images", disable=not progress, unit="img")]

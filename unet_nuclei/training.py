@@ -40,7 +40,7 @@ from unet_model_core import (DEFAULT_DATA_DIR, Config, DataError, LoadedSample, 
                              build_unet_from_config, compile_unet, find_samples, load_samples, make_datasets,
                              report_problems, split_ids)
 from unet_nuclei import plots, synthetic
-from unet_nuclei.instances import THRESHOLD_GRID, Prediction, choose_threshold
+from unet_nuclei.instances import MARKER_GRID, MIN_SIZE_GRID, THRESHOLD_GRID, Prediction, choose_post_processing
 from unet_nuclei.tiling import predict_samples
 
 DEFAULT_RUNS_DIR = "runs"
@@ -263,13 +263,18 @@ def resolve_data_dir(data_dir: str | None, sample_images: int = 64, progress: bo
                     f"see dataset.txt to get the real data)")
 
 
-def prepare_data(config: Config, progress: bool = True, verbose: int = 1):
+def prepare_data(config: Config, progress: bool = True, verbose: int = 1, exclude_ids=()):
     """Find, split and decode the training data a Config points to (section 1 in one call).
+    ``exclude_ids`` are left out altogether (a test set that must stay unseen).
 
     Returns ``(train_samples, val_samples, data_dir, why)``."""
     data_dir, why = resolve_data_dir(config.data_dir, config.sample_images, progress=progress)
     _log(f"Data: {why}", verbose)
     samples, problems = find_samples(data_dir)
+    if exclude_ids:
+        excluded = set(exclude_ids)
+        samples = [s for s in samples if s.sample_id not in excluded]
+        _log(f"      {len(excluded)} images held out as a test set, never trained or tuned on", verbose)
     train_ids, val_ids = split_ids([s.sample_id for s in samples], config.val_size, config.seed)
     loaded, load_problems = load_samples(samples, progress=progress)
     report_problems(problems + load_problems)
@@ -312,10 +317,11 @@ def read_history(path) -> dict:
 
 
 def open_run(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = None, resume=None,
-             cpu_devices: int = 0, verbose: int = 1, progress: bool = True) -> OpenRun:
+             cpu_devices: int = 0, verbose: int = 1, progress: bool = True, exclude_ids=()) -> OpenRun:
     """Step 1 of ``train``: a new run folder (or, with ``resume``, an interrupted run), the data decoded
     and split, the tf.data pipelines, and config.json written, so even an interrupted run says what it
-    was.  On resume, architecture and data come from the run; only the epoch budget may be raised."""
+    was.  On resume, architecture and data come from the run; only the epoch budget may be raised.
+    ``exclude_ids`` (a held-out test set) are never loaded; config.json lists them as ``held_out_ids``."""
     started = time.time()
     configure_devices(cpu_devices)
     # The strategy comes before any other TensorFlow op: multi-worker training requires it.
@@ -326,15 +332,16 @@ def open_run(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = 
         run_dir = find_run(resume, runs_root)
         if not (run_dir / LAST_FILE).is_file() or not (run_dir / STATE_FILE).is_file():
             raise TrainingError(f"{run_dir} has no {LAST_FILE}/{STATE_FILE} to resume from")
-        saved_config, _ = read_run_config(run_dir)
+        saved_config, saved_info = read_run_config(run_dir)
         config = dataclasses.replace(saved_config, epochs=max(config.epochs, saved_config.epochs))
+        exclude_ids = saved_info.get("held_out_ids", [])
         state = json.loads((run_dir / STATE_FILE).read_text())
         initial_epoch, best = int(state["epoch"]), float(state.get("best_val_loss", math.inf))
         _log(f"Resuming {run_dir} after epoch {initial_epoch} of {config.epochs}", verbose)
     else:
         run_dir = new_run_dir(runs_root, run_name)
 
-    train_samples, val_samples, data_dir, why = prepare_data(config, progress, verbose)
+    train_samples, val_samples, data_dir, why = prepare_data(config, progress, verbose, exclude_ids)
     train_ds, val_ds, steps = make_datasets(train_samples, val_samples, config)
     options = tf.data.Options()
     # Generator-backed data cannot be sharded by file; shard by element across workers instead.
@@ -342,6 +349,8 @@ def open_run(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = 
     policy = set_precision(config.mixed_precision)
     extra = dict(val_ids=[s.sample_id for s in val_samples], data_dir=str(data_dir), data_source=why,
                  steps_per_epoch_used=steps, replicas=strategy.num_replicas_in_sync, precision=policy)
+    if exclude_ids:
+        extra["held_out_ids"] = sorted(exclude_ids)
     config.to_json(run_dir / CONFIG_FILE, **extra)
     _log(f"Run:  {run_dir}", verbose)
     _log(f"      {config.epochs} epochs x {steps} steps of batch {config.batch_size}, "
@@ -363,14 +372,17 @@ def fit(run: OpenRun, verbose: int = 1) -> int | None:
             if run.resumed:
                 model = keras.saving.load_model(run_dir / LAST_FILE)
             else:
-                model = compile_unet(build_unet_from_config(config), config)
+                model = compile_unet(build_unet_from_config(config), config,
+                                     total_steps=config.epochs * run.steps)
         _log(f"Model: {model.count_params():,} parameters, channels {list(config.channels)}, "
              f"padding={config.padding}", verbose)
         checkpoint = RunCheckpoint(run_dir, config, run.best_val_loss)
         nan_guard = StopOnNaN()
         callbacks = [checkpoint, nan_guard,
-                     keras.callbacks.CSVLogger(str(run_dir / HISTORY_FILE), append=run.resumed),
-                     keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=4, min_lr=1e-5)]
+                     keras.callbacks.CSVLogger(str(run_dir / HISTORY_FILE), append=run.resumed)]
+        if config.lr_schedule == "plateau":
+            callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=4,
+                                                               min_lr=1e-5))
         fit_verbose = (1 if sys.stdout.isatty() else 2) if verbose else 0
         if run.initial_epoch < config.epochs:
             model.fit(run.train_ds, validation_data=run.val_ds, epochs=config.epochs,
@@ -391,19 +403,20 @@ def fit(run: OpenRun, verbose: int = 1) -> int | None:
 
 
 def finalize(run_dir, val_samples: list[LoadedSample] | None = None, thresholds=THRESHOLD_GRID,
-             min_size: int | None = None, progress: bool = True, verbose: int = 1) -> TrainResult:
-    """Step 3 of ``train``: choose the probability threshold that gives the best DSB-2018 score on the
-    run's validation images, predicted whole at full resolution by the best checkpoint; store it with
-    the scores in config.json and draw val_predictions.png.
+             marker_thresholds=MARKER_GRID, min_sizes=MIN_SIZE_GRID, progress: bool = True,
+             verbose: int = 1) -> TrainResult:
+    """Step 3 of ``train``: choose the post-processing (nucleus and marker thresholds, smallest nucleus
+    size) that gives the best DSB-2018 score on the run's validation images, predicted whole at full
+    resolution by the best checkpoint; store it with the scores in config.json and draw
+    val_predictions.png.
 
-    On a finished run this chooses the post-processing again without retraining: ``thresholds`` are the
-    candidates, ``min_size`` a new smallest nucleus size.  ``val_samples`` are the decoded validation
-    images when the caller has them (``train`` does); otherwise they are read from the run's data."""
+    On a finished run this chooses the post-processing again without retraining: ``thresholds``,
+    ``marker_thresholds`` and ``min_sizes`` (smallest nucleus sizes) are the candidates.  ``val_samples``
+    are the decoded validation images when the caller has them (``train`` does); otherwise they are read
+    from the run's data."""
     started = time.time()
     run_dir = Path(run_dir)
     config, info = read_run_config(run_dir)
-    if min_size is not None:
-        config = dataclasses.replace(config, min_nucleus_size=int(min_size))
     if val_samples is None:
         samples, problems = validation_samples(info)
         val_samples, load_problems = load_samples(samples, progress=progress)
@@ -411,34 +424,37 @@ def finalize(run_dir, val_samples: list[LoadedSample] | None = None, thresholds=
         if not val_samples:
             raise DataError(f"none of the validation images of {run_dir} could be read")
     model = keras.saving.load_model(run_dir / MODEL_FILE)
-    _log("Choosing the threshold on the validation images (full resolution)...", verbose)
-    probabilities = predict_samples(model, val_samples, config, progress)  # once, for both uses below
-    threshold, scores, per_image = choose_threshold([s.labels for s in val_samples], probabilities,
-                                                    config.min_nucleus_size, thresholds)
-    config = dataclasses.replace(config, threshold=threshold)
+    _log("Choosing the post-processing on the validation images (full resolution)...", verbose)
+    outputs = predict_samples(model, val_samples, config, progress)  # once, for both uses below
+    post, scores, per_image = choose_post_processing([s.labels for s in val_samples], outputs, thresholds,
+                                                     marker_thresholds, min_sizes)
+    config = dataclasses.replace(config, threshold=post.threshold, marker_threshold=post.marker_threshold,
+                                 min_nucleus_size=post.min_size)
     fields = set(config.to_dict())
     extra = {k: v for k, v in info.items() if k not in fields}
     extra.update(val_scores=scores,
                  val_scores_per_image=[{"id": s.sample_id, **row.rounded()} for s, row in zip(val_samples, per_image)])
     config.to_json(run_dir / CONFIG_FILE, **extra)
-    shown = [Prediction.from_probability(s.sample_id, s.image, p, threshold, config.min_nucleus_size, s.labels)
-             for s, p in list(zip(val_samples, probabilities))[:4]]
+    shown = [Prediction.from_output(s.sample_id, s.image, o, post, s.labels)
+             for s, o in list(zip(val_samples, outputs))[:4]]
     plots.save(plots.prediction_grid(shown), run_dir / VAL_FIGURE_FILE, dpi=80)
-    _log(f"Validation (best epoch {info.get('best_epoch')}, threshold {threshold:.2f}): "
+    markers = f", markers {post.marker_threshold:.2f}" if config.targets == "instance" else ""
+    _log(f"Validation (best epoch {info.get('best_epoch')}, threshold {post.threshold:.2f}{markers}, "
+         f"nuclei of {post.min_size}+ px): "
          f"Dice {scores['dice']:.3f}  IoU {scores['iou']:.3f}  DSB score {scores['dsb_score']:.3f}", verbose)
-    return TrainResult(run_dir, config, threshold, scores, read_history(run_dir / HISTORY_FILE),
+    return TrainResult(run_dir, config, post.threshold, scores, read_history(run_dir / HISTORY_FILE),
                        info.get("data_source", ""), time.time() - started)
 
 
 def train(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = None, resume=None,
-          cpu_devices: int = 0, verbose: int = 1, progress: bool = True) -> TrainResult:
+          cpu_devices: int = 0, verbose: int = 1, progress: bool = True, exclude_ids=()) -> TrainResult:
     """Train a U-Net as ``config`` says and save a complete run folder: ``open_run``, ``fit``, ``finalize``.
 
     ``resume`` (a run name or folder) continues that run from its last checkpoint, with the epoch count
     carried on, up to ``config.epochs`` in all.  ``cpu_devices`` > 1 splits the CPU into that many
     logical devices and trains data-parallel over them (a way to test the multi-device path).
     """
-    run = open_run(config, runs_root, run_name, resume, cpu_devices, verbose, progress)
+    run = open_run(config, runs_root, run_name, resume, cpu_devices, verbose, progress, exclude_ids)
     fit(run, verbose)
     result = finalize(run.run_dir, run.val_samples, progress=progress, verbose=verbose)
     seconds = time.time() - run.started

@@ -1,0 +1,106 @@
+"""Accuracy on real DSB-2018 images that the model never trained on, per image kind.
+
+A fixed fifth of ``dataset/stage1_train`` (stratified by kind: fluorescence, stained tissue, brightfield;
+``unet_nuclei.evaluation.holdout_split``) is held out.  The script either trains a run on the other
+four fifths with any ``Train.py`` flags, or takes a finished run, then predicts every held-out image as
+``Predict_mask.py`` does and prints the competition score (mean over IoU thresholds 0.5-0.95 of
+TP / (TP + FP + FN)), AP at IoU 0.5 and Dice, overall and per kind, ending with one JSON line.
+
+    python benchmarks/evaluate_real.py                         # train the defaults, then score
+    python benchmarks/evaluate_real.py --targets binary --name binary   # any Train.py flag
+    python benchmarks/evaluate_real.py --run runs/NAME         # score a finished run
+    python benchmarks/evaluate_real.py --run runs/NAME --tta   # ... with test-time augmentation
+
+A run that trained on held-out images is refused.  The per-image scores go to
+``<run>/holdout_scores.json`` (a new name if that exists).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import Train  # noqa: E402  (the flags of Train.py are the flags of a training here)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Score a U-Net on the held-out fifth of the real DSB-2018 training set, per image kind. "
+                    "Flags not listed here are Train.py's (see python Train.py --help).",
+        epilog="Example: python benchmarks/evaluate_real.py --epochs 5 --name proxy")
+    parser.add_argument("--data", default="dataset/stage1_train", metavar="DIR",
+                        help="the DSB-2018 training folder (default: dataset/stage1_train)")
+    parser.add_argument("--run", metavar="RUN", help="score this finished run instead of training one")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="test-time augmentation (default: the run's setting)")
+    return parser
+
+
+def check_unseen(info: dict, data_dir: Path, held_out: list[str]) -> None:
+    """Refuse a run that trained on the same data without holding the test images out."""
+    trained_on = Path(info.get("data_dir", "")).resolve()
+    if trained_on != data_dir.resolve():
+        return  # another dataset (the synthetic sample, say): every image here is unseen
+    leaked = sorted(set(held_out) - set(info.get("held_out_ids", [])))
+    if leaked:
+        raise ValueError(f"this run trained or tuned on {len(leaked)} of the {len(held_out)} held-out images "
+                         f"(for example {leaked[0]}); train with this script so they stay unseen")
+
+
+def main(argv=None) -> int:
+    args, rest = build_parser().parse_known_args(argv)
+    import unet_model_core as core
+    from unet_nuclei import evaluation, predict, training
+
+    data_dir = Path(args.data)
+    try:
+        samples, problems = core.find_samples(data_dir)
+        loaded, load_problems = core.load_samples(samples, desc="Decoding the dataset")
+        core.report_problems(problems + load_problems)
+        kinds = {s.sample_id: evaluation.image_kind(s.image) for s in loaded}
+        _, held_out = evaluation.holdout_split(kinds)
+        if args.run:
+            if rest:
+                raise ValueError(f"unrecognised arguments with --run: {' '.join(rest)}")
+            model, config, info, run_dir = predict.load_run(args.run)
+            check_unseen(info, data_dir, held_out)
+        else:
+            train_args = Train.build_parser(core.Config()).parse_args(rest + ["--data", str(data_dir)])
+            config = Train.config_from_args(train_args, core)
+            result = training.train(config, runs_root=train_args.runs_dir, run_name=train_args.name,
+                                    resume=train_args.resume, exclude_ids=held_out)
+            model, config, info, run_dir = predict.load_run(result.run_dir)
+    except (core.DataError, predict.ModelError, training.TrainingError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    by_id = {s.sample_id: s for s in loaded}
+    print(f"Scoring {run_dir} on {len(held_out)} held-out images of {data_dir} "
+          f"({', '.join(f'{n} {k}' for k, n in _counts(kinds, held_out).items())})", file=sys.stderr)
+    result = evaluation.evaluate(model, config, [by_id[i] for i in held_out], tta=args.tta)
+    out = predict.unique_path(Path(run_dir) / "holdout_scores.json")
+    summary = result.summary()
+    out.write_text(json.dumps({"run": str(run_dir), "tta": bool(config.tta if args.tta is None else args.tta),
+                               "summary": summary, "images": result.rows()}, indent=1) + "\n")
+    print(result.table())
+    print(f"per image: {out}; {result.seconds:.0f} s to predict and score")
+    figures = {"run": str(run_dir), "targets": config.targets, "tta": bool(config.tta if args.tta is None else args.tta),
+               "n": summary["all"]["n"], "dsb_score": summary["all"]["dsb_score"], "ap50": summary["all"]["ap50"],
+               "dice": summary["all"]["dice"],
+               "per_kind": {k: v["dsb_score"] for k, v in summary.items() if k != "all"},
+               "predict_seconds": round(result.seconds, 1)}
+    print(json.dumps(figures))
+    return 0
+
+
+def _counts(kinds: dict, ids) -> dict:
+    counts: dict = {}
+    for i in ids:
+        counts[kinds[i]] = counts.get(kinds[i], 0) + 1
+    return counts
+
+
+if __name__ == "__main__":
+    sys.exit(main())
