@@ -519,8 +519,8 @@ def augment_batch(images, masks, seed):
 
 
 def _targets(masks, num_classes: int, crop: int):
-    """Batch of target classes (0/1, or 0/1/2 for instance targets) -> the model's target: centre-cropped for unpadded models, one-hot for
-    more than one class, float32 in every case."""
+    """Batch of target classes (0/1, or 0/1/2 for instance targets) -> the model's target: centre-cropped
+    for unpadded models, one-hot for more than one class, float32 in every case."""
     if crop:
         masks = masks[:, crop:-crop, crop:-crop, :]
     if num_classes > 1:

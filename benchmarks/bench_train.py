@@ -23,6 +23,7 @@ training step reaches.  The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -366,7 +367,8 @@ def main(argv=None) -> int:
     log("(c) DSB-starter PyDataset: every mask PNG read for every batch ...")
     start_c = time.perf_counter()
     sequence = make_starter_sequence(train_files, batch, steps, config.image_size, config.seed)
-    model = fresh_model(config)
+    # The starter feeds RGB patches and binary masks: the same network with an RGB input and one class.
+    model = fresh_model(dataclasses.replace(config, targets="binary", preprocessing="rgb"))
     timer_c = epoch_timer("(c)", sequence_epochs, steps)
     model.fit(sequence, epochs=sequence_epochs, steps_per_epoch=steps, callbacks=[timer_c], verbose=0,
               shuffle=False)

@@ -80,13 +80,14 @@ def main(argv=None) -> int:
     print(f"Scoring {run_dir} on {len(held_out)} held-out images of {data_dir} "
           f"({', '.join(f'{n} {k}' for k, n in _counts(kinds, held_out).items())})", file=sys.stderr)
     result = evaluation.evaluate(model, config, [by_id[i] for i in held_out], tta=args.tta)
+    tta = bool(config.tta if args.tta is None else args.tta)
     out = predict.unique_path(Path(run_dir) / "holdout_scores.json")
     summary = result.summary()
-    out.write_text(json.dumps({"run": str(run_dir), "tta": bool(config.tta if args.tta is None else args.tta),
-                               "summary": summary, "images": result.rows()}, indent=1) + "\n")
+    out.write_text(json.dumps({"run": str(run_dir), "tta": tta, "summary": summary, "images": result.rows()},
+                              indent=1) + "\n")
     print(result.table())
     print(f"per image: {out}; {result.seconds:.0f} s to predict and score")
-    figures = {"run": str(run_dir), "targets": config.targets, "tta": bool(config.tta if args.tta is None else args.tta),
+    figures = {"run": str(run_dir), "targets": config.targets, "tta": tta,
                "n": summary["all"]["n"], "dsb_score": summary["all"]["dsb_score"], "ap50": summary["all"]["ap50"],
                "dice": summary["all"]["dice"],
                "per_kind": {k: v["dsb_score"] for k, v in summary.items() if k != "all"},

@@ -456,16 +456,15 @@ def test_post_processing_dispatches_on_the_output_classes():
 
 
 def test_choose_post_processing_tries_marker_thresholds_for_instance_outputs():
-    truth = np.zeros((40, 60), np.int32)
-    yy, xx = np.mgrid[:40, :60]
-    truth[(yy - 20) ** 2 + (xx - 22) ** 2 <= 100] = 1
-    truth[((yy - 20) ** 2 + (xx - 38) ** 2 <= 100) & (truth == 0)] = 2
-    output = _class_output(truth)
-    # Interior at 0.55 everywhere in the nuclei but 0.65 in the two cores: only a marker threshold
-    # between them separates the nuclei.
+    # Two 20x20 squares side by side make one 20x40 rectangle: no neck, so no distance transform can
+    # split it.  Interior at 0.55 everywhere in the nuclei but 0.65 in the two cores: only a marker
+    # threshold between the two separates the nuclei.
     from unet_model_core import instance_targets
 
+    truth = np.zeros((40, 60), np.int32)
+    truth[10:30, 10:30], truth[10:30, 30:50] = 1, 2
     cores = instance_targets(truth, contact=4) == 1
+    output = np.zeros((40, 60, 3), np.float32)
     output[..., 1] = np.where(truth > 0, 0.55, 0.0)
     output[cores, 1] = 0.65
     output[..., 2] = np.where(truth > 0, 0.4, 0.0) - np.where(cores, 0.1, 0.0)

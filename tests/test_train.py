@@ -143,11 +143,11 @@ def test_the_script_trains_data_parallel_and_its_model_loads_with_plain_keras(tm
     assert "2 device(s)" in result.stdout and "Predict with: python Predict_mask.py" in result.stdout
     # No import of the project here at all: the model file alone must be enough.
     code = ("import sys, numpy as np, keras; m = keras.saving.load_model(sys.argv[1]); "
-            "print(m.predict(np.zeros((1, 64, 96, 3), 'float32'), verbose=0).shape)")
+            "print(m.predict(np.zeros((1, 64, 96, 1), 'float32'), verbose=0).shape)")
     loaded = subprocess.run([sys.executable, "-c", code, str(run / "model.keras")], capture_output=True,
                             text=True, timeout=300, cwd=run)
     assert loaded.returncode == 0, loaded.stderr
-    assert loaded.stdout.strip().endswith("(1, 64, 96, 1)")
+    assert loaded.stdout.strip().endswith("(1, 64, 96, 3)")  # grey in; background, interior, boundary out
 
 
 def test_nan_loss_stops_training_with_a_message():
