@@ -31,7 +31,7 @@ def imported_modules(path):
 
 
 def test_imports_run_one_way_from_the_package_to_the_core():
-    project = {"unet_nuclei", "Train", "Predict_mask", "synthetic_nuclei"}
+    project = {"unet_nuclei", "Train", "Predict_mask"}
     assert not imported_modules(ROOT / "unet_model_core.py") & project
     for module in (ROOT / "unet_nuclei").glob("*.py"):
         assert not imported_modules(module) & {"Train", "Predict_mask"}, module.name
