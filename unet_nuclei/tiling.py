@@ -8,7 +8,6 @@ whole image.  ``predict_tiled`` needs only NumPy and a predict callable; ``tile_
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Sequence
 
@@ -318,18 +317,23 @@ def predict_probabilities(model: keras.Model, image: np.ndarray, config: Config,
     through the model at once, but never more input pixels than one largest tile, so memory stays
     bounded whatever the tile size.  With ``tta`` the image is predicted in its 8 flips and rotations
     and the probabilities are averaged (8 times the work)."""
-    image = preprocess_image(np.asarray(image), config.preprocessing)
-    if tta:
-        total = None
-        for turns in range(4):
-            for flip in (False, True):
-                view = np.rot90(image, turns)
-                view = np.ascontiguousarray(view[:, ::-1] if flip else view)
-                output = predict_probabilities(model, view, dataclasses.replace(config, preprocessing="rgb"),
-                                               tile_size, batch_size, overlap)
-                output = np.rot90(output[:, ::-1] if flip else output, -turns)
-                total = output if total is None else total + output
-        return np.ascontiguousarray(total / 8.0, dtype=np.float32)
+    view = preprocess_image(np.asarray(image), config.preprocessing)
+    if not tta:
+        return _predict_view(model, view, config, tile_size, batch_size, overlap, progress)
+    total = None
+    for turns in range(4):
+        for flip in (False, True):
+            oriented = np.rot90(view, turns)
+            oriented = np.ascontiguousarray(oriented[:, ::-1] if flip else oriented)
+            output = _predict_view(model, oriented, config, tile_size, batch_size, overlap)
+            output = np.rot90(output[:, ::-1] if flip else output, -turns)
+            total = output if total is None else total + output
+    return np.ascontiguousarray(total / 8.0, dtype=np.float32)
+
+
+def _predict_view(model: keras.Model, image: np.ndarray, config: Config, tile_size: int | None,
+                  batch_size: int, overlap: int | None, progress=None) -> np.ndarray:
+    """``predict_probabilities`` of an image already preprocessed (one orientation)."""
     height, width = image.shape[:2]
     if config.sampling == "resize":
         # An unpadded model's output covers only the centre of its input: resize the image to the output
@@ -362,7 +366,7 @@ def predict_probabilities(model: keras.Model, image: np.ndarray, config: Config,
 
 
 def predict_samples(model: keras.Model, samples: Sequence[LoadedSample], config: Config,
-                    progress: bool = True, tta: bool = False) -> list[np.ndarray]:
+                    progress: bool = True) -> list[np.ndarray]:
     """Full-resolution class probabilities of decoded samples, in order."""
-    return [predict_probabilities(model, s.image, config, tta=tta)
+    return [predict_probabilities(model, s.image, config)
             for s in tqdm(samples, desc="Predicting validation images", disable=not progress, unit="img")]
