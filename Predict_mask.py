@@ -10,7 +10,6 @@ one unless --model says otherwise); no architecture flag is ever retyped.  The w
 ``unet_nuclei.predict``; this script only parses flags and reports.
 """
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -53,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ground truth to score against: DSB layout, images/ + masks/, or <stem>.png / "
                              "<stem>_mask.png masks (DSB-layout inputs with masks/ are scored automatically)")
     parser.add_argument("--tile-size", type=int, metavar="PX",
-                        help="square tile side for full-resolution prediction, a multiple of 16 (default: tiles shaped to the image, at most 1536 px a side; smaller tiles use less memory)")
+                        help="square tile side for full-resolution prediction: a multiple of 2**depth (16 for the default "
+                             "model) and at least the model's training patch (default: tiles shaped to the image, at "
+                             "most 1536 px a side; smaller tiles use less memory)")
     parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="tiles per batch (default: 4)")
     return parser
 
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # These import TensorFlow: after argument parsing, so --help is quick.
     import unet_model_core as core
-    from unet_nuclei import plots, predict
+    from unet_nuclei import files, plots, predict, tiling
     from unet_nuclei.instances import rle_rows
 
     try:
@@ -76,11 +77,19 @@ def main(argv=None) -> int:
         else:
             inputs, problems = predict.validation_inputs(info)
             print(f"No image given: predicting the {len(inputs)} validation images of {run_dir}")
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        if args.rle and Path(args.rle).exists() and not args.overwrite:
-            raise FileExistsError(f"{args.rle} exists; pass --overwrite to replace it")
-    except (predict.ModelError, core.DataError, FileNotFoundError, FileExistsError, ValueError) as error:
+        # Every output path is checked here, before the first image, so no work is lost at the end.
+        tiling.check_tile_size(config, args.tile_size)
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size {args.batch_size}: give a positive number of tiles per batch")
+        out = files.check_writable(args.out, "--out")
+        if args.rle:
+            if Path(args.rle).exists() and not args.overwrite:
+                raise FileExistsError(f"--rle {args.rle} exists; pass --overwrite to replace it")
+            files.check_writable(Path(args.rle).parent, f"--rle {args.rle}", create=False)
+        if any(item.truth is not None for item in inputs) and (out / "scores.csv").exists() and not args.overwrite:
+            raise FileExistsError(f"{out / 'scores.csv'} exists (the scores of an earlier run); pass "
+                                  f"--overwrite to replace it, or choose another --out")
+    except (predict.ModelError, core.DataError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     markers = f", markers {config.marker_threshold:.2f}" if config.targets == "instance" else ""
@@ -88,11 +97,20 @@ def main(argv=None) -> int:
           f"{config.threshold:.2f}{markers}{', TTA' if config.tta else ''}); writing to {out}/")
 
     results, rows = [], []
-    for item in inputs:
+    for done, item in enumerate(inputs):
         started = time.time()
         try:
             result = predict.predict_input(model, config, item, out, labels=args.labels, overwrite=args.overwrite,
                                            tile_size=args.tile_size, batch_size=args.batch_size)
+        except KeyboardInterrupt:
+            print(f"\nInterrupted after {done} of {len(inputs)} images: their files in {out}/ are complete, "
+                  f"{item.name}'s were not written; no scores or --rle file were written.", file=sys.stderr)
+            return 1
+        except files.OutputError as error:
+            # A full disk or a lost permission fails every image after this one too: stop here.
+            print(f"error: {item.name}: {error}. Stopped after {done} of {len(inputs)} images; their files "
+                  f"are complete, {item.name}'s were not written.", file=sys.stderr)
+            return 1
         except (core.DataError, FileExistsError, OSError) as error:
             problems.append((item.name, str(error)))
             print(f"{item.name}: skipped: {error}", file=sys.stderr)
@@ -107,20 +125,21 @@ def main(argv=None) -> int:
         print(line, flush=True)
 
     scored = [r for r in results if r.scores is not None]
-    if scored:
-        means = predict.write_scores(scored, out / "scores.csv")
-        print(f"Mean over {len(scored)} scored images: Dice {means['dice']:.3f}  IoU {means['iou']:.3f}  "
-              f"DSB score {means['dsb_score']:.3f}  (per image: {out / 'scores.csv'})")
-    if args.rle:
-        with open(args.rle, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["ImageId", "EncodedPixels"])
-            writer.writerows(rows)
-        print(f"Run-length encoding of {len(rows)} rows written to {args.rle}")
-    if not args.images and results:
-        figure = predict.unique_path(out / "validation_predictions.png")
-        plots.save(plots.prediction_grid(results), figure, dpi=80)
-        print(f"Figure: {figure}")
+    try:
+        if scored:
+            means = predict.write_scores(scored, out / "scores.csv", overwrite=args.overwrite)
+            print(f"Mean over {len(scored)} scored images: Dice {means['dice']:.3f}  IoU {means['iou']:.3f}  "
+                  f"DSB score {means['dsb_score']:.3f}  (per image: {out / 'scores.csv'})")
+        if args.rle:
+            files.write_csv(args.rle, [["ImageId", "EncodedPixels"], *rows])
+            print(f"Run-length encoding of {len(rows)} rows written to {args.rle}")
+        if not args.images and results:
+            figure = predict.unique_path(out / "validation_predictions.png")
+            plots.save(plots.prediction_grid(results), figure, dpi=80)
+            print(f"Figure: {figure}")
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     if problems:
         core.report_problems(problems)
         return 1

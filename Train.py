@@ -80,7 +80,8 @@ def build_parser(defaults) -> argparse.ArgumentParser:
     run.add_argument("--name", metavar="NAME", help="run folder name (default: the date and time); "
                      "an existing folder is never overwritten, a suffix is added")
     run.add_argument("--resume", metavar="RUN", help="continue an interrupted run (its name or folder) from its "
-                     "last checkpoint; architecture and data come from the run, --epochs may raise the total")
+                     "last good checkpoint; architecture and data come from the run, which keeps its own "
+                     "epoch count unless --epochs is given; a new --lr restarts the optimizer at that rate")
     run.add_argument("--quick", action="store_true",
                      help="smoke run: tiny sample, small model, one short epoch (other flags still apply)")
     return parser
@@ -91,9 +92,9 @@ FIELDS = ("data", "sample_images", "sampling", "image_size", "val_size", "augmen
           "lr_schedule", "seed", "mixed_precision", "xla")
 
 
-def config_from_args(args, core):
-    """The ``Config`` that parsed flags describe (flags left out keep the defaults); ValueError, naming
-    the flag, for a malformed list."""
+def overrides_from_args(args) -> dict:
+    """The Config fields the flags set (flags left out are absent); ValueError, naming the flag, for a
+    malformed list."""
     overrides = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
     if "data" in overrides:
         overrides["data_dir"] = overrides.pop("data")
@@ -109,27 +110,37 @@ def config_from_args(args, core):
         except ValueError:
             raise ValueError(f"{flag} {text!r}: expected comma-separated numbers, for example "
                              f"{'16,32,64,128,256' if kind is int else '0.6,1.8'}") from None
+    return overrides
+
+
+def config_from_args(args, core):
+    """The ``Config`` that parsed flags describe (flags left out keep the defaults); ValueError, naming
+    the flag, for a malformed list."""
+    overrides = overrides_from_args(args)
     return core.quick_config(**overrides) if args.quick else core.Config(**overrides)
 
 
 def main(argv=None) -> int:
     """Run the script with ``argv`` (default: the command line); returns the exit status."""
     import unet_model_core as core  # imports TensorFlow, so after the cheap checks in Python itself
-    from unet_nuclei import training
+    from unet_nuclei import files, training
 
     args = build_parser(core.Config()).parse_args(argv)
     try:
         config = config_from_args(args, core)
         print("Configuration:", ", ".join(f"{k}={v}" for k, v in config.to_dict().items()), flush=True)
+        # On resume only the flags given again count (a plain --resume keeps the run's own epochs).
         result = training.train(config, runs_root=args.runs_dir, run_name=args.name, resume=args.resume,
-                                cpu_devices=args.cpu_devices, progress=True)
-    except KeyboardInterrupt:
-        print("\nInterrupted. The last finished epoch is saved; continue with "
-              "`python Train.py --resume RUN` (RUN is the folder printed above).", file=sys.stderr)
-        return 130
-    except (core.DataError, training.TrainingError, FileNotFoundError, FileExistsError, ValueError) as error:
+                                cpu_devices=args.cpu_devices, progress=True, changes=overrides_from_args(args))
+    except KeyboardInterrupt as error:
+        # Exit status 1, as for any run that did not finish; the message says what exists.
+        print(f"\nInterrupted: {error or 'before training started; nothing new was saved'}.", file=sys.stderr)
+        return 1
+    except (core.DataError, training.TrainingError, OSError, ValueError) as error:
+        # Filesystem errors (files.OutputError: full disk, no permission) name the folder and the cause.
         print(f"error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, (core.DataError, FileNotFoundError, ValueError)) else 1
+        usage = (core.DataError, FileNotFoundError, FileExistsError, ValueError)
+        return 2 if isinstance(error, usage) and not isinstance(error, files.OutputError) else 1
     print(f"Predict with: python Predict_mask.py IMAGE --model {result.run_dir}")
     return 0
 

@@ -128,12 +128,13 @@ def to_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
         raise DataError(f"{name}: unsupported image shape {image.shape}; expected grey, RGB or RGBA")
     if image.dtype == bool:
         image = image.astype(np.uint8) * 255
-    elif image.dtype != np.uint8:
-        image = image.astype(np.float32)
-        peak = float(np.nanmax(image)) if image.size else 0.0
-        if image.dtype.kind == "f" and peak <= 1.0:
-            peak = 1.0  # Float images in [0, 1] are already normalised; keep their brightness.
-        image = np.clip(np.nan_to_num(image) * (255.0 / max(peak, 1e-12)), 0, 255).round().astype(np.uint8)
+    elif image.dtype != np.uint8:  # NaN and infinite pixels stay out of the stretch (one +inf made all black)
+        image, finite = image.astype(np.float32), np.isfinite(image)
+        if image.size and not finite.any():
+            raise DataError(f"{name}: every pixel is NaN or infinite, so there is nothing to segment")
+        peak = max(float(image[finite].max()) if image.size else 0.0, 1.0)  # floats in [0, 1] keep their brightness
+        image = np.nan_to_num(image, nan=0.0, posinf=peak, neginf=0.0) * (255.0 / peak)
+        image = np.clip(image, 0, 255).round().astype(np.uint8)
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     if image.shape[2] == 2:  # grey + alpha
@@ -311,20 +312,18 @@ def report_problems(problems: Sequence[tuple[str, str]], stream=None, limit: int
 
 def split_ids(ids: Sequence[str], val_size: float = 0.1, seed: int = 42) -> tuple[list[str], list[str]]:
     """A deterministic train/validation split: the same ids and seed always give the same split.
-
-    ``val_size`` below 1 is a fraction of the samples, 1 or more a count.  Both parts are non-empty.
-    """
+    ``val_size`` below 1 is a fraction of the samples, 1 or more a count.  Both parts are non-empty."""
     ids = sorted(ids)
     if len(ids) < 2:
         raise DataError(f"need at least 2 samples to hold some out for validation, found {len(ids)}")
     if val_size <= 0:
         raise ValueError(f"val_size must be positive (a fraction below 1 or a count), got {val_size}")
-    n_val = int(round(val_size * len(ids))) if val_size < 1 else int(val_size)
-    n_val = min(max(n_val, 1), len(ids) - 1)
+    if val_size >= len(ids):  # a count that leaves no training image is a mistake, not a request to clamp
+        raise DataError(f"val_size (--val-size) {val_size:g}: a count of validation images, but there are only "
+                        f"{len(ids)} images; give fewer, or a fraction below 1")
+    n_val = min(max(int(round(val_size * len(ids))) if val_size < 1 else int(val_size), 1), len(ids) - 1)
     order = np.random.default_rng(seed).permutation(len(ids))
-    val = sorted(ids[i] for i in order[:n_val])
-    train = sorted(ids[i] for i in order[n_val:])
-    return train, val
+    return sorted(ids[i] for i in order[n_val:]), sorted(ids[i] for i in order[:n_val])  # train, validation
 
 
 def pad_to_min_size(array: np.ndarray, size: int) -> np.ndarray:
@@ -705,7 +704,7 @@ class Config:
 def quick_config(**overrides) -> Config:
     """Settings for smoke runs and tests: a tiny sample, a small model, one short epoch."""
     values = dict(sample_images=8, image_size=64, channels=(8, 16, 32), epochs=1, steps_per_epoch=3,
-                  batch_size=4, val_size=2)
+                  batch_size=4, val_size=0.25)
     values.update(overrides)
     return Config(**values)
 

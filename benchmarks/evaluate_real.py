@@ -70,7 +70,8 @@ def main(argv=None) -> int:
             train_args = Train.build_parser(core.Config()).parse_args(rest + ["--data", str(data_dir)])
             config = Train.config_from_args(train_args, core)
             result = training.train(config, runs_root=train_args.runs_dir, run_name=train_args.name,
-                                    resume=train_args.resume, exclude_ids=held_out)
+                                    resume=train_args.resume, exclude_ids=held_out,
+                                    changes=Train.overrides_from_args(train_args))
             model, config, info, run_dir = predict.load_run(result.run_dir)
     except (core.DataError, predict.ModelError, training.TrainingError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -681,7 +681,9 @@ def test_split_ids_is_deterministic_disjoint_and_complete():
     t7, v7 = core.split_ids(ids, 7, seed=1)  # a count
     assert len(v7) == 7 and len(t7) == 33 and set(t7) | set(v7) == set(ids)
     assert len(core.split_ids(ids, 1, seed=1)[1]) == 1
-    assert core.split_ids(ids, 0.001)[1] and core.split_ids(ids, 100)[0], "both parts stay non-empty"
+    assert core.split_ids(ids, 0.001)[1] and core.split_ids(ids, 0.999)[0], "both parts stay non-empty"
+    with pytest.raises(core.DataError, match="only 40 images"):
+        core.split_ids(ids, 40)  # a count that leaves no training image is refused, not clamped
     assert core.split_ids(["a", "b"], 0.5) in ((["a"], ["b"]), (["b"], ["a"]))
 
 

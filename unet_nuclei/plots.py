@@ -12,13 +12,13 @@ from typing import Sequence
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from unet_nuclei import files
 from unet_nuclei.instances import Prediction, draw_outlines
 
 
-def save(figure: Figure, path, dpi: int = 100) -> Path:
-    """Write ``figure`` as a PNG to ``path`` and return the path."""
-    figure.savefig(path, dpi=dpi)
-    return Path(path)
+def save(figure: Figure, path, dpi: int = 100, overwrite: bool = True) -> Path:
+    """Write ``figure`` as a PNG to ``path``, whole or not at all, and return the path."""
+    return files.write_with(path, lambda temporary: figure.savefig(temporary, dpi=dpi, format="png"), overwrite)
 
 
 def training_curves(history: dict) -> Figure:

@@ -3,22 +3,22 @@ outputs, and the scores table.  This is what ``Predict_mask.py`` and the noteboo
 
 For each input ``<stem>.<ext>`` the outputs are ``<stem>_mask.png`` (uint8 0/255, the input's exact
 height and width), ``<stem>_overlay.png`` (outlines on the image) and, on request, ``<stem>_labels.png``
-(16-bit instances).  No existing file is replaced unless ``overwrite`` is set.
+(16-bit instances).  No existing file is replaced unless ``overwrite`` is set, and every file is written
+whole or not at all (``unet_nuclei.files``).
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 from pathlib import Path
 from typing import Sequence
 
-import cv2
 import keras
 import numpy as np
 from tqdm.auto import tqdm
 
 from unet_model_core import (NOT_A_SAMPLE_REASON, STRAY_REASON, Config, DataError, Sample, find_samples,
                              is_image_file, is_stray, mask_stem, read_image, read_instance_labels)
+from unet_nuclei import files
 from unet_nuclei.instances import SCORE_KEYS, PostProcessing, Prediction, draw_outlines, mean_scores
 from unet_nuclei.tiling import predict_probabilities
 from unet_nuclei.training import DEFAULT_RUNS_DIR, MODEL_FILE, find_run, read_run_config, validation_samples
@@ -47,6 +47,11 @@ def load_unet(path) -> keras.Model:
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as error:  # Keras raises many types for a bad file; all mean "cannot use this file".
+        if path.is_file():
+            # Keras says "File not found" for any file that is not a readable .keras archive.
+            raise ModelError(f"{path}: the file exists but is damaged or not a .keras model file "
+                             f"({type(error).__name__}); train the run again, or pass --model with "
+                             f"another run") from error
         raise ModelError(f"{path}: cannot be loaded as a Keras model ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else ''})") from error
     names = {layer.name for layer in getattr(model, "layers", [])}
@@ -131,13 +136,10 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
 
 
 def write_png(path: Path, image: np.ndarray, overwrite: bool = False) -> None:
-    """Write a PNG (RGB images converted to OpenCV's BGR), refusing to replace a file unless asked."""
+    """Write a PNG (RGB images converted to OpenCV's BGR) whole or not at all, refusing to replace a
+    file unless asked."""
     _refuse_existing(path, overwrite)
-    data = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
-    ok, encoded = cv2.imencode(".png", data)
-    if not ok:
-        raise OSError(f"could not encode {path}")
-    encoded.tofile(str(path))
+    files.write_png(path, image)
 
 
 def unique_path(path) -> Path:
@@ -187,23 +189,32 @@ def predict_input(model: keras.Model, config: Config, item: PredictionInput, out
     image = read_image(item.image_path)
     truth = truth_labels(item.truth, image.shape[:2]) if item.truth is not None else None
     prediction = predict_image(model, config, image, item.name, truth, tile_size, batch_size, tta, progress)
-    write_png(targets["mask"], (prediction.labels > 0).astype(np.uint8) * 255, overwrite)
-    write_png(targets["overlay"], draw_outlines(image, prediction.labels), overwrite)
-    if labels:
-        write_png(targets["labels"], prediction.labels.astype(np.uint16), overwrite)
+    outputs = {"mask": lambda: (prediction.labels > 0).astype(np.uint8) * 255,
+               "overlay": lambda: draw_outlines(image, prediction.labels),
+               "labels": lambda: prediction.labels.astype(np.uint16)}
+    written = []
+    try:
+        for kind, path in targets.items():
+            write_png(path, outputs[kind](), overwrite)
+            written.append(path)
+    except BaseException:
+        # All of an image's outputs or none: a mask without its overlay would make the next run skip
+        # the image as done.
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return prediction
 
 
-def write_scores(predictions: Sequence[Prediction], path) -> dict:
-    """Per-image Dice, IoU and DSB score of scored predictions, and their mean, as a CSV; returns the means."""
+def write_scores(predictions: Sequence[Prediction], path, overwrite: bool = True) -> dict:
+    """Per-image Dice, IoU and DSB score of scored predictions, and their mean, as a CSV (whole or not at
+    all; an existing file is refused unless ``overwrite``); returns the means."""
     means = mean_scores([p.scores for p in predictions])
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "width", "height", "nuclei_true", "nuclei_pred", *SCORE_KEYS])
-        for p in predictions:
-            writer.writerow([p.name, p.width, p.height, p.scores.nuclei_true, p.count,
-                             *(f"{getattr(p.scores, k):.4f}" for k in SCORE_KEYS)])
-        writer.writerow(["mean", "", "", "", "", *(f"{means[k]:.4f}" for k in SCORE_KEYS)])
+    rows = [["image", "width", "height", "nuclei_true", "nuclei_pred", *SCORE_KEYS]]
+    rows += [[p.name, p.width, p.height, p.scores.nuclei_true, p.count,
+              *(f"{getattr(p.scores, k):.4f}" for k in SCORE_KEYS)] for p in predictions]
+    rows.append(["mean", "", "", "", "", *(f"{means[k]:.4f}" for k in SCORE_KEYS)])
+    files.write_csv(path, rows, overwrite)
     return means
 
 

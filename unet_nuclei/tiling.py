@@ -280,7 +280,8 @@ def tile_geometry(model: keras.Model, config: Config, image_shape: tuple[int, in
     step = 2 ** config.depth
     margin = CONTEXT_MARGIN
     needed = [int(math.ceil((length + 2 * margin) / step)) * step for length in image_shape]
-    if tile_size:
+    if tile_size is not None:
+        check_tile_size(config, tile_size)
         size = max(step, min(tile_size, max(needed)))
         check_input_size(size, config.depth, "same")
         margin = min(margin, (size - step) // 2) if size - 2 * margin < step else margin
@@ -304,6 +305,25 @@ def tile_geometry(model: keras.Model, config: Config, image_shape: tuple[int, in
     if sides[0] == sides[1]:
         return sides[0], sides[0] - 2 * margin, margin
     return tuple(sides), (sides[0] - 2 * margin, sides[1] - 2 * margin), margin
+
+
+def smallest_tile(config: Config) -> int:
+    """The smallest ``--tile-size`` that gives a padded model the context it learned with: its training
+    patch (a smaller tile shows each pixel less of its surroundings than the model ever saw, and the masks
+    fall apart into fragments), and never less than the mirrored margins plus one pooling window."""
+    step = 2 ** config.depth
+    return max(int(math.ceil(config.image_size / step)) * step, 2 * CONTEXT_MARGIN + step)
+
+
+def check_tile_size(config: Config, tile_size: int | None) -> None:
+    """ValueError, naming ``--tile-size`` and the sizes that work, for a tile side this model cannot use."""
+    if tile_size is None or config.padding == "valid" or config.sampling == "resize":
+        return  # those models predict at their own fixed size; the flag does not apply
+    step, smallest = 2 ** config.depth, smallest_tile(config)
+    if int(tile_size) != tile_size or tile_size < smallest or tile_size % step:
+        raise ValueError(f"--tile-size {tile_size}: this model needs a multiple of {step} of at least "
+                         f"{smallest} px (its training patch, so every pixel keeps the context it learned "
+                         f"with); for example --tile-size {smallest}, or leave the flag out")
 
 
 def predict_probabilities(model: keras.Model, image: np.ndarray, config: Config, tile_size: int | None = None,

@@ -22,45 +22,47 @@ works on Windows).
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime
-import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from unet_model_core import (DEFAULT_DATA_DIR, Config, DataError, LoadedSample, Sample, build_unet,
+from unet_model_core import (DEFAULT_DATA_DIR, Config, DataError, LoadedSample, Sample,
                              build_unet_from_config, compile_unet, find_samples, load_samples, make_datasets,
                              report_problems, split_ids)
-from unet_nuclei import plots, synthetic
+from unet_nuclei import files, plots, synthetic
+from unet_nuclei.checkpoints import (CONFIG_FILE, CURVES_FILE, HISTORY_FILE, LAST_FILE, MODEL_FILE, STATE_FILE,
+                                     VAL_FIGURE_FILE, HistoryLog, RunCheckpoint, StopOnNaN,
+                                     export_inference_model, read_history_rows, read_json, saved_epoch)
 from unet_nuclei.instances import MARKER_GRID, MIN_SIZE_GRID, THRESHOLD_GRID, Prediction, choose_post_processing
 from unet_nuclei.tiling import predict_samples
 
 DEFAULT_RUNS_DIR = "runs"
-
-MODEL_FILE, LAST_FILE, STATE_FILE, CONFIG_FILE = "model.keras", "last.keras", "state.json", "config.json"
-HISTORY_FILE, CURVES_FILE, VAL_FIGURE_FILE = "history.csv", "training_curves.png", "val_predictions.png"
 LATEST_FILE = "latest"
+RESUME_CHANGES = ("epochs", "learning_rate")  # the settings a resumed run may take from new flags
 
 
 class TrainingError(RuntimeError):
     """Training stopped for a reason the user must act on (a NaN loss, a bad resume); the message says so."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says what the run folder holds and how to continue."""
+
+
 def new_run_dir(runs_root=DEFAULT_RUNS_DIR, name: str | None = None) -> Path:
     """Create and return a fresh run folder; an existing one is never reused or overwritten."""
-    root = Path(runs_root)
-    root.mkdir(parents=True, exist_ok=True)
     base = name or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     if base in (LATEST_FILE, ".", "..") or os.sep in base or (os.altsep and os.altsep in base):
         raise ValueError(f"run name {base!r} is not a plain folder name")
+    root = files.check_writable(runs_root, "--runs-dir")
     for suffix in [""] + [f"-{i}" for i in range(2, 1000)]:
         candidate = root / f"{base}{suffix}"
         try:
@@ -68,6 +70,9 @@ def new_run_dir(runs_root=DEFAULT_RUNS_DIR, name: str | None = None) -> Path:
             return candidate
         except FileExistsError:
             continue
+        except OSError as error:
+            raise files.OutputError(error.errno, f"--runs-dir: cannot create {candidate}/ "
+                                                 f"({error.strerror or error})") from error
     raise FileExistsError(f"could not find a free run folder name for {base!r} in {root}")
 
 
@@ -100,10 +105,7 @@ def find_run(run_or_file=None, runs_root=DEFAULT_RUNS_DIR) -> Path:
 
 def read_run_config(run_dir) -> tuple[Config, dict]:
     """The Config a run was trained with, and the whole config.json (ids, threshold, scores)."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {run_dir} is not a complete run of this project")
-    data = json.loads(path.read_text())
+    data = read_json(Path(run_dir) / CONFIG_FILE, f": {run_dir} is not a complete run of this project")
     return Config.from_dict(data), data
 
 
@@ -145,66 +147,9 @@ def set_precision(mixed: bool) -> str:
     return policy
 
 
-def _atomic_save(model: keras.Model, path: Path) -> None:
-    # Write next to the target and rename: an interruption mid-save never leaves a half-written model.
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    model.save(tmp)
-    os.replace(tmp, path)
-
-
-def export_inference_model(model: keras.Model, config: Config) -> keras.Model:
-    """A float32, uncompiled copy of a trained model, for saving as the run's ``model.keras``.
-
-    Padded models get a ``(None, None, C)`` input, so they predict tiles of any size that fits; unpadded
-    models keep their training size.  Only built-in layers are used, so the file loads anywhere."""
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("float32")
-    try:
-        size = None if config.padding == "same" else config.image_size
-        copy = build_unet((size, size, config.input_channels), config.num_classes, config.channels,
-                          config.padding, config.batch_norm, config.dropout)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-    copy.set_weights([np.asarray(w, dtype=np.float32) for w in model.get_weights()])
-    return copy
-
-
-class RunCheckpoint(keras.callbacks.Callback):
-    """At every epoch end: the full training state to ``last.keras`` (+ ``state.json``); and, when the
-    validation loss improved, the inference model to ``model.keras``.  So an interruption or a crash
-    loses at most the epoch under way."""
-
-    def __init__(self, run_dir: Path, config: Config, best: float = math.inf):
-        super().__init__()
-        self.run_dir, self.config, self.best = Path(run_dir), config, best
-        self.best_epoch = None
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        current = logs.get("val_loss", logs.get("loss"))
-        if current is not None and np.isfinite(current) and current < self.best:
-            self.best, self.best_epoch = float(current), epoch + 1
-            _atomic_save(export_inference_model(self.model, self.config), self.run_dir / MODEL_FILE)
-        _atomic_save(self.model, self.run_dir / LAST_FILE)
-        state = {"epoch": epoch + 1, "best_val_loss": self.best, "best_epoch": self.best_epoch}
-        (self.run_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-
-
-class StopOnNaN(keras.callbacks.Callback):
-    """Stop at the first NaN or infinite loss and remember where, so the user gets a message."""
-
-    def __init__(self):
-        super().__init__()
-        self.where, self.epoch = None, 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not np.isfinite(loss):
-            self.where = f"epoch {self.epoch + 1}, batch {batch + 1}"
-            self.model.stop_training = True
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
+def write_config(config: Config, path, **extra) -> None:
+    """config.json (the resolved Config and ``extra``), written whole or not at all."""
+    files.write_text(path, config.to_json(**extra) + "\n")
 
 
 @dataclasses.dataclass
@@ -225,6 +170,7 @@ class OpenRun:
     initial_epoch: int = 0
     best_val_loss: float = math.inf
     started: float = dataclasses.field(default_factory=time.time)
+    restart_optimizer: bool = False  # a resume with a new learning rate
 
 
 @dataclasses.dataclass
@@ -277,13 +223,23 @@ def prepare_data(config: Config, progress: bool = True, verbose: int = 1, exclud
         _log(f"      {len(excluded)} images held out as a test set, never trained or tuned on", verbose)
     train_ids, val_ids = split_ids([s.sample_id for s in samples], config.val_size, config.seed)
     loaded, load_problems = load_samples(samples, progress=progress)
+    # An image smaller than one pooling window has nothing a U-Net can learn from (a 1x1 image and its
+    # empty mask would even score a perfect Dice): skip it like an unreadable one.
+    smallest = 2 ** config.depth
+    tiny = [s for s in loaded if min(s.image.shape[:2]) < smallest]
+    loaded = [s for s in loaded if min(s.image.shape[:2]) >= smallest]
+    load_problems += [(s.sample_id, f"{s.image.shape[1]}x{s.image.shape[0]} px: smaller than {smallest} px "
+                                    f"a side, too small for a {config.depth}-level U-Net") for s in tiny]
     report_problems(problems + load_problems)
     by_id = {s.sample_id: s for s in loaded}
     train = [by_id[i] for i in train_ids if i in by_id]
     val = [by_id[i] for i in val_ids if i in by_id]
     if not train or not val:
-        raise DataError(f"{data_dir}: after skipping unreadable samples, {len(train)} remain for training "
-                        f"and {len(val)} for validation; both need at least one")
+        raise DataError(f"{data_dir}: after skipping unreadable or too small samples, {len(train)} remain for "
+                        f"training and {len(val)} for validation; both need at least one")
+    if not any(s.labels.any() for s in train):
+        raise DataError(f"{data_dir}: none of the {len(train)} training images has a nucleus in its masks, "
+                        f"so there is nothing to learn; check the masks")
     _log(f"      {len(train)} training and {len(val)} validation images "
          f"({sum(s.image.shape[0] * s.image.shape[1] for s in train) / 1e6:.1f} Mpx of training pixels)", verbose)
     return train, val, data_dir, why
@@ -308,38 +264,60 @@ def validation_samples(run_info: dict) -> tuple[list[Sample], list[tuple[str, st
 
 def read_history(path) -> dict:
     """history.csv as {column: [values...]} (floats), the epoch column included."""
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    with path.open() as handle:
-        rows = list(csv.DictReader(handle))
-    return {key: [float(row[key]) for row in rows if row.get(key) not in (None, "")] for key in (rows[0] if rows else {})}
+    rows = read_history_rows(path)
+    return {key: [row[key] for row in rows if key in row] for key in (rows[0] if rows else {})}
+
+
+def _resume_point(run_dir: Path, config: Config, changes: dict, verbose: int):
+    """The saved Config of a run to resume, with the ``changes`` it may take (``RESUME_CHANGES``), and
+    the epoch and best validation loss it reached."""
+    if not (run_dir / LAST_FILE).is_file() or not (run_dir / STATE_FILE).is_file():
+        raise TrainingError(f"{run_dir} has no {LAST_FILE}/{STATE_FILE} to resume from: no epoch of it "
+                            f"finished. Start a new run instead")
+    saved_config, saved_info = read_run_config(run_dir)
+    state = read_json(run_dir / STATE_FILE, f": {run_dir} cannot be resumed; start a new run")
+    try:
+        initial_epoch, best = int(state["epoch"]), float(state.get("best_val_loss", math.inf))
+    except (KeyError, TypeError, ValueError):
+        raise TrainingError(f"{run_dir / STATE_FILE} is damaged (no epoch number): {run_dir} cannot be "
+                            f"resumed; start a new run") from None
+    ignored = sorted(set(changes) - set(RESUME_CHANGES))
+    if ignored:
+        _log(f"Note: {', '.join(ignored)} kept from the run: a resumed run changes only "
+             f"{' and '.join(RESUME_CHANGES)}", verbose)
+    config = dataclasses.replace(saved_config, **{k: changes[k] for k in RESUME_CHANGES if k in changes})
+    if config.epochs < initial_epoch:
+        raise ValueError(f"--epochs {config.epochs}: {run_dir} has already trained {initial_epoch} epochs; "
+                         f"give --epochs {initial_epoch} or more")
+    return config, saved_config, saved_info.get("held_out_ids", []), initial_epoch, best
 
 
 def open_run(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = None, resume=None,
-             cpu_devices: int = 0, verbose: int = 1, progress: bool = True, exclude_ids=()) -> OpenRun:
+             cpu_devices: int = 0, verbose: int = 1, progress: bool = True, exclude_ids=(),
+             changes: dict | None = None) -> OpenRun:
     """Step 1 of ``train``: a new run folder (or, with ``resume``, an interrupted run), the data decoded
     and split, the tf.data pipelines, and config.json written, so even an interrupted run says what it
-    was.  On resume, architecture and data come from the run; only the epoch budget may be raised.
-    ``exclude_ids`` (a held-out test set) are never loaded; config.json lists them as ``held_out_ids``."""
+    was.  On resume, architecture and data come from the run; ``changes`` (the settings given again,
+    for example from flags) may set its ``epochs`` and ``learning_rate``; without them the run keeps its
+    own.  ``exclude_ids`` (a held-out test set) are never loaded; config.json lists them as
+    ``held_out_ids``.  A new run's folder is made only once its data is ready, so a failure before that
+    leaves no empty folder behind."""
     started = time.time()
     configure_devices(cpu_devices)
     # The strategy comes before any other TensorFlow op: multi-worker training requires it.
     strategy = get_strategy(cpu_devices)
     keras.utils.set_random_seed(config.seed)
-    initial_epoch, best = 0, math.inf
+    initial_epoch, best, restart_optimizer = 0, math.inf, False
     if resume is not None:
         run_dir = find_run(resume, runs_root)
-        if not (run_dir / LAST_FILE).is_file() or not (run_dir / STATE_FILE).is_file():
-            raise TrainingError(f"{run_dir} has no {LAST_FILE}/{STATE_FILE} to resume from")
-        saved_config, saved_info = read_run_config(run_dir)
-        config = dataclasses.replace(saved_config, epochs=max(config.epochs, saved_config.epochs))
-        exclude_ids = saved_info.get("held_out_ids", [])
-        state = json.loads((run_dir / STATE_FILE).read_text())
-        initial_epoch, best = int(state["epoch"]), float(state.get("best_val_loss", math.inf))
-        _log(f"Resuming {run_dir} after epoch {initial_epoch} of {config.epochs}", verbose)
+        runs_root = run_dir.parent  # where runs/latest goes, wherever the run was found
+        config, saved, exclude_ids, initial_epoch, best = _resume_point(run_dir, config, changes or {}, verbose)
+        restart_optimizer = config.learning_rate != saved.learning_rate
+        files.check_writable(run_dir, f"--resume {resume}", create=False)
+        _log(f"Resuming {run_dir} after epoch {initial_epoch} of {config.epochs}"
+             + (f", with a new optimizer at lr {config.learning_rate}" if restart_optimizer else ""), verbose)
     else:
-        run_dir = new_run_dir(runs_root, run_name)
+        files.check_writable(runs_root, "--runs-dir")  # before the data, so a bad folder fails at once
 
     train_samples, val_samples, data_dir, why = prepare_data(config, progress, verbose, exclude_ids)
     train_ds, val_ds, steps = make_datasets(train_samples, val_samples, config)
@@ -351,26 +329,57 @@ def open_run(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = 
                  steps_per_epoch_used=steps, replicas=strategy.num_replicas_in_sync, precision=policy)
     if exclude_ids:
         extra["held_out_ids"] = sorted(exclude_ids)
-    config.to_json(run_dir / CONFIG_FILE, **extra)
+    if resume is None:
+        # A resumed run's config.json keeps describing its checkpoint until fit has saved a new epoch.
+        run_dir = new_run_dir(runs_root, run_name)
+        try:
+            write_config(config, run_dir / CONFIG_FILE, **extra)
+        except OSError:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
     _log(f"Run:  {run_dir}", verbose)
     _log(f"      {config.epochs} epochs x {steps} steps of batch {config.batch_size}, "
          f"{config.image_size}px {config.sampling} sampling, loss {config.loss}, lr {config.learning_rate}, "
          f"{strategy.num_replicas_in_sync} device(s), {policy}" + (", XLA" if config.xla else ""), verbose)
     return OpenRun(run_dir, Path(runs_root), config, strategy, train_samples, val_samples,
                    train_ds.with_options(options), val_ds.with_options(options), steps, extra,
-                   resumed=resume is not None, initial_epoch=initial_epoch, best_val_loss=best, started=started)
+                   resumed=resume is not None, initial_epoch=initial_epoch, best_val_loss=best, started=started,
+                   restart_optimizer=restart_optimizer)
+
+
+def what_is_kept(run: OpenRun) -> str:
+    """After a stop: what the run folder holds and how to go on.  A new run that saved no epoch is removed
+    (so a retry with the same --name gets the same folder)."""
+    epoch = saved_epoch(run.run_dir)
+    if epoch is None and not run.resumed:
+        shutil.rmtree(run.run_dir, ignore_errors=True)
+        return f"no epoch had finished, so nothing was saved and {run.run_dir} was removed"
+    return (f"{run.run_dir} holds the last good epoch ({epoch} of {run.config.epochs}); continue with "
+            f"`python Train.py --resume {run.run_dir}`")
+
+
+def _load_checkpoint(path: Path) -> keras.Model:
+    try:
+        return keras.saving.load_model(path)
+    except Exception as error:  # Keras raises many types for a bad file; all mean "cannot resume from it".
+        raise TrainingError(f"{path} exists but cannot be loaded ({type(error).__name__}); it is damaged, "
+                            f"so this run cannot be resumed: start a new run (its model.keras, if any, "
+                            f"is still usable for prediction)") from error
 
 
 def fit(run: OpenRun, verbose: int = 1) -> int | None:
-    """Step 2 of ``train``: train up to ``run.config.epochs`` epochs, checkpointing at every epoch end;
-    then history.csv, training_curves.png and ``runs/latest``.  Returns the best epoch (None when no
-    epoch improved the validation loss in this call).  Raises ``TrainingError`` on a NaN loss; a
-    KeyboardInterrupt propagates after the last finished epoch has been saved."""
+    """Step 2 of ``train``: train up to ``run.config.epochs`` epochs, checkpointing at every good epoch
+    end; then history.csv, training_curves.png and ``runs/latest``.  Returns the best epoch (None when no
+    epoch improved the validation loss in this call).  Raises ``TrainingError`` on a NaN loss (the NaN
+    epoch is never saved); a KeyboardInterrupt propagates after the last finished epoch has been saved."""
     config, run_dir = run.config, run.run_dir
     try:
         with run.strategy.scope():
             if run.resumed:
-                model = keras.saving.load_model(run_dir / LAST_FILE)
+                model = _load_checkpoint(run_dir / LAST_FILE)
+                if run.restart_optimizer:
+                    # A new learning rate: a fresh optimizer, its schedule spread over the epochs left.
+                    compile_unet(model, config, total_steps=(config.epochs - run.initial_epoch) * run.steps)
             else:
                 model = compile_unet(build_unet_from_config(config), config,
                                      total_steps=config.epochs * run.steps)
@@ -378,8 +387,7 @@ def fit(run: OpenRun, verbose: int = 1) -> int | None:
              f"padding={config.padding}", verbose)
         checkpoint = RunCheckpoint(run_dir, config, run.best_val_loss)
         nan_guard = StopOnNaN()
-        callbacks = [checkpoint, nan_guard,
-                     keras.callbacks.CSVLogger(str(run_dir / HISTORY_FILE), append=run.resumed)]
+        callbacks = [checkpoint, nan_guard, HistoryLog(run_dir / HISTORY_FILE, run.initial_epoch)]
         if config.lr_schedule == "plateau":
             callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=4,
                                                                min_lr=1e-5))
@@ -391,14 +399,18 @@ def fit(run: OpenRun, verbose: int = 1) -> int | None:
                       shuffle=False)  # the pipeline already randomises; Keras cannot shuffle a tf.data stream
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    if nan_guard.where:
-        raise TrainingError(f"the loss became NaN at {nan_guard.where}; training stopped. The last good "
-                            f"epoch is saved in {run_dir}. Try a lower --lr (now {config.learning_rate}) "
-                            f"or --loss bce+dice")
+    where = nan_guard.where or (f"the end of epoch {checkpoint.bad_epoch}" if checkpoint.bad_epoch else None)
+    if where:
+        hint = f"--lr {min(config.learning_rate / 10, Config().learning_rate):g}"
+        hint += " without --mixed-precision" if config.mixed_precision else ""
+        raise TrainingError(f"training diverged at {where}: the loss or the weights became NaN or infinite "
+                            f"(learning rate {config.learning_rate:g}), so training stopped and that epoch "
+                            f"was not saved; {what_is_kept(run)}. Use a lower learning rate, for example "
+                            f"{hint}")
     plots.save(plots.training_curves(read_history(run_dir / HISTORY_FILE)), run_dir / CURVES_FILE, dpi=100)
-    (run.runs_root / LATEST_FILE).write_text(run_dir.name + "\n")
+    files.write_text(run.runs_root / LATEST_FILE, run_dir.name + "\n")
     run.extra.update(best_epoch=checkpoint.best_epoch, train_seconds=round(time.time() - run.started, 1))
-    config.to_json(run_dir / CONFIG_FILE, **run.extra)
+    write_config(config, run_dir / CONFIG_FILE, **run.extra)
     return checkpoint.best_epoch
 
 
@@ -434,7 +446,7 @@ def finalize(run_dir, val_samples: list[LoadedSample] | None = None, thresholds=
     extra = {k: v for k, v in info.items() if k not in fields}
     extra.update(val_scores=scores,
                  val_scores_per_image=[{"id": s.sample_id, **row.rounded()} for s, row in zip(val_samples, per_image)])
-    config.to_json(run_dir / CONFIG_FILE, **extra)
+    write_config(config, run_dir / CONFIG_FILE, **extra)
     shown = [Prediction.from_output(s.sample_id, s.image, o, post, s.labels)
              for s, o in list(zip(val_samples, outputs))[:4]]
     plots.save(plots.prediction_grid(shown), run_dir / VAL_FIGURE_FILE, dpi=80)
@@ -447,16 +459,25 @@ def finalize(run_dir, val_samples: list[LoadedSample] | None = None, thresholds=
 
 
 def train(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = None, resume=None,
-          cpu_devices: int = 0, verbose: int = 1, progress: bool = True, exclude_ids=()) -> TrainResult:
+          cpu_devices: int = 0, verbose: int = 1, progress: bool = True, exclude_ids=(),
+          changes: dict | None = None) -> TrainResult:
     """Train a U-Net as ``config`` says and save a complete run folder: ``open_run``, ``fit``, ``finalize``.
 
     ``resume`` (a run name or folder) continues that run from its last checkpoint, with the epoch count
-    carried on, up to ``config.epochs`` in all.  ``cpu_devices`` > 1 splits the CPU into that many
-    logical devices and trains data-parallel over them (a way to test the multi-device path).
+    carried on, up to its own epochs or ``changes["epochs"]`` in all (``changes``: see ``open_run``).
+    ``cpu_devices`` > 1 splits the CPU into that many logical devices and trains data-parallel over them
+    (a way to test the multi-device path).  Ctrl-C raises ``TrainingInterrupted``, whose message says
+    what was kept; a new run that fails or is stopped before its first epoch leaves no folder behind.
     """
-    run = open_run(config, runs_root, run_name, resume, cpu_devices, verbose, progress, exclude_ids)
-    fit(run, verbose)
-    result = finalize(run.run_dir, run.val_samples, progress=progress, verbose=verbose)
+    run = open_run(config, runs_root, run_name, resume, cpu_devices, verbose, progress, exclude_ids, changes)
+    try:
+        fit(run, verbose)
+        result = finalize(run.run_dir, run.val_samples, progress=progress, verbose=verbose)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(what_is_kept(run)) from None
+    except Exception:
+        what_is_kept(run)  # only to remove a new run's folder that holds no epoch
+        raise
     seconds = time.time() - run.started
     _log(f"Done in {seconds / 60:.1f} min. Run saved in {run.run_dir}", verbose)
     return dataclasses.replace(result, seconds=seconds)
