@@ -2,6 +2,7 @@
 
     python Predict_mask.py image.png                       # -> predictions/image_mask.png, image_overlay.png
     python Predict_mask.py folder/ more.tif --labels --rle submission.csv
+    python Predict_mask.py folder/ --measure --pixel-size 0.65 --labels tif   # + nuclei.csv, images.csv, summary.png
     python Predict_mask.py dataset/stage1_test --model runs/my-run
     python Predict_mask.py                                 # the run's validation images, scored, as a figure
 
@@ -41,9 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="test-time augmentation: average the 8 flips and rotations of each image "
                              "(8x slower; default: the run's setting)")
-    parser.add_argument("--labels", action="store_true",
-                        help="also write <stem>_labels.png, a 16-bit image with one value per nucleus "
-                             "(touching nuclei split by a watershed)")
+    parser.add_argument("--labels", nargs="?", const="png", choices=("png", "tif"), metavar="png|tif",
+                        help="also write <stem>_labels.png (or with 'tif', <stem>_labels.tif), a 16-bit image "
+                             "with one value per nucleus (touching nuclei split by a watershed); the TIFF "
+                             "holds more than 65,535 nuclei and the pixel size")
+    parser.add_argument("--measure", action="store_true",
+                        help="measure every nucleus: one row each in <out>/nuclei.csv (centroid, area, "
+                             "diameter, perimeter, eccentricity, solidity, mean and max grey value at the "
+                             "input's own bit depth, border flag), one row per image in <out>/images.csv, "
+                             "and <out>/summary.png when there are several images")
+    parser.add_argument("--pixel-size", type=float, metavar="UM",
+                        help="micrometres per pixel: --measure also reports areas and lengths in um "
+                             "(columns *_um2, *_um), and --labels tif records it")
     parser.add_argument("--min-size", type=int, metavar="PX",
                         help="drop nuclei smaller than this many pixels (default: from the run's config)")
     parser.add_argument("--rle", metavar="FILE",
@@ -59,12 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _labels_value_given(argv: list[str]) -> list[str]:
+    """``--labels`` takes an optional format, so argparse would read ``--labels image.png`` as the format
+    "image.png" and fail; a bare ``--labels`` followed by anything but a format becomes ``--labels=png``,
+    so that the flag works anywhere on the line, as it did before it took a value."""
+    return [f"{arg}=png" if arg == "--labels" and (i + 1 == len(argv) or argv[i + 1] not in ("png", "tif"))
+            else arg for i, arg in enumerate(argv)]
+
+
 def main(argv=None) -> int:
     """Run the script with ``argv`` (default: the command line); returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(_labels_value_given(sys.argv[1:] if argv is None else list(argv)))
+    if args.pixel_size is not None and not args.pixel_size > 0:
+        parser.error(f"--pixel-size must be a positive number of micrometres per pixel, got {args.pixel_size}")
+    if args.pixel_size is not None and not args.measure and args.labels != "tif":
+        parser.error("--pixel-size is used by --measure and --labels tif; give one of them")
     # These import TensorFlow: after argument parsing, so --help is quick.
     import unet_model_core as core
-    from unet_nuclei import files, plots, predict, tiling
+    from unet_nuclei import files, measure, plots, predict, tiling
     from unet_nuclei.instances import rle_rows
 
     try:
@@ -89,6 +112,9 @@ def main(argv=None) -> int:
         if any(item.truth is not None for item in inputs) and (out / "scores.csv").exists() and not args.overwrite:
             raise FileExistsError(f"{out / 'scores.csv'} exists (the scores of an earlier run); pass "
                                   f"--overwrite to replace it, or choose another --out")
+        measurements = measure.Measurements(args.pixel_size) if args.measure else None
+        if measurements is not None:  # before predicting, so a refusal costs nothing
+            measure.refuse_existing(measure.output_paths(out, len(inputs)), args.overwrite)
     except (predict.ModelError, core.DataError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -101,7 +127,10 @@ def main(argv=None) -> int:
         started = time.time()
         try:
             result = predict.predict_input(model, config, item, out, labels=args.labels, overwrite=args.overwrite,
-                                           tile_size=args.tile_size, batch_size=args.batch_size)
+                                           tile_size=args.tile_size, batch_size=args.batch_size,
+                                           pixel_size=args.pixel_size)
+            if measurements is not None:
+                measurements.add_file(item.name, result.labels, item.image_path)
         except KeyboardInterrupt:
             print(f"\nInterrupted after {done} of {len(inputs)} images: their files in {out}/ are complete, "
                   f"{item.name}'s were not written; no scores or --rle file were written.", file=sys.stderr)
@@ -133,11 +162,15 @@ def main(argv=None) -> int:
         if args.rle:
             files.write_csv(args.rle, [["ImageId", "EncodedPixels"], *rows])
             print(f"Run-length encoding of {len(rows)} rows written to {args.rle}")
+        if measurements is not None and measurements.images:
+            written = measurements.write(out, overwrite=args.overwrite)
+            print(f"Measurements of {len(measurements.nuclei)} nuclei in {len(measurements.images)} images: "
+                  f"{', '.join(str(p) for p in written)}")
         if not args.images and results:
             figure = predict.unique_path(out / "validation_predictions.png")
             plots.save(plots.prediction_grid(results), figure, dpi=80)
             print(f"Figure: {figure}")
-    except OSError as error:
+    except OSError as error:  # FileExistsError too: a table that appeared meanwhile
         print(f"error: {error}", file=sys.stderr)
         return 1
     if problems:

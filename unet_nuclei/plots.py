@@ -1,4 +1,5 @@
-"""The project's figures: training curves and predictions beside their ground truth.
+"""The project's figures: training curves, predictions beside their ground truth, and the summary of
+the nuclei measured in a set of images.
 
 Every figure is a ``matplotlib.figure.Figure`` made without pyplot, so drawing one never touches
 pyplot's global state or the backend: a notebook keeps showing its own figures inline after training
@@ -7,8 +8,9 @@ has saved these.  ``save`` writes a figure to a PNG; in a notebook, ``display(fi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
+import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -75,4 +77,38 @@ def outline_pairs(predictions: Sequence[Prediction]) -> Figure:
         row[1].set_title(f"predicted outlines: {p.count} nuclei")
         for axes in row:
             axes.axis("off")
+    return figure
+
+
+def measurement_summary(counts: Mapping[str, int], areas: Sequence[float], area_unit: str = "px") -> Figure:
+    """The nuclei counted in each image (bars) and the areas of all nuclei together (histogram, with
+    their median marked); ``area_unit`` labels the areas ("px" or "um^2")."""
+    figure = Figure(figsize=(11, 4), layout="tight")
+    count_axes, area_axes = figure.subplots(1, 2)
+    names, values = list(counts), list(counts.values())
+    count_axes.bar(range(len(names)), values, color="tab:blue")
+    count_axes.set(title=f"Nuclei per image ({len(names)} images, {sum(values)} nuclei)", ylabel="nuclei")
+    if len(names) <= 30:  # beyond that the names would overprint each other; the bars still show
+        count_axes.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    else:
+        count_axes.set_xlabel("image")
+    count_axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    unit = {"um^2": "µm²"}.get(area_unit, area_unit)
+    areas = np.asarray(areas, dtype=np.float64)
+    if areas.size:
+        # The square root of the count is a common rule for the number of bins, kept between 10 and 60.
+        bins = int(np.clip(np.sqrt(areas.size), 10, 60))
+        smallest, largest = max(float(areas.min()), 1e-12), float(areas.max())
+        if largest > 10 * smallest:
+            # A few merged clumps can be many times the typical nucleus; on linear bins they would squeeze
+            # every real nucleus into the first bar, so the bins and the axis are logarithmic instead.
+            bins = np.geomspace(smallest, largest, bins + 1)
+            area_axes.set_xscale("log")
+        area_axes.hist(areas, bins=bins, color="tab:gray")
+        median = float(np.median(areas))
+        area_axes.axvline(median, color="tab:red", linestyle="--", label=f"median {median:.1f} {unit}")
+        area_axes.legend()
+    area_axes.set(title="Nucleus area", xlabel=f"area ({unit})", ylabel="nuclei")
+    for axes in (count_axes, area_axes):
+        axes.grid(alpha=0.3)
     return figure

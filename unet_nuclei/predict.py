@@ -3,8 +3,8 @@ outputs, and the scores table.  This is what ``Predict_mask.py`` and the noteboo
 
 For each input ``<stem>.<ext>`` the outputs are ``<stem>_mask.png`` (uint8 0/255, the input's exact
 height and width), ``<stem>_overlay.png`` (outlines on the image) and, on request, ``<stem>_labels.png``
-(16-bit instances).  No existing file is replaced unless ``overwrite`` is set, and every file is written
-whole or not at all (``unet_nuclei.files``).
+or ``<stem>_labels.tif`` (16-bit instances).  No existing file is replaced unless ``overwrite`` is set, and
+every file is written whole or not at all (``unet_nuclei.files``).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from unet_model_core import (NOT_A_SAMPLE_REASON, STRAY_REASON, Config, DataErro
                              is_image_file, is_stray, mask_stem, read_image, read_instance_labels)
 from unet_nuclei import files
 from unet_nuclei.instances import SCORE_KEYS, PostProcessing, Prediction, draw_outlines, mean_scores
+from unet_nuclei.measure import write_label_tiff
 from unet_nuclei.tiling import predict_probabilities
 from unet_nuclei.training import DEFAULT_RUNS_DIR, MODEL_FILE, find_run, read_run_config, validation_samples
 
@@ -170,18 +171,23 @@ def predict_image(model: keras.Model, config: Config, image: np.ndarray, name: s
     return Prediction.from_output(name, image, output, PostProcessing.of(config), truth)
 
 
-def predict_input(model: keras.Model, config: Config, item: PredictionInput, out_dir, labels: bool = False,
+def predict_input(model: keras.Model, config: Config, item: PredictionInput, out_dir, labels: bool | str = False,
                   overwrite: bool = False, tile_size: int | None = None, batch_size: int = 4,
-                  tta: bool | None = None, progress: bool = True) -> Prediction:
+                  tta: bool | None = None, progress: bool = True, pixel_size: float | None = None) -> Prediction:
     """Predict one image file and write ``<name>_mask.png`` (the union of the nuclei) and
-    ``<name>_overlay.png`` (and, with ``labels``, ``<name>_labels.png``, 16-bit) into ``out_dir``.
+    ``<name>_overlay.png`` into ``out_dir``; with ``labels`` (True or "png") also ``<name>_labels.png``
+    (16-bit), with ``labels="tif"`` ``<name>_labels.tif`` instead (16-bit, 32-bit beyond 65,535 nuclei,
+    with ``pixel_size`` in micrometres in its resolution tags).
     Returns the ``Prediction``, scored when the input has ground truth.  Raises DataError for an
     unreadable image or truth, FileExistsError before writing anything when an output exists and
     ``overwrite`` is off."""
     out_dir = Path(out_dir)
     targets = {"mask": out_dir / f"{item.name}_mask.png", "overlay": out_dir / f"{item.name}_overlay.png"}
-    if labels:
-        targets["labels"] = out_dir / f"{item.name}_labels.png"
+    label_format = "png" if labels is True else labels
+    if label_format not in (False, None, "png", "tif"):
+        raise ValueError(f"labels must be png or tif, got {labels!r}")
+    if label_format:
+        targets["labels"] = out_dir / f"{item.name}_labels.{label_format}"
     for path in targets.values():
         if path.resolve() == Path(item.image_path).resolve():
             raise FileExistsError(f"{path} is the input image itself; choose another --out")
@@ -189,13 +195,18 @@ def predict_input(model: keras.Model, config: Config, item: PredictionInput, out
     image = read_image(item.image_path)
     truth = truth_labels(item.truth, image.shape[:2]) if item.truth is not None else None
     prediction = predict_image(model, config, image, item.name, truth, tile_size, batch_size, tta, progress)
-    outputs = {"mask": lambda: (prediction.labels > 0).astype(np.uint8) * 255,
-               "overlay": lambda: draw_outlines(image, prediction.labels),
-               "labels": lambda: prediction.labels.astype(np.uint16)}
+    if label_format == "png" and prediction.labels.max(initial=0) > np.iinfo(np.uint16).max:
+        # A 16-bit PNG would wrap label 65,536 round to 0 and merge nuclei; say so before writing anything.
+        raise DataError(f"{item.name}: {prediction.count} nuclei do not fit a 16-bit label PNG; use --labels tif")
+    outputs = {"mask": lambda path: write_png(path, (prediction.labels > 0).astype(np.uint8) * 255, overwrite),
+               "overlay": lambda path: write_png(path, draw_outlines(image, prediction.labels), overwrite),
+               "labels": (lambda path: write_png(path, prediction.labels.astype(np.uint16), overwrite))
+               if label_format == "png" else
+               (lambda path: write_label_tiff(path, prediction.labels, pixel_size, overwrite))}
     written = []
     try:
         for kind, path in targets.items():
-            write_png(path, outputs[kind](), overwrite)
+            outputs[kind](path)
             written.append(path)
     except BaseException:
         # All of an image's outputs or none: a mask without its overlay would make the next run skip
