@@ -46,8 +46,7 @@ from tqdm.auto import tqdm
 # The name under which the losses and metrics are registered with Keras' serialisation framework.
 KERAS_PACKAGE = "unet_nuclei"
 
-# Where the real Data Science Bowl 2018 training set is expected, relative to the working directory, the
-# way users run the scripts from the repository root.
+# The real DSB-2018 training set, relative to the repository root, where users run the scripts.
 DEFAULT_DATA_DIR = os.path.join("dataset", "stage1_train")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -65,8 +64,7 @@ NOT_A_SAMPLE_REASON = "not a sample folder (skipped)"
 # Two layouts are understood:
 #   * "dsb"   - the Data Science Bowl 2018 layout: <root>/<id>/images/<id>.png and <root>/<id>/masks/*.png,
 #               one binary PNG per nucleus;
-#   * "pairs" - <root>/images/<name>.<ext> and <root>/masks/<name>.<ext>, one binary mask per image, the
-#               way people often keep their own annotated data.
+#   * "pairs" - <root>/images/<name>.<ext> and <root>/masks/<name>.<ext>, one binary or 16-bit label mask per image.
 # Decoding (reading every mask PNG and merging them) is the expensive part; it happens once, in parallel
 # threads (OpenCV releases the GIL), and the decoded arrays are kept in memory for every epoch after.
 
@@ -168,7 +166,10 @@ def read_mask(path) -> np.ndarray:
     Masks saved as 0/1, 0/255, colour or slightly lossy (JPEG) all work: a pixel is foreground when it is
     brighter than half the mask's maximum (for 8-bit) or non-zero (for 16-bit label-like masks).
     """
-    mask = _decode(path)
+    return _binary(_decode(path))
+
+
+def _binary(mask: np.ndarray) -> np.ndarray:  # a decoded mask (any depth and channels) -> bool
     if mask.ndim == 3:
         mask = mask[:, :, :3].max(axis=2) if mask.shape[2] >= 3 else mask[:, :, 0]
     if mask.dtype == np.uint8:
@@ -177,19 +178,18 @@ def read_mask(path) -> np.ndarray:
 
 
 def read_instance_labels(mask_paths: Sequence, shape: tuple[int, int], layout: str = "dsb") -> np.ndarray:
-    """Merge one-mask-per-nucleus files into an H x W uint16 label image (or label a binary mask).
-
-    For the "pairs" layout the single binary mask is split into its connected components, the best
-    instance estimate there is without per-nucleus files.
-    """
+    """Merge one-mask-per-nucleus files into an H x W uint16 label image.  The "pairs" layout's one mask
+    is a label image when 16-bit with several values (StarDist's and Cellpose's convention), else a binary
+    mask split into its connected components, the best estimate there is without per-nucleus files."""
     labels = np.zeros(shape, dtype=np.uint16)
     if layout == "pairs":
-        mask = read_mask(mask_paths[0])
-        if mask.shape != tuple(shape):
-            raise DataError(f"{mask_paths[0]}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+        raw = _decode(mask_paths[0])
+        if raw.shape[:2] != tuple(shape):
+            raise DataError(f"{mask_paths[0]}: mask is {raw.shape[1]}x{raw.shape[0]} but its image is "
                             f"{shape[1]}x{shape[0]}")
-        count, components = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
-        return components.astype(np.uint16)
+        if raw.ndim == 2 and raw.dtype == np.uint16 and len(np.unique(raw)) > 2:
+            return raw
+        return cv2.connectedComponents(_binary(raw).astype(np.uint8), connectivity=8)[1].astype(np.uint16)
     for index, path in enumerate(mask_paths, start=1):
         mask = read_mask(path)
         if mask.shape != tuple(shape):

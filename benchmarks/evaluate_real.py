@@ -52,13 +52,13 @@ def check_unseen(info: dict, data_dir: Path, held_out: list[str]) -> None:
 def main(argv=None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     import unet_model_core as core
-    from unet_nuclei import evaluation, predict, training
+    from unet_nuclei import cache, evaluation, predict, training
 
     data_dir = Path(args.data)
     try:
-        samples, problems = core.find_samples(data_dir)
-        loaded, load_problems = core.load_samples(samples, desc="Decoding the dataset")
-        core.report_problems(problems + load_problems)
+        loaded, problems, how = cache.load_folder(data_dir, desc="Decoding the dataset")
+        print(f"{data_dir}: images and masks {how}", file=sys.stderr)
+        core.report_problems(problems)
         kinds = {s.sample_id: evaluation.image_kind(s.image) for s in loaded}
         _, held_out = evaluation.holdout_split(kinds)
         if args.run:

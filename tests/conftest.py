@@ -3,10 +3,13 @@ import contextlib
 import io
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the suite is CPU-only by design, even on a GPU box
+# Decoded-dataset caches of the tests' fixture folders go to a scratch folder, never the user's ~/.cache.
+os.environ["UNET_NUCLEI_CACHE"] = tempfile.mkdtemp(prefix="unet_nuclei_test_cache_")
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:

@@ -35,12 +35,13 @@ import keras
 import tensorflow as tf
 
 from unet_model_core import (DEFAULT_DATA_DIR, Config, DataError, LoadedSample, Sample,
-                             build_unet_from_config, compile_unet, find_samples, load_samples, make_datasets,
+                             build_unet_from_config, compile_unet, find_samples, make_datasets,
                              report_problems, split_ids)
-from unet_nuclei import files, plots, synthetic
+from unet_nuclei import cache, files, plots, synthetic
 from unet_nuclei.checkpoints import (CONFIG_FILE, CURVES_FILE, HISTORY_FILE, LAST_FILE, MODEL_FILE, STATE_FILE,
                                      VAL_FIGURE_FILE, HistoryLog, RunCheckpoint, StopOnNaN,
                                      export_inference_model, read_history_rows, read_json, saved_epoch)
+from unet_nuclei.devices import configure_devices, get_strategy, set_precision  # noqa: F401
 from unet_nuclei.instances import MARKER_GRID, MIN_SIZE_GRID, THRESHOLD_GRID, Prediction, choose_post_processing
 from unet_nuclei.tiling import predict_samples
 
@@ -107,44 +108,6 @@ def read_run_config(run_dir) -> tuple[Config, dict]:
     """The Config a run was trained with, and the whole config.json (ids, threshold, scores)."""
     data = read_json(Path(run_dir) / CONFIG_FILE, f": {run_dir} is not a complete run of this project")
     return Config.from_dict(data), data
-
-
-def configure_devices(cpu_devices: int = 0) -> None:
-    """Split the CPU into ``cpu_devices`` logical devices (to exercise multi-device code without GPUs).
-
-    Must run before TensorFlow creates its devices, i.e. before any op runs in the process."""
-    if cpu_devices > 1:
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_devices)
-
-
-def get_strategy(cpu_devices: int = 0) -> tf.distribute.Strategy:
-    """TensorFlow's own engine for scaling out.
-
-    * ``TF_CONFIG`` set (several machines): MultiWorkerMirroredStrategy;
-    * several GPUs on this machine: MirroredStrategy over all of them;
-    * ``cpu_devices`` > 1 logical CPUs (tests, demos): MirroredStrategy over those;
-    * otherwise the default (single-device) strategy.
-    """
-    if os.environ.get("TF_CONFIG"):
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    gpus = tf.config.list_logical_devices("GPU")
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy()
-    cpus = tf.config.list_logical_devices("CPU")
-    if cpu_devices > 1 and len(cpus) > 1:
-        return tf.distribute.MirroredStrategy(devices=[d.name for d in cpus[:cpu_devices]])
-    return tf.distribute.get_strategy()
-
-
-def set_precision(mixed: bool) -> str:
-    """Set Keras' global dtype policy: float16 compute on GPUs, bfloat16 on CPUs (which lack fast
-    float16), float32 when ``mixed`` is off.  The U-Net's output layer stays float32 either way."""
-    policy = "float32"
-    if mixed:
-        policy = "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
-    keras.mixed_precision.set_global_policy(policy)
-    return policy
 
 
 def write_config(config: Config, path, **extra) -> None:
@@ -216,21 +179,21 @@ def prepare_data(config: Config, progress: bool = True, verbose: int = 1, exclud
     Returns ``(train_samples, val_samples, data_dir, why)``."""
     data_dir, why = resolve_data_dir(config.data_dir, config.sample_images, progress=progress)
     _log(f"Data: {why}", verbose)
-    samples, problems = find_samples(data_dir)
+    loaded, problems, how = cache.load_folder(data_dir, progress=progress)
+    _log(f"      images and masks {how}", verbose)
     if exclude_ids:
         excluded = set(exclude_ids)
-        samples = [s for s in samples if s.sample_id not in excluded]
+        loaded = [s for s in loaded if s.sample_id not in excluded]
         _log(f"      {len(excluded)} images held out as a test set, never trained or tuned on", verbose)
-    train_ids, val_ids = split_ids([s.sample_id for s in samples], config.val_size, config.seed)
-    loaded, load_problems = load_samples(samples, progress=progress)
     # An image smaller than one pooling window has nothing a U-Net can learn from (a 1x1 image and its
     # empty mask would even score a perfect Dice): skip it like an unreadable one.
     smallest = 2 ** config.depth
     tiny = [s for s in loaded if min(s.image.shape[:2]) < smallest]
     loaded = [s for s in loaded if min(s.image.shape[:2]) >= smallest]
-    load_problems += [(s.sample_id, f"{s.image.shape[1]}x{s.image.shape[0]} px: smaller than {smallest} px "
-                                    f"a side, too small for a {config.depth}-level U-Net") for s in tiny]
-    report_problems(problems + load_problems)
+    problems += [(s.sample_id, f"{s.image.shape[1]}x{s.image.shape[0]} px: smaller than {smallest} px "
+                               f"a side, too small for a {config.depth}-level U-Net") for s in tiny]
+    report_problems(problems)
+    train_ids, val_ids = split_ids([s.sample_id for s in loaded], config.val_size, config.seed)
     by_id = {s.sample_id: s for s in loaded}
     train = [by_id[i] for i in train_ids if i in by_id]
     val = [by_id[i] for i in val_ids if i in by_id]
@@ -431,7 +394,7 @@ def finalize(run_dir, val_samples: list[LoadedSample] | None = None, thresholds=
     config, info = read_run_config(run_dir)
     if val_samples is None:
         samples, problems = validation_samples(info)
-        val_samples, load_problems = load_samples(samples, progress=progress)
+        val_samples, load_problems = cache.load_ids(info["data_dir"], [s.sample_id for s in samples], progress)
         report_problems(problems + load_problems)
         if not val_samples:
             raise DataError(f"none of the validation images of {run_dir} could be read")

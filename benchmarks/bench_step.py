@@ -1,0 +1,169 @@
+"""Loading and training-step costs of the default real-data training, and prediction throughput, per
+numeric setting, measured side by side in one process.
+
+  1. loading: ``cache.load_folder`` into an empty cache (cold: every PNG decoded) and again (cached:
+     memory-mapped), in seconds;
+  2. the training step of the default model and pipeline (``make_datasets`` on the loaded data, batch 8,
+     128 px patches) under each setting: float32, mixed precision (bfloat16 on CPUs, float16 on GPUs),
+     XLA, and both; warm-up steps first, then ``--steps`` timed steps of ``model.fit``; an epoch is
+     ``make_datasets``' steps per epoch times the step;
+  3. the input pipeline alone (the same dataset iterated without the model), to give its share of a step;
+  4. prediction: full-resolution tiled prediction (``predict_probabilities``) of the largest images, in
+     megapixels per second, per setting.
+
+The data is ``--data`` if given, else ``dataset/stage1_train`` when present, else a generated DSB-like
+folder (``unet_nuclei.synthetic`` in DSB-2018's size mix).  The last line is one JSON object.
+
+    python benchmarks/bench_step.py                      # about 5 minutes on 2 CPU cores
+    python benchmarks/bench_step.py --data DIR --steps 200 --settings float32,mixed+xla
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = Path(__file__).resolve().parent.parent
+for folder in (REPO, REPO / "benchmarks"):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+SETTINGS = ("float32", "mixed", "xla", "mixed+xla")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def find_data(args) -> tuple[Path, str]:
+    """The folder to measure on, and a word for the JSON line."""
+    if args.data:
+        return Path(args.data), "given"
+    if Path("dataset/stage1_train").is_dir():
+        return Path("dataset/stage1_train"), "real"
+    from bench_train import DSB_SIZE_MIX
+
+    from unet_nuclei import synthetic
+
+    folder = Path(tempfile.mkdtemp(prefix="bench_step_data_")) / "dsb_like"
+    log(f"No real data: writing a DSB-like folder of {args.images} images to {folder}")
+    synthetic.write_synthetic_dataset(folder, num_images=args.images, seed=2018, sizes=DSB_SIZE_MIX, progress=False)
+    return folder, "generated"
+
+
+def time_steps(model, dataset, warmup: int, steps: int) -> float:
+    """Milliseconds per training step: ``warmup`` steps (tracing, compiling) untimed, then ``steps``."""
+    model.fit(dataset, epochs=1, steps_per_epoch=warmup, verbose=0)
+    started = time.perf_counter()
+    model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)
+    return (time.perf_counter() - started) * 1000 / steps
+
+
+def time_input(dataset, batches: int) -> float:
+    """Milliseconds per batch of the input pipeline alone (no model)."""
+    iterator = iter(dataset)
+    for _ in range(min(10, batches)):
+        next(iterator)
+    started = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    return (time.perf_counter() - started) * 1000 / batches
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Loading, training-step and prediction cost per numeric "
+                                                 "setting (float32, mixed precision, XLA); one JSON line last.")
+    parser.add_argument("--data", metavar="DIR", help="dataset folder (default: dataset/stage1_train if present, "
+                                                      "else a generated DSB-like folder)")
+    parser.add_argument("--images", type=int, default=120, help="images of the generated folder (120)")
+    parser.add_argument("--steps", type=int, default=60, help="timed training steps per setting (60)")
+    parser.add_argument("--warmup", type=int, default=15, help="untimed steps per setting first (15)")
+    parser.add_argument("--settings", default=",".join(SETTINGS),
+                        help=f"comma-separated, from {', '.join(SETTINGS)} (default: all)")
+    parser.add_argument("--predict-images", type=int, default=4,
+                        help="largest images predicted per setting for the throughput (4; 0 skips)")
+    args = parser.parse_args(argv)
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown or args.steps < 1 or args.warmup < 1:
+        parser.error(f"unknown setting {unknown[0]!r}" if unknown else "--steps and --warmup must be positive")
+
+    import keras
+    import tensorflow as tf
+
+    import unet_model_core as core
+    from unet_nuclei import cache, tiling, training
+
+    data_dir, source = find_data(args)
+    cold_root = Path(tempfile.mkdtemp(prefix="bench_step_cache_"))
+    started = time.perf_counter()
+    loaded, _, _ = cache.load_folder(data_dir, progress=False, root=cold_root)
+    load_cold = time.perf_counter() - started
+    started = time.perf_counter()
+    loaded, _, how = cache.load_folder(data_dir, progress=False, root=cold_root)
+    load_cached = time.perf_counter() - started
+    log(f"{data_dir}: {len(loaded)} images; loading {load_cold:.1f} s cold, {load_cached:.2f} s cached ({how})")
+
+    config = core.Config(data_dir=str(data_dir))
+    train_ids, val_ids = core.split_ids([s.sample_id for s in loaded], config.val_size, config.seed)
+    by_id = {s.sample_id: s for s in loaded}
+    train_ds, _, steps_per_epoch = core.make_datasets([by_id[i] for i in train_ids], [by_id[i] for i in val_ids],
+                                                      config)
+    input_ms = time_input(train_ds, args.steps)
+    largest = sorted(loaded, key=lambda s: -s.image.shape[0] * s.image.shape[1])[:args.predict_images]
+    gpu = tf.config.list_physical_devices("GPU")
+    device = (tf.config.experimental.get_device_details(gpu[0]).get("device_name", "GPU") if gpu
+              else platform.processor() or platform.machine())
+
+    step_ms, predict_mpx = {}, {}
+    for setting in settings:
+        mixed, xla = "mixed" in setting, "xla" in setting
+        policy = training.set_precision(mixed)
+        try:
+            keras.utils.set_random_seed(config.seed)
+            model = core.compile_unet(core.build_unet_from_config(config), config, jit_compile=xla,
+                                      total_steps=config.epochs * steps_per_epoch)
+            step_ms[setting] = round(time_steps(model, train_ds, args.warmup, args.steps), 2)
+            if largest:
+                started = time.perf_counter()
+                for sample in largest:
+                    tiling.predict_probabilities(model, sample.image, config)
+                pixels = sum(s.image.shape[0] * s.image.shape[1] for s in largest)
+                predict_mpx[setting] = round(pixels / 1e6 / (time.perf_counter() - started), 2)
+            log(f"{setting:>10} ({policy}): {step_ms[setting]:8.1f} ms/step"
+                + (f", prediction {predict_mpx[setting]} Mpx/s" if setting in predict_mpx else ""))
+        except Exception as error:  # XLA or a precision may be unsupported here; say so and go on.
+            log(f"{setting:>10}: failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+            keras.backend.clear_session()
+
+    if not step_ms:
+        log("no setting could be measured")
+        return 1
+    best = min(step_ms, key=step_ms.get)
+    print(f"\n{'setting':>10} {'ms/step':>9} {'s/epoch':>9} {'vs float32':>11} {'predict Mpx/s':>14}")
+    for setting, ms in step_ms.items():
+        ratio = step_ms["float32"] / ms if "float32" in step_ms else float("nan")
+        print(f"{setting:>10} {ms:9.1f} {ms * steps_per_epoch / 1000:9.0f} {ratio:10.2f}x "
+              f"{predict_mpx.get(setting, float('nan')):14.2f}")
+    print(f"input pipeline alone: {input_ms:.1f} ms/batch ({input_ms / step_ms[best]:.0%} of the best step); "
+          f"{steps_per_epoch} steps per epoch; device: {device}")
+    figures = {"device": device, "data": source, "images": len(loaded), "load_cold_s": round(load_cold, 1),
+               "load_cached_s": round(load_cached, 2), "steps_per_epoch": steps_per_epoch, "step_ms": step_ms,
+               "step_ms_float32": step_ms.get("float32"), "step_ms_best": step_ms[best], "best_setting": best,
+               "speedup_best_vs_float32": round(step_ms["float32"] / step_ms[best], 2) if "float32" in step_ms else None,
+               "input_ms_per_batch": round(input_ms, 2), "input_share_of_best_step": round(input_ms / step_ms[best], 3),
+               "predict_mpx_per_s": predict_mpx}
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

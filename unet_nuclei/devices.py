@@ -1,0 +1,59 @@
+"""Devices, precision and distribution: which strategy trains the model, and in which dtype.
+
+Several GPUs (or logical CPU devices) of one machine train data-parallel with ``MirroredStrategy``.
+Several machines do not: Keras 3's ``model.fit`` fails under ``MultiWorkerMirroredStrategy``
+(keras-team/keras#20585, still so with Keras 3.15 and TensorFlow 2.21: first converting a per-replica
+batch to a tensor, then reducing its per-replica metrics), so ``TF_CONFIG`` is refused with that reason
+instead of failing mid-run.
+"""
+from __future__ import annotations
+
+import os
+
+import keras
+import tensorflow as tf
+
+
+class MultiWorkerUnsupported(ValueError):
+    """Training on several machines was asked for (``TF_CONFIG``); Keras 3 cannot do it (see above)."""
+
+
+def configure_devices(cpu_devices: int = 0) -> None:
+    """Split the CPU into ``cpu_devices`` logical devices (to exercise multi-device code without GPUs).
+
+    Must run before TensorFlow creates its devices, i.e. before any op runs in the process."""
+    if cpu_devices > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_devices)
+
+
+def get_strategy(cpu_devices: int = 0) -> tf.distribute.Strategy:
+    """TensorFlow's own engine for scaling out.
+
+    * ``TF_CONFIG`` set (several machines): refused, ``MultiWorkerUnsupported`` (see above);
+    * several GPUs on this machine: MirroredStrategy over all of them;
+    * ``cpu_devices`` > 1 logical CPUs (tests, demos): MirroredStrategy over those;
+    * otherwise the default (single-device) strategy.
+    """
+    if os.environ.get("TF_CONFIG"):
+        raise MultiWorkerUnsupported(
+            "TF_CONFIG is set, asking for training on several machines, which Keras 3 cannot do: its "
+            "model.fit fails under MultiWorkerMirroredStrategy (keras-team/keras#20585). Unset TF_CONFIG "
+            "and train on one machine; its GPUs are all used (MirroredStrategy)")
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    cpus = tf.config.list_logical_devices("CPU")
+    if cpu_devices > 1 and len(cpus) > 1:
+        return tf.distribute.MirroredStrategy(devices=[d.name for d in cpus[:cpu_devices]])
+    return tf.distribute.get_strategy()
+
+
+def set_precision(mixed: bool) -> str:
+    """Set Keras' global dtype policy: float16 compute on GPUs, bfloat16 on CPUs (which lack fast
+    float16), float32 when ``mixed`` is off.  The U-Net's output layer stays float32 either way."""
+    policy = "float32"
+    if mixed:
+        policy = "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
