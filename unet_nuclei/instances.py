@@ -147,10 +147,47 @@ def count_instances(labels) -> int:
 
 
 def _remove_small(labels, min_size):
-    """Set instances smaller than ``min_size`` pixels to background."""
+    """Set instances smaller than ``min_size`` pixels to background in place (no copy of a large image)."""
     small = np.bincount(labels.ravel()) < min_size
     small[0] = False
-    return np.where(small[labels], 0, labels) if small.any() else labels
+    if small.any():
+        labels[small[labels]] = 0
+    return labels
+
+
+def relabel_sequential(labels) -> np.ndarray:
+    """Renumber a label image's instances 1..N in label order in place: skimage's without a sorted copy."""
+    present = np.bincount(labels.ravel()) > 0
+    present[0] = False
+    labels[...] = np.where(present, np.cumsum(present), 0).astype(labels.dtype)[labels]
+    return labels
+
+
+WATERSHED_BAND_ROWS = 512  # rows per watershed call: it makes float64 and int32 copies of what it is given
+
+
+def watershed_in_bands(peaks, markers, mask, band_rows=WATERSHED_BAND_ROWS) -> np.ndarray:
+    """``segmentation.watershed(-peaks, markers, mask=mask)`` (NaN peaks as 0) written over int32 ``markers``.
+
+    The 4-connected flooding never leaves ``mask`` (which holds the markers), so a band of rows that no
+    nucleus crosses floods as in the whole image, while the watershed's copies cover one band.  Bands end
+    after about ``band_rows`` rows, at the first row boundary no vertical pair of ``mask`` pixels crosses."""
+    if band_rows < 1:
+        raise ValueError(f"band_rows must be >= 1, got {band_rows}")
+    mask = np.asarray(mask, dtype=bool)
+    height, top = mask.shape[0], 0
+    cut_ok = np.ones(height + 1, bool)
+    cut_ok[1:height] = ~(mask[:-1] & mask[1:]).any(axis=1)
+    while top < height:
+        bottom = min(top + band_rows, height)
+        while not cut_ok[bottom]:
+            bottom += 1
+        # Without markers nothing floods.  The watershed makes its own float64 copy of the surface.
+        if markers[top:bottom].any():
+            surface = np.negative(np.nan_to_num(peaks[top:bottom]))
+            markers[top:bottom] = segmentation.watershed(surface, markers[top:bottom], mask=mask[top:bottom])
+        top = bottom
+    return markers
 
 
 def _split_markers(distance, components):
@@ -218,8 +255,8 @@ def label_instances(probability, threshold=0.5, min_size=10, split_touching=True
         distance = cv2.distanceTransform(foreground.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
         distance = cv2.GaussianBlur(distance, (0, 0), DISTANCE_SIGMA)
         markers = _split_markers(distance, components)
-        labels = _remove_small(segmentation.watershed(-distance, markers, mask=foreground), min_size)
-    return segmentation.relabel_sequential(labels)[0].astype(np.int32)
+        labels = _remove_small(watershed_in_bands(distance, markers, foreground), min_size)
+    return relabel_sequential(labels.astype(np.int32, copy=False))
 
 
 def rle_rows(image_id: str, labels) -> list[tuple[str, str]]:
@@ -290,7 +327,7 @@ def draw_outlines(image_rgb, labels_or_mask, color=(255, 255, 0), thickness=1) -
         raise ValueError(f"thickness must be a positive integer, got {thickness!r}")
 
     # A background frame makes instances cut by the image edge get a closed outline there.
-    padded = np.pad(labels.astype(np.int64), 1)
+    padded = np.pad(labels.astype(np.int64 if labels.dtype.itemsize > 4 else np.int32), 1)  # int32: less memory
     outline = segmentation.find_boundaries(padded, connectivity=2, mode="inner")[1:-1, 1:-1]
     if thickness > 1:
         outline = ndi.binary_dilation(outline, _EIGHT, iterations=int(thickness) - 1) & (labels != 0)
@@ -313,22 +350,27 @@ def instances_from_classes(probabilities, threshold=0.5, marker_threshold=0.5, m
     boundary.  (Splitting blobs that still touch at the neck of their distance transform, as
     ``label_instances`` does, was tried and scored lower on the trained default's validation images.)
     A nucleus area without a marker becomes a nucleus of its own; pieces smaller than ``min_size``
-    pixels are dropped.  Returns int32 labels 1..N (0 = background).
+    pixels are dropped.  Returns int32 labels 1..N (0 = background).  Float16 probabilities are not copied.
     """
-    probabilities = np.asarray(probabilities, dtype=np.float32)
+    probabilities = np.asarray(probabilities)
     if probabilities.ndim != 3 or probabilities.shape[2] != 3:
         raise ValueError(f"probabilities must be H x W x 3 (background, interior, boundary), got shape "
                          f"{probabilities.shape}")
+    if probabilities.dtype.kind != "f":
+        probabilities = probabilities.astype(np.float32)
     if min_size < 0:
         raise ValueError(f"min_size must be >= 0, got {min_size}")
-    interior = np.nan_to_num(probabilities[..., 1])
-    markers, _ = ndi.label(interior > marker_threshold)
+    interior = probabilities[..., 1]  # a view; watershed_in_bands reads NaN as 0, as nan_to_num does below
+    markers, _ = ndi.label(np.nan_to_num(interior) > marker_threshold)
     markers = _remove_small(markers, MIN_MARKER_SIZE)
-    nuclei = (1.0 - np.nan_to_num(probabilities[..., 0], nan=1.0) > threshold) | (markers > 0)
-    labels = segmentation.watershed(-interior, markers, mask=nuclei)
-    orphans, _ = ndi.label(nuclei & (labels == 0), structure=_EIGHT)
-    labels = np.where(orphans > 0, orphans + labels.max(), labels)
-    return segmentation.relabel_sequential(_remove_small(labels, min_size))[0].astype(np.int32)
+    nucleus = np.nan_to_num(probabilities[..., 0], nan=1.0)  # in place below: a large image's copies are large
+    nuclei = (np.subtract(1.0, nucleus, out=nucleus) > threshold) | (markers > 0)
+    del nucleus
+    labels = watershed_in_bands(interior, markers, nuclei)  # the markers become the labels
+    orphan = np.logical_and(nuclei, labels == 0, out=nuclei)
+    orphans, _ = ndi.label(orphan, structure=_EIGHT)
+    labels[orphan] = orphans[orphan] + labels.max()
+    return relabel_sequential(_remove_small(labels, min_size))
 
 
 def foreground_probability(output: np.ndarray) -> np.ndarray:
@@ -437,7 +479,7 @@ class Prediction:
     width: int
     count: int
     image: np.ndarray | None = None  # H x W x 3 uint8 RGB
-    probability: np.ndarray | None = None  # H x W float32 nucleus probability
+    probability: np.ndarray | None = None  # H x W nucleus probability, in the output's float dtype
     labels: np.ndarray | None = None  # H x W int32 instances
     truth_labels: np.ndarray | None = None
     scores: Scores | None = None
