@@ -468,7 +468,7 @@ def test_watershed_in_bands_equals_the_whole_image_watershed():
     from scipy import ndimage
     from skimage import segmentation
 
-    from unet_nuclei.instances import watershed_in_bands
+    from unet_nuclei.label_images import watershed_in_bands
 
     _, output = soft_class_output(seed=3)
     interior = output[..., 1].copy()
@@ -485,7 +485,7 @@ def test_watershed_in_bands_equals_the_whole_image_watershed():
 
 
 def test_watershed_in_bands_never_cuts_through_a_nucleus():
-    from unet_nuclei.instances import watershed_in_bands
+    from unet_nuclei.label_images import watershed_in_bands
 
     # One tall nucleus spanning rows 2..17 with one marker at its top: cut into bands of 4 rows it would
     # leave its lower part unlabelled.
@@ -501,9 +501,20 @@ def test_watershed_in_bands_never_cuts_through_a_nucleus():
 
 
 def test_relabel_sequential_known_answer():
-    from unet_nuclei.instances import relabel_sequential
+    from unet_nuclei.label_images import relabel_sequential
 
     labels = np.array([[0, 5, 5, 0], [9, 0, 2, 2], [9, 9, 0, 40]], np.int32)
     result = relabel_sequential(labels)
     np.testing.assert_array_equal(result, [[0, 2, 2, 0], [3, 0, 1, 1], [3, 3, 0, 4]])
     assert result is labels and result.dtype == np.int32  # in place, no copy of a large image
+
+
+def test_label_sizes_counts_in_chunks_like_bincount(monkeypatch):
+    from unet_nuclei import label_images
+
+    monkeypatch.setattr(label_images, "COUNT_CHUNK", 5)  # many chunks, the last one short
+    labels = np.array([[0, 3, 3, 1], [7, 7, 7, 0], [3, 0, 0, 0]], np.int32)
+    np.testing.assert_array_equal(label_images.label_sizes(labels), [5, 1, 0, 3, 0, 0, 0, 3])
+    np.testing.assert_array_equal(label_images.label_sizes(np.zeros((2, 2), np.int32)), [4])
+    with pytest.raises(ValueError, match="non-negative"):
+        label_images.label_sizes(np.array([[0, -2]]))

@@ -19,6 +19,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import morphology, segmentation
 
+from unet_nuclei.label_images import relabel_sequential, remove_small, watershed_in_bands
+
 # The IoU thresholds of the DSB-2018 metric: 0.5, 0.55, ..., 0.95.  ``np.arange`` with a float step
 # accumulates rounding error (0.5 + 4 * 0.05 is not exactly 0.7), and an IoU that is exactly 0.7 must
 # compare equal to the 0.7 threshold, so the values are rounded to two decimals.
@@ -146,50 +148,6 @@ def count_instances(labels) -> int:
     return int(np.count_nonzero(ids != 0))
 
 
-def _remove_small(labels, min_size):
-    """Set instances smaller than ``min_size`` pixels to background in place (no copy of a large image)."""
-    small = np.bincount(labels.ravel()) < min_size
-    small[0] = False
-    if small.any():
-        labels[small[labels]] = 0
-    return labels
-
-
-def relabel_sequential(labels) -> np.ndarray:
-    """Renumber a label image's instances 1..N in label order in place: skimage's without a sorted copy."""
-    present = np.bincount(labels.ravel()) > 0
-    present[0] = False
-    labels[...] = np.where(present, np.cumsum(present), 0).astype(labels.dtype)[labels]
-    return labels
-
-
-WATERSHED_BAND_ROWS = 512  # rows per watershed call: it makes float64 and int32 copies of what it is given
-
-
-def watershed_in_bands(peaks, markers, mask, band_rows=WATERSHED_BAND_ROWS) -> np.ndarray:
-    """``segmentation.watershed(-peaks, markers, mask=mask)`` (NaN peaks as 0) written over int32 ``markers``.
-
-    The 4-connected flooding never leaves ``mask`` (which holds the markers), so a band of rows that no
-    nucleus crosses floods as in the whole image, while the watershed's copies cover one band.  Bands end
-    after about ``band_rows`` rows, at the first row boundary no vertical pair of ``mask`` pixels crosses."""
-    if band_rows < 1:
-        raise ValueError(f"band_rows must be >= 1, got {band_rows}")
-    mask = np.asarray(mask, dtype=bool)
-    height, top = mask.shape[0], 0
-    cut_ok = np.ones(height + 1, bool)
-    cut_ok[1:height] = ~(mask[:-1] & mask[1:]).any(axis=1)
-    while top < height:
-        bottom = min(top + band_rows, height)
-        while not cut_ok[bottom]:
-            bottom += 1
-        # Without markers nothing floods.  The watershed makes its own float64 copy of the surface.
-        if markers[top:bottom].any():
-            surface = np.negative(np.nan_to_num(peaks[top:bottom]))
-            markers[top:bottom] = segmentation.watershed(surface, markers[top:bottom], mask=mask[top:bottom])
-        top = bottom
-    return markers
-
-
 def _split_markers(distance, components):
     """Watershed markers: one label per h-dome of the smoothed distance (see MARKER_H_MIN).
 
@@ -243,7 +201,7 @@ def label_instances(probability, threshold=0.5, min_size=10, split_touching=True
         raise ValueError(f"min_size must be >= 0, got {min_size}")
     components, _ = ndi.label(probability > threshold, structure=_EIGHT)
     # Specks are removed before splitting so that they cost nothing in the watershed.
-    components = _remove_small(components, min_size)
+    components = remove_small(components, min_size)
     foreground = components > 0
     if not foreground.any():
         return np.zeros(probability.shape, np.int32)
@@ -255,7 +213,7 @@ def label_instances(probability, threshold=0.5, min_size=10, split_touching=True
         distance = cv2.distanceTransform(foreground.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
         distance = cv2.GaussianBlur(distance, (0, 0), DISTANCE_SIGMA)
         markers = _split_markers(distance, components)
-        labels = _remove_small(watershed_in_bands(distance, markers, foreground), min_size)
+        labels = remove_small(watershed_in_bands(distance, markers, foreground), min_size)
     return relabel_sequential(labels.astype(np.int32, copy=False))
 
 
@@ -362,7 +320,7 @@ def instances_from_classes(probabilities, threshold=0.5, marker_threshold=0.5, m
         raise ValueError(f"min_size must be >= 0, got {min_size}")
     interior = probabilities[..., 1]  # a view; watershed_in_bands reads NaN as 0, as nan_to_num does below
     markers, _ = ndi.label(np.nan_to_num(interior) > marker_threshold)
-    markers = _remove_small(markers, MIN_MARKER_SIZE)
+    markers = remove_small(markers, MIN_MARKER_SIZE)
     nucleus = np.nan_to_num(probabilities[..., 0], nan=1.0)  # in place below: a large image's copies are large
     nuclei = (np.subtract(1.0, nucleus, out=nucleus) > threshold) | (markers > 0)
     del nucleus
@@ -370,7 +328,7 @@ def instances_from_classes(probabilities, threshold=0.5, marker_threshold=0.5, m
     orphan = np.logical_and(nuclei, labels == 0, out=nuclei)
     orphans, _ = ndi.label(orphan, structure=_EIGHT)
     labels[orphan] = orphans[orphan] + labels.max()
-    return relabel_sequential(_remove_small(labels, min_size))
+    return relabel_sequential(remove_small(labels, min_size))
 
 
 def foreground_probability(output: np.ndarray) -> np.ndarray:
