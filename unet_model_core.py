@@ -379,14 +379,14 @@ def preprocess_image(image: np.ndarray, mode: str = "grey") -> np.ndarray:
         return np.asarray(image)
     if mode != "grey":
         raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {mode!r}")
-    grey = np.asarray(image, dtype=np.float32).mean(axis=2)
+    grey = np.asarray(image).mean(axis=2, dtype=np.float32)  # no float32 copy of all three channels
     if np.median(grey) > 127:
-        grey = 255.0 - grey
+        np.subtract(255.0, grey, out=grey)
     low, high = np.percentile(grey, (0.5, 99.8))
-    # A nearly flat image (an empty field of view) is not stretched into noise.
-    high = max(float(high), float(low) + 16.0)
-    grey = np.clip((grey - low) * (255.0 / (high - low)), 0, 255)
-    return grey.round().astype(np.uint8)[..., None]
+    high = max(float(high), float(low) + 16.0)  # a nearly flat image is not stretched into noise
+    for band in np.array_split(grey, -(-len(grey) // 512)):  # float64 like ``low``; small copies at a time
+        band[...] = np.clip((band - low) * (255.0 / (high - low)), 0, 255).round()
+    return grey.astype(np.uint8)[..., None]
 
 
 def instance_targets(labels: np.ndarray, contact: int = 2) -> np.ndarray:

@@ -57,7 +57,19 @@ def test_bench_predict_smoke_prints_its_table_and_json(tmp_path):
     assert "python benchmarks/bench_predict.py --smoke" in result.stdout
 
 
-@pytest.mark.parametrize("script", ["bench_train.py", "bench_predict.py"])
+@pytest.mark.slow
+def test_bench_predict_memory_smoke_measures_both_codes_side_by_side(tmp_path):
+    result = run_benchmark("bench_predict_memory.py", "--smoke", "--compare", "HEAD", cwd=tmp_path)
+    data = last_json(result)
+    for key in ("peak_mb_160", "s_160", "peak_mb_400", "s_400", "before_peak_mb_400", "before_s_400"):
+        assert data[key] > 0, key  # every figure comes from a child process that ran
+    details = data["details"]
+    assert details["after"]["400"]["code"] != details["before"]["400"]["code"]  # two different trees ran
+    assert "python benchmarks/bench_predict_memory.py --smoke --compare HEAD" in result.stdout
+    assert "B/px" in result.stdout
+
+
+@pytest.mark.parametrize("script", ["bench_train.py", "bench_predict.py", "bench_predict_memory.py"])
 def test_benchmarks_explain_their_flags(script, tmp_path):
     result = run_benchmark(script, "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -354,3 +354,167 @@ def test_rejects_changing_class_count():
 def test_rejects_bad_sizes(kwargs):
     with pytest.raises(ValueError):
         predict_tiled(pointwise, random_image(40, 40), **kwargs)
+
+
+# --------------------------------------------------------------------------
+# Compact results: the float32 band, float16 output, and the nuclei found from it
+# --------------------------------------------------------------------------
+
+
+def blend_reference(image, tile_size, overlap, tile_values):
+    """Overlap-tile blending with whole-image float32 sums (the way predict_tiled worked before it kept
+    only one band of rows): tile i predicts its input tile plus ``tile_values[i]``."""
+    height, width = image.shape[:2]
+    total = np.zeros(image.shape, np.float32)
+    weights = np.zeros((height, width), np.float32)
+    window = blend_window(tile_size)
+    tops, lefts = tile_positions(height, tile_size, overlap), tile_positions(width, tile_size, overlap)
+    for index, (top, left) in enumerate((t, l) for t in tops for l in lefts):
+        rows, cols = min(tile_size, height - top), min(tile_size, width - left)
+        tile = image[top:top + rows, left:left + cols] + tile_values[index]
+        total[top:top + rows, left:left + cols] += tile * window[:rows, :cols, None]
+        weights[top:top + rows, left:left + cols] += window[:rows, :cols]
+    return total / weights[:, :, None]
+
+
+class TileOffsets:
+    """A same-padding 'model' whose every tile differs (input + its own constant), so the result depends on
+    which tiles were blended where with which weights, band by band."""
+
+    def __init__(self, seed=0):
+        self.values = np.random.default_rng(seed).uniform(-0.5, 0.5, 10_000).astype(np.float32)
+        self.calls = 0
+
+    def __call__(self, batch):
+        offsets = self.values[self.calls:self.calls + len(batch)]
+        self.calls += len(batch)
+        return batch + offsets[:, None, None, None]
+
+
+@pytest.mark.parametrize("shape, tile_size, overlap, batch_size",
+                         [((150, 230), 32, 8, 3), ((97, 41), 16, 5, 1), ((65, 300), 64, 16, 7), ((40, 40), 24, 0, 2)])
+def test_band_blending_equals_whole_image_sums(shape, tile_size, overlap, batch_size):
+    image = random_image(*shape)
+    model = TileOffsets()
+    tiled = predict_tiled(model, image, tile_size, overlap=overlap, batch_size=batch_size)
+    reference = blend_reference(image, tile_size, overlap, model.values)
+    assert len(tile_positions(shape[0], tile_size, overlap)) > 1  # several bands are finished and shifted
+    np.testing.assert_allclose(tiled, reference, atol=1e-6, rtol=0)
+
+
+def test_float16_result_is_the_float32_result_rounded():
+    image = random_image(150, 230)
+    exact = predict_tiled(TileOffsets(), image, 32, overlap=8, batch_size=3)
+    compact = predict_tiled(TileOffsets(), image, 32, overlap=8, batch_size=3, dtype=np.float16)
+    assert compact.dtype == np.float16 and compact.shape == exact.shape
+    np.testing.assert_array_equal(compact, exact.astype(np.float16))
+
+
+def test_rejects_a_non_float_result_dtype():
+    with pytest.raises(ValueError, match="floating dtype"):
+        predict_tiled(pointwise, random_image(40, 40), 32, dtype=np.uint8)
+
+
+def test_tile_geometry_takes_smaller_tiles_once_an_image_needs_several():
+    from types import SimpleNamespace
+
+    from unet_model_core import Config
+    from unet_nuclei.tiling import PREDICT_TILE, TILED_TILE, tile_geometry
+
+    padded_model = SimpleNamespace(input_shape=(None, None, None, 1))
+    config = Config()
+    size, out_size, margin = tile_geometry(padded_model, config, (1400, 1450))
+    assert max(size) > TILED_TILE and max(size) <= PREDICT_TILE  # one forward pass: the image fits one tile
+    assert out_size[0] >= 1400 and out_size[1] >= 1450
+    size, out_size, margin = tile_geometry(padded_model, config, (4096, 8000))
+    assert max(np.ravel(size)) <= TILED_TILE and margin > 0
+    # The tiles still cover the image, several along each axis.
+    height_out, width_out = (out_size, out_size) if np.ndim(out_size) == 0 else out_size
+    assert len(tile_positions(4096, height_out, height_out // 8)) > 1
+    assert len(tile_positions(8000, width_out, width_out // 8)) > 1
+
+
+def soft_class_output(seed=0, size=192):
+    """A synthetic sample and an instance-aware output (background, interior, boundary) for it: the
+    one-hot training targets, blurred and mixed with noise so that the probabilities are soft."""
+    import cv2
+
+    from unet_model_core import instance_targets
+    from unet_nuclei import synthetic
+
+    rng = np.random.default_rng(seed)
+    _, labels = synthetic.generate_sample(rng, size, size, "fluorescence")
+    one_hot = np.eye(3, dtype=np.float32)[instance_targets(labels)]
+    soft = cv2.GaussianBlur(one_hot, (0, 0), 1.5) + rng.uniform(0, 0.15, one_hot.shape).astype(np.float32)
+    return labels, soft / soft.sum(axis=2, keepdims=True)
+
+
+def test_compact_path_finds_the_same_nuclei_as_the_float32_path():
+    from unet_nuclei.instances import PostProcessing
+
+    _, output = soft_class_output()
+    identity = lambda batch: batch  # noqa: E731  (the output goes through the blending as it is)
+    exact = predict_tiled(identity, output, 64, overlap=16, batch_size=3)
+    compact = predict_tiled(identity, output, 64, overlap=16, batch_size=3, dtype=np.float16)
+    post = PostProcessing()
+    reference = post.nuclei(exact)
+    labels = post.nuclei(compact)
+    assert reference.max() > 10  # the image has many nuclei to agree on
+    assert np.mean((labels > 0) == (reference > 0)) > 0.999
+    assert labels.max() == reference.max()
+
+
+def test_watershed_in_bands_equals_the_whole_image_watershed():
+    from scipy import ndimage
+    from skimage import segmentation
+
+    from unet_nuclei.label_images import watershed_in_bands
+
+    _, output = soft_class_output(seed=3)
+    interior = output[..., 1].copy()
+    interior[5, 7] = np.nan  # NaN counts as 0, as it did before
+    mask = output[..., 0] < 0.5
+    markers, _ = ndimage.label((np.nan_to_num(interior) > 0.5) & mask)
+    whole = segmentation.watershed(-np.nan_to_num(interior), markers, mask=mask)
+    # Bands of 8 rows cut through many nuclei unless they end where no nucleus crosses.
+    banded = watershed_in_bands(interior, markers.copy(), mask, band_rows=8)
+    assert banded.dtype == np.int32
+    np.testing.assert_array_equal(banded, whole)
+    assert np.array_equal(watershed_in_bands(interior, markers.copy(), mask, band_rows=10_000), whole)
+    assert watershed_in_bands(interior, markers, mask) is markers  # in place: no second label image
+
+
+def test_watershed_in_bands_never_cuts_through_a_nucleus():
+    from unet_nuclei.label_images import watershed_in_bands
+
+    # One tall nucleus spanning rows 2..17 with one marker at its top: cut into bands of 4 rows it would
+    # leave its lower part unlabelled.
+    mask = np.zeros((20, 6), bool)
+    mask[2:18, 2:4] = True
+    markers = np.zeros((20, 6), np.int32)
+    markers[2, 2] = 7
+    peaks = np.zeros((20, 6), np.float32)
+    labels = watershed_in_bands(peaks, markers, mask, band_rows=4)
+    assert np.all(labels[mask] == 7) and np.all(labels[~mask] == 0)
+    with pytest.raises(ValueError, match="band_rows"):
+        watershed_in_bands(peaks, markers, mask, band_rows=0)
+
+
+def test_relabel_sequential_known_answer():
+    from unet_nuclei.label_images import relabel_sequential
+
+    labels = np.array([[0, 5, 5, 0], [9, 0, 2, 2], [9, 9, 0, 40]], np.int32)
+    result = relabel_sequential(labels)
+    np.testing.assert_array_equal(result, [[0, 2, 2, 0], [3, 0, 1, 1], [3, 3, 0, 4]])
+    assert result is labels and result.dtype == np.int32  # in place, no copy of a large image
+
+
+def test_label_sizes_counts_in_chunks_like_bincount(monkeypatch):
+    from unet_nuclei import label_images
+
+    monkeypatch.setattr(label_images, "COUNT_CHUNK", 5)  # many chunks, the last one short
+    labels = np.array([[0, 3, 3, 1], [7, 7, 7, 0], [3, 0, 0, 0]], np.int32)
+    np.testing.assert_array_equal(label_images.label_sizes(labels), [5, 1, 0, 3, 0, 0, 0, 3])
+    np.testing.assert_array_equal(label_images.label_sizes(np.zeros((2, 2), np.int32)), [4])
+    with pytest.raises(ValueError, match="non-negative"):
+        label_images.label_sizes(np.array([[0, -2]]))

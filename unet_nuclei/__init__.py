@@ -3,6 +3,7 @@
     training   run folders, callbacks, devices, and ``train`` = ``open_run`` + ``fit`` + ``finalize``
     tiling     overlap-tile prediction at full resolution (NumPy plus a predict callable)
     instances  probability -> labelled nuclei, the DSB-2018 score, Dice/IoU, run-length rows, outlines
+    label_images  label-image steps lean enough for very large images (sizes, relabelling, banded watershed)
     predict    prediction on files: load a run, predict one input, write its outputs and scores
     plots      every figure, drawn on ``matplotlib.figure.Figure`` (no pyplot state)
     synthetic  the built-in synthetic nuclei sample in the DSB-2018 layout

@@ -19,6 +19,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import morphology, segmentation
 
+from unet_nuclei.label_images import relabel_sequential, remove_small, watershed_in_bands
+
 # The IoU thresholds of the DSB-2018 metric: 0.5, 0.55, ..., 0.95.  ``np.arange`` with a float step
 # accumulates rounding error (0.5 + 4 * 0.05 is not exactly 0.7), and an IoU that is exactly 0.7 must
 # compare equal to the 0.7 threshold, so the values are rounded to two decimals.
@@ -146,13 +148,6 @@ def count_instances(labels) -> int:
     return int(np.count_nonzero(ids != 0))
 
 
-def _remove_small(labels, min_size):
-    """Set instances smaller than ``min_size`` pixels to background."""
-    small = np.bincount(labels.ravel()) < min_size
-    small[0] = False
-    return np.where(small[labels], 0, labels) if small.any() else labels
-
-
 def _split_markers(distance, components):
     """Watershed markers: one label per h-dome of the smoothed distance (see MARKER_H_MIN).
 
@@ -206,7 +201,7 @@ def label_instances(probability, threshold=0.5, min_size=10, split_touching=True
         raise ValueError(f"min_size must be >= 0, got {min_size}")
     components, _ = ndi.label(probability > threshold, structure=_EIGHT)
     # Specks are removed before splitting so that they cost nothing in the watershed.
-    components = _remove_small(components, min_size)
+    components = remove_small(components, min_size)
     foreground = components > 0
     if not foreground.any():
         return np.zeros(probability.shape, np.int32)
@@ -218,8 +213,8 @@ def label_instances(probability, threshold=0.5, min_size=10, split_touching=True
         distance = cv2.distanceTransform(foreground.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
         distance = cv2.GaussianBlur(distance, (0, 0), DISTANCE_SIGMA)
         markers = _split_markers(distance, components)
-        labels = _remove_small(segmentation.watershed(-distance, markers, mask=foreground), min_size)
-    return segmentation.relabel_sequential(labels)[0].astype(np.int32)
+        labels = remove_small(watershed_in_bands(distance, markers, foreground), min_size)
+    return relabel_sequential(labels.astype(np.int32, copy=False))
 
 
 def rle_rows(image_id: str, labels) -> list[tuple[str, str]]:
@@ -290,7 +285,7 @@ def draw_outlines(image_rgb, labels_or_mask, color=(255, 255, 0), thickness=1) -
         raise ValueError(f"thickness must be a positive integer, got {thickness!r}")
 
     # A background frame makes instances cut by the image edge get a closed outline there.
-    padded = np.pad(labels.astype(np.int64), 1)
+    padded = np.pad(labels.astype(np.int64 if labels.dtype.itemsize > 4 else np.int32), 1)  # int32: less memory
     outline = segmentation.find_boundaries(padded, connectivity=2, mode="inner")[1:-1, 1:-1]
     if thickness > 1:
         outline = ndi.binary_dilation(outline, _EIGHT, iterations=int(thickness) - 1) & (labels != 0)
@@ -313,22 +308,27 @@ def instances_from_classes(probabilities, threshold=0.5, marker_threshold=0.5, m
     boundary.  (Splitting blobs that still touch at the neck of their distance transform, as
     ``label_instances`` does, was tried and scored lower on the trained default's validation images.)
     A nucleus area without a marker becomes a nucleus of its own; pieces smaller than ``min_size``
-    pixels are dropped.  Returns int32 labels 1..N (0 = background).
+    pixels are dropped.  Returns int32 labels 1..N (0 = background).  Float16 probabilities are not copied.
     """
-    probabilities = np.asarray(probabilities, dtype=np.float32)
+    probabilities = np.asarray(probabilities)
     if probabilities.ndim != 3 or probabilities.shape[2] != 3:
         raise ValueError(f"probabilities must be H x W x 3 (background, interior, boundary), got shape "
                          f"{probabilities.shape}")
+    if probabilities.dtype.kind != "f":
+        probabilities = probabilities.astype(np.float32)
     if min_size < 0:
         raise ValueError(f"min_size must be >= 0, got {min_size}")
-    interior = np.nan_to_num(probabilities[..., 1])
-    markers, _ = ndi.label(interior > marker_threshold)
-    markers = _remove_small(markers, MIN_MARKER_SIZE)
-    nuclei = (1.0 - np.nan_to_num(probabilities[..., 0], nan=1.0) > threshold) | (markers > 0)
-    labels = segmentation.watershed(-interior, markers, mask=nuclei)
-    orphans, _ = ndi.label(nuclei & (labels == 0), structure=_EIGHT)
-    labels = np.where(orphans > 0, orphans + labels.max(), labels)
-    return segmentation.relabel_sequential(_remove_small(labels, min_size))[0].astype(np.int32)
+    interior = probabilities[..., 1]  # a view; watershed_in_bands reads NaN as 0, as nan_to_num does below
+    markers, _ = ndi.label(np.nan_to_num(interior) > marker_threshold)
+    markers = remove_small(markers, MIN_MARKER_SIZE)
+    nucleus = np.nan_to_num(probabilities[..., 0], nan=1.0)  # in place below: a large image's copies are large
+    nuclei = (np.subtract(1.0, nucleus, out=nucleus) > threshold) | (markers > 0)
+    del nucleus
+    labels = watershed_in_bands(interior, markers, nuclei)  # the markers become the labels
+    orphan = np.logical_and(nuclei, labels == 0, out=nuclei)
+    orphans, _ = ndi.label(orphan, structure=_EIGHT)
+    labels[orphan] = orphans[orphan] + labels.max()
+    return relabel_sequential(remove_small(labels, min_size))
 
 
 def foreground_probability(output: np.ndarray) -> np.ndarray:
@@ -437,7 +437,7 @@ class Prediction:
     width: int
     count: int
     image: np.ndarray | None = None  # H x W x 3 uint8 RGB
-    probability: np.ndarray | None = None  # H x W float32 nucleus probability
+    probability: np.ndarray | None = None  # H x W nucleus probability, in the output's float dtype
     labels: np.ndarray | None = None  # H x W int32 instances
     truth_labels: np.ndarray | None = None
     scores: Scores | None = None

@@ -165,8 +165,9 @@ def predict_image(model: keras.Model, config: Config, image: np.ndarray, name: s
         bar.total = total
         bar.update(done - bar.n)
 
+    # Float16 probabilities halve the largest buffer of a large image; the nuclei are the same.
     output = predict_probabilities(model, image, config, tile_size=tile_size, batch_size=batch_size,
-                                   progress=on_progress, tta=config.tta if tta is None else tta)
+                                   progress=on_progress, tta=config.tta if tta is None else tta, dtype=np.float16)
     bar.close()
     return Prediction.from_output(name, image, output, PostProcessing.of(config), truth)
 

@@ -1,10 +1,12 @@
 """Overlap-tile prediction at full resolution, as in the U-Net paper (Ronneberger et al., 2015).
 
 The image gets mirrored borders, is cut into tiles, the model predicts the tiles one batch at a time, and
-the tile predictions are blended into a full-size probability map with a smooth window.  Memory is
-bounded by one batch of tiles plus a few image-sized float32 arrays, never by the activations of the
-whole image.  ``predict_tiled`` needs only NumPy and a predict callable; ``tile_geometry`` and
-``predict_probabilities`` fit it to a U-Net of ``unet_model_core``.
+the tile predictions are blended into a full-size probability map with a smooth window.  The blending
+happens in a float32 band one tile row high, and each finished band is written into the result in the
+requested dtype (float16 halves it), so memory is one batch of tiles, one band, the mirrored uint8 input
+and the result: never the activations of the whole image, nor image-sized float32 sums.
+``predict_tiled`` needs only NumPy and a predict callable; ``tile_geometry`` and ``predict_probabilities``
+fit it to a U-Net of ``unet_model_core``.
 """
 from __future__ import annotations
 
@@ -98,6 +100,7 @@ def predict_tiled(
     overlap=None,
     batch_size=8,
     progress=None,
+    dtype=np.float32,
 ) -> np.ndarray:
     """Predict a full-size probability map with overlap-tile inference.
 
@@ -132,9 +135,12 @@ def predict_tiled(
         batch_size: Maximum number of tiles passed to ``predict_batch`` at once.
         progress: Optional callable ``progress(done_tiles, total_tiles)``
             invoked after each batch.
+        dtype: Floating dtype of the result.  The blending is done in
+            float32 either way; float16 stores the result in half the memory
+            (probabilities then carry about 3 significant digits).
 
     Returns:
-        Float32 array of shape (H, W, K) with the blended probabilities.
+        Array of shape (H, W, K) and ``dtype`` with the blended probabilities.
 
     Raises:
         ValueError: On a malformed image, inconsistent sizes, or a
@@ -147,6 +153,9 @@ def predict_tiled(
         )
     if image.dtype.kind not in "biuf":
         image = image.astype(np.float32)
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        raise ValueError(f"dtype must be a floating dtype such as float32 or float16, got {dtype}")
     height, width, channels = image.shape
     if height < 1 or width < 1 or channels < 1:
         raise ValueError(f"image must not be empty, got shape {image.shape}")
@@ -196,13 +205,28 @@ def predict_tiled(
     padded = np.pad(image, ((margin_h, max(0, tops[-1] + tile_h - margin_h - height)),
                             (margin_w, max(0, lefts[-1] + tile_w - margin_w - width)), (0, 0)), mode="reflect")
 
-    # One float32 batch buffer for the whole image, filled in place; the
-    # accumulators are allocated once the number of classes K is known from
-    # the first batch.  They are the only image-sized buffers besides the
-    # input itself, and a single tile needs none of them.
+    # One float32 batch buffer for the whole image, filled in place.  The result and the float32 band
+    # are allocated once the number of classes K is known from the first batch.
     buffer = np.empty((min(batch_size, total), tile_h, tile_w, channels), dtype=np.float32)
-    accumulator = weights = window = single = None
+    result = band = band_weights = window = None
     classes = None
+    # The band holds the weighted sums of the image rows [band_top, band_top + out_h).  Tiles arrive in
+    # row-major order, so when a tile starting at row ``top`` arrives, no later tile touches the rows
+    # above ``top``: those rows are final, are normalised into the result and leave the band.  Every
+    # tile therefore lands at the top of the band, and the band never needs to be taller than one tile.
+    band_top = 0
+
+    def finish_rows(until):
+        nonlocal band_top
+        done = until - band_top
+        # Every pixel is covered by at least one tile with a strictly positive weight, so the division is
+        # safe.  It is computed in float32 and only its result is cast to ``dtype``.
+        np.divide(band[:done], band_weights[:done, :, None], out=result[band_top:until], casting="unsafe")
+        band[:-done or None] = band[done:]
+        band_weights[:-done or None] = band_weights[done:]
+        band[-done:] = 0
+        band_weights[-done:] = 0
+        band_top = until
 
     for first in range(0, total, batch_size):
         chunk = tiles[first:first + batch_size]
@@ -212,53 +236,55 @@ def predict_tiled(
             # that the valid network's output lands on the output tile.
             batch[slot] = padded[top:top + tile_h, left:left + tile_w]
 
-        result = np.asarray(predict_batch(batch))
+        answer = np.asarray(predict_batch(batch))
         if (
-            result.ndim != 4
-            or result.shape[:3] != (len(chunk), out_h, out_w)
-            or (classes is not None and result.shape[3] != classes)
+            answer.ndim != 4
+            or answer.shape[:3] != (len(chunk), out_h, out_w)
+            or (classes is not None and answer.shape[3] != classes)
         ):
             k_text = "K" if classes is None else str(classes)
             raise ValueError(
-                f"predict_batch returned shape {result.shape} for an input of shape "
+                f"predict_batch returned shape {answer.shape} for an input of shape "
                 f"{batch.shape}; expected ({len(chunk)}, {out_h}, {out_w}, {k_text})"
             )
-        classes = result.shape[3]
+        classes = answer.shape[3]
 
         if total == 1:
             # The tile covers the image: cropping its surplus is all there is to do.
-            single = np.array(result[0, :height, :width], dtype=np.float32)
+            result = np.array(answer[0, :height, :width], dtype=dtype)
         else:
-            if accumulator is None:
-                accumulator = np.zeros((height, width, classes), dtype=np.float32)
-                weights = np.zeros((height, width), dtype=np.float32)
+            if result is None:
+                result = np.empty((height, width, classes), dtype=dtype)
+                band = np.zeros((min(out_h, height), width, classes), dtype=np.float32)
+                band_weights = np.zeros(band.shape[:2], dtype=np.float32)
                 window = blend_window((out_h, out_w))
             for slot, (top, left) in enumerate(chunk):
+                if top > band_top:
+                    finish_rows(top)
                 # Output tiles can only extend past the image when the image is
                 # smaller than one tile; that surplus is cropped away here.
                 rows = min(out_h, height - top)
                 cols = min(out_w, width - left)
                 tile_weight = window[:rows, :cols]
-                accumulator[top:top + rows, left:left + cols] += (
-                    result[slot, :rows, :cols].astype(np.float32, copy=False)
+                band[:rows, left:left + cols] += (
+                    answer[slot, :rows, :cols].astype(np.float32, copy=False)
                     * tile_weight[:, :, None]
                 )
-                weights[top:top + rows, left:left + cols] += tile_weight
+                band_weights[:rows, left:left + cols] += tile_weight
 
         if progress is not None:
             progress(first + len(chunk), total)
 
-    if single is not None:
-        return single
-    # Every pixel is covered by at least one tile with a strictly positive
-    # weight, so the division is safe; doing it in place avoids another
-    # image-sized temporary.
-    accumulator /= weights[:, :, None]
-    return accumulator
+    if total > 1:
+        finish_rows(height)
+    return result
 
 
 PREDICT_TILE = 1536  # largest tile side for padded models: an image up to 1504 px a side is one forward pass;
 # with the default channels such a tile takes about 1 GB of activations (wider models get smaller tiles)
+TILED_TILE = 1024  # largest tile side, and pixels per forward pass (squared), once an image needs several
+# tiles: about 450 MB of activations with the default channels instead of 1 GB, for about 8% more tile
+# area (measured with benchmarks/bench_predict_memory.py)
 CONTEXT_MARGIN = 16  # pixels of (mirrored) context cut from each side of a padded model's tile output
 
 
@@ -272,7 +298,9 @@ def tile_geometry(model: keras.Model, config: Config, image_shape: tuple[int, in
     tiles are squares of that side (shrunk for small images).  By default they are shaped to the image:
     along each axis the fewest tiles of at most ``PREDICT_TILE`` pixels, each as small as covers the
     image, so that the forward passes spend little on padding (a 520x696 image is one 560x736 tile, not
-    a 736x736 square).  Sizes are ints for square tiles and (height, width) pairs otherwise."""
+    a 736x736 square).  An image that needs several tiles gets tiles of at most ``TILED_TILE`` pixels,
+    so that the memory of one forward pass stays small whatever the image size.  Sizes are ints for
+    square tiles and (height, width) pairs otherwise."""
     fixed = model.input_shape[1]
     if config.padding == "valid" or fixed is not None:
         size = fixed or config.image_size
@@ -287,8 +315,12 @@ def tile_geometry(model: keras.Model, config: Config, image_shape: tuple[int, in
         margin = min(margin, (size - step) // 2) if size - 2 * margin < step else margin
         return size, size - 2 * margin, margin
     # Activations grow with the first level's channels: a wider model gets proportionally smaller tiles.
-    largest = int(PREDICT_TILE * math.sqrt(min(1.0, 16 / config.channels[0]))) // step * step
-    largest = max(largest, 2 * margin + step)
+    def largest_side(side):
+        return max(int(side * math.sqrt(min(1.0, 16 / config.channels[0]))) // step * step, 2 * margin + step)
+
+    largest = largest_side(PREDICT_TILE)
+    if max(needed) > largest:
+        largest = largest_side(TILED_TILE)
     sides = []
     for length in image_shape:
         # The cheapest side along this axis: fewest input pixels (tiles x side) with the default overlap;
@@ -328,31 +360,36 @@ def check_tile_size(config: Config, tile_size: int | None) -> None:
 
 def predict_probabilities(model: keras.Model, image: np.ndarray, config: Config, tile_size: int | None = None,
                           batch_size: int = 4, overlap: int | None = None, progress=None,
-                          tta: bool = False) -> np.ndarray:
-    """The model's class probabilities (H x W x K float32) for an H x W x 3 uint8 image of any size.
+                          tta: bool = False, dtype=np.float32) -> np.ndarray:
+    """The model's class probabilities (H x W x K, ``dtype``) for an H x W x 3 uint8 image of any size.
 
     The image is preprocessed as in training (``preprocess_image``).  Models trained on resized images
     predict on the image resized the same way (and the result is resized back); patch-trained models
     predict at full resolution by overlap-tile (``tile_geometry`` says how).  ``batch_size`` tiles go
-    through the model at once, but never more input pixels than one largest tile, so memory stays
-    bounded whatever the tile size.  With ``tta`` the image is predicted in its 8 flips and rotations
-    and the probabilities are averaged (8 times the work)."""
+    through the model at once, but never more than ``TILED_TILE ** 2`` input pixels (or the one tile of
+    an image that fits one), so memory stays bounded whatever the tile size.  ``dtype`` float16 halves the result (a large image's biggest
+    buffer); the blending is float32 either way.  With ``tta`` the image is predicted in its 8 flips
+    and rotations and the probabilities are averaged in float32 (8 times the work, and a float32 sum)."""
     view = preprocess_image(np.asarray(image), config.preprocessing)
     if not tta:
-        return _predict_view(model, view, config, tile_size, batch_size, overlap, progress)
+        return _predict_view(model, view, config, tile_size, batch_size, overlap, progress, dtype)
     total = None
     for turns in range(4):
         for flip in (False, True):
             oriented = np.rot90(view, turns)
             oriented = np.ascontiguousarray(oriented[:, ::-1] if flip else oriented)
-            output = _predict_view(model, oriented, config, tile_size, batch_size, overlap)
+            output = _predict_view(model, oriented, config, tile_size, batch_size, overlap, dtype=dtype)
             output = np.rot90(output[:, ::-1] if flip else output, -turns)
-            total = output if total is None else total + output
-    return np.ascontiguousarray(total / 8.0, dtype=np.float32)
+            if total is None:
+                total = np.array(output, dtype=np.float32)
+            else:
+                total += output
+    total /= 8.0
+    return total.astype(dtype, copy=False)
 
 
 def _predict_view(model: keras.Model, image: np.ndarray, config: Config, tile_size: int | None,
-                  batch_size: int, overlap: int | None, progress=None) -> np.ndarray:
+                  batch_size: int, overlap: int | None, progress=None, dtype=np.float32) -> np.ndarray:
     """``predict_probabilities`` of an image already preprocessed (one orientation)."""
     height, width = image.shape[:2]
     if config.sampling == "resize":
@@ -364,7 +401,7 @@ def _predict_view(model: keras.Model, image: np.ndarray, config: Config, tile_si
         small = np.pad(small, ((margin, margin), (margin, margin), (0, 0)), mode="reflect")
         out = np.asarray(model.predict_on_batch(small.astype(np.float32)[None]))[0]
         out = cv2.resize(out.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-        return out.reshape(height, width, -1)
+        return out.reshape(height, width, -1).astype(dtype, copy=False)
     size, out_size, margin = tile_geometry(model, config, (height, width), tile_size)
     tile_h, tile_w = (size, size) if np.ndim(size) == 0 else size
     out_h, out_w = (out_size, out_size) if np.ndim(out_size) == 0 else out_size
@@ -377,12 +414,14 @@ def _predict_view(model: keras.Model, image: np.ndarray, config: Config, tile_si
 
     if overlap is None:
         overlap = config.tile_overlap if config.tile_overlap is not None else (min(out_h, out_w) // 8 if margin else 0)
-    budget = PREDICT_TILE ** 2 * min(1.0, 16 / config.channels[0])
+    # An image of one tile is one forward pass whatever its size; several tiles go TILED_TILE**2 pixels
+    # at a time at most.
+    budget = TILED_TILE ** 2 * min(1.0, 16 / config.channels[0])
     batch_size = max(1, min(int(batch_size), int(budget // (tile_h * tile_w))))
     # The image goes in as it is (uint8): predict_tiled converts one tile at a time, so no float32 copy
     # of a large image is ever made.
     return predict_tiled(predict_batch, image, size, out_size, min(overlap, out_h - 1, out_w - 1),
-                         batch_size, progress)
+                         batch_size, progress, dtype)
 
 
 def predict_samples(model: keras.Model, samples: Sequence[LoadedSample], config: Config,
