@@ -58,21 +58,24 @@ def find_data(args) -> tuple[Path, str]:
 
 
 def time_steps(model, dataset, warmup: int, steps: int) -> float:
-    """Milliseconds per training step: ``warmup`` steps (tracing, compiling) untimed, then ``steps``."""
-    model.fit(dataset, epochs=1, steps_per_epoch=warmup, verbose=0)
-    started = time.perf_counter()
-    model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)
-    return (time.perf_counter() - started) * 1000 / steps
+    """Milliseconds per training step, inside one ``fit`` call (one input iterator, as in training):
+    the first ``warmup`` steps (tracing, compiling) are left out."""
+    import keras
+
+    ends = []
+    timer = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: ends.append(time.perf_counter()))
+    model.fit(dataset, epochs=1, steps_per_epoch=warmup + steps, verbose=0, callbacks=[timer])
+    return (ends[-1] - ends[warmup - 1]) * 1000 / steps
 
 
 def time_input(dataset, batches: int) -> float:
-    """Milliseconds per batch of the input pipeline alone (no model)."""
-    iterator = iter(dataset)
-    for _ in range(min(10, batches)):
-        next(iterator)
+    """Milliseconds per batch of the input pipeline alone (no model).  Each pass runs to its end, so
+    its iterator closes cleanly (a generator-backed iterator dropped mid-stream can stall teardown)."""
+    for _ in dataset.take(10):
+        pass
     started = time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
+    for _ in dataset.take(batches):
+        pass
     return (time.perf_counter() - started) * 1000 / batches
 
 
