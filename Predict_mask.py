@@ -123,12 +123,13 @@ def main(argv=None) -> int:
           f"{config.threshold:.2f}{markers}{', TTA' if config.tta else ''}); writing to {out}/")
 
     results, rows = [], []
-    for done, item in enumerate(inputs):
+    # The next images decode in the background while the model works on this one.
+    for done, (item, decoded) in enumerate(predict.read_ahead(inputs)):
         started = time.time()
         try:
             result = predict.predict_input(model, config, item, out, labels=args.labels, overwrite=args.overwrite,
                                            tile_size=args.tile_size, batch_size=args.batch_size,
-                                           pixel_size=args.pixel_size)
+                                           pixel_size=args.pixel_size, image=decoded.result())
             if measurements is not None:
                 measurements.add_file(item.name, result.labels, item.image_path)
         except KeyboardInterrupt:

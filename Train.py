@@ -69,8 +69,10 @@ def build_parser(defaults) -> argparse.ArgumentParser:
                           help=f"'cosine': decay to 2%% of --lr over the run; 'plateau': halve when the "
                                f"validation loss stalls (default: {d.lr_schedule})")
     training.add_argument("--seed", type=int, help=f"random seed for the split, patches and weights (default: {d.seed})")
-    training.add_argument("--mixed-precision", action="store_true", default=None,
-                          help="float16 compute on GPUs (bfloat16 on CPUs), float32 output (default: off)")
+    training.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
+                          help="float16 compute on GPUs (bfloat16 on CPUs), float32 output (default: on where "
+                               "the hardware is fast at it: GPUs of compute capability 7+, CPUs with bfloat16 "
+                               "instructions; --no-mixed-precision forces float32)")
     training.add_argument("--xla", action="store_true", default=None, help="compile the training step with XLA (default: off)")
     training.add_argument("--cpu-devices", type=int, default=0, metavar="N",
                           help="split the CPU into N logical devices and train data-parallel over them "

@@ -616,7 +616,7 @@ class Config:
     loss: str = "bce+dice"
     lr_schedule: str = "cosine"  # "cosine": decay to 2% over the run; "plateau": halve when val loss stalls
     seed: int = 42
-    mixed_precision: bool = False
+    mixed_precision: bool | None = None  # None: on where the hardware is fast at it (bfloat16 CPUs, GPUs)
     xla: bool = False
     # Inference
     threshold: float = 0.5  # nucleus probability; replaced by the one chosen on validation after training

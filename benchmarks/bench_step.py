@@ -45,7 +45,7 @@ def find_data(args) -> tuple[Path, str]:
     """The folder to measure on, and a word for the JSON line."""
     if args.data:
         return Path(args.data), "given"
-    if Path("dataset/stage1_train").is_dir():
+    if Path("dataset/stage1_train").is_dir() and not args.smoke:
         return Path("dataset/stage1_train"), "real"
     from bench_train import DSB_SIZE_MIX
 
@@ -53,7 +53,8 @@ def find_data(args) -> tuple[Path, str]:
 
     folder = Path(tempfile.mkdtemp(prefix="bench_step_data_")) / "dsb_like"
     log(f"No real data: writing a DSB-like folder of {args.images} images to {folder}")
-    synthetic.write_synthetic_dataset(folder, num_images=args.images, seed=2018, sizes=DSB_SIZE_MIX, progress=False)
+    sizes = [(96, 96), (128, 160)] if args.smoke else DSB_SIZE_MIX
+    synthetic.write_synthetic_dataset(folder, num_images=args.images, seed=2018, sizes=sizes, progress=False)
     return folder, "generated"
 
 
@@ -91,7 +92,15 @@ def main(argv=None) -> int:
                         help=f"comma-separated, from {', '.join(SETTINGS)} (default: all)")
     parser.add_argument("--predict-images", type=int, default=4,
                         help="largest images predicted per setting for the throughput (4; 0 skips)")
+    parser.add_argument("--quick", action="store_true",
+                        help="float32 and mixed only, 15 timed steps (about a minute after loading)")
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # seconds; for the tests
     args = parser.parse_args(argv)
+    if args.quick or args.smoke:
+        args.settings = "float32,mixed"
+        args.steps, args.warmup = (2, 1) if args.smoke else (15, 5)
+    if args.smoke:
+        args.images, args.predict_images = 6, 1
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown or args.steps < 1 or args.warmup < 1:
@@ -113,7 +122,7 @@ def main(argv=None) -> int:
     load_cached = time.perf_counter() - started
     log(f"{data_dir}: {len(loaded)} images; loading {load_cold:.1f} s cold, {load_cached:.2f} s cached ({how})")
 
-    config = core.Config(data_dir=str(data_dir))
+    config = (core.quick_config if args.smoke else core.Config)(data_dir=str(data_dir))
     train_ids, val_ids = core.split_ids([s.sample_id for s in loaded], config.val_size, config.seed)
     by_id = {s.sample_id: s for s in loaded}
     train_ds, _, steps_per_epoch = core.make_datasets([by_id[i] for i in train_ids], [by_id[i] for i in val_ids],
@@ -164,6 +173,8 @@ def main(argv=None) -> int:
                "speedup_best_vs_float32": round(step_ms["float32"] / step_ms[best], 2) if "float32" in step_ms else None,
                "input_ms_per_batch": round(input_ms, 2), "input_share_of_best_step": round(input_ms / step_ms[best], 3),
                "predict_mpx_per_s": predict_mpx}
+    flags = " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"Rerun with: python benchmarks/bench_step.py {flags}".rstrip())
     print(json.dumps(figures))
     return 0
 

@@ -69,7 +69,24 @@ def test_bench_predict_memory_smoke_measures_both_codes_side_by_side(tmp_path):
     assert "B/px" in result.stdout
 
 
-@pytest.mark.parametrize("script", ["bench_train.py", "bench_predict.py", "bench_predict_memory.py"])
+@pytest.mark.slow
+def test_bench_folder_smoke_compares_read_ahead_with_the_bound(tmp_path):
+    data = last_json(run_benchmark("bench_folder.py", "--smoke", cwd=tmp_path))
+    assert data["images"] == 4
+    for key in ("sequential_img_per_s", "folder_img_per_s", "forward_img_per_s", "folder_vs_forward"):
+        assert data[key] > 0, key
+
+
+@pytest.mark.slow
+def test_bench_step_smoke_times_each_setting(tmp_path):
+    result = run_benchmark("bench_step.py", "--smoke", cwd=tmp_path)
+    data = last_json(result)
+    assert set(data["step_ms"]) == {"float32", "mixed"} and data["load_cached_s"] >= 0
+    assert data["best_setting"] in data["step_ms"] and data["steps_per_epoch"] > 0
+
+
+@pytest.mark.parametrize("script", ["bench_train.py", "bench_predict.py", "bench_predict_memory.py",
+                                    "bench_folder.py", "bench_step.py"])
 def test_benchmarks_explain_their_flags(script, tmp_path):
     result = run_benchmark(script, "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

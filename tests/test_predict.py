@@ -178,3 +178,23 @@ def test_resize_mode_predicts_at_the_input_size():
         model = training.export_inference_model(core.build_unet_from_config(config), config)
         output = tiling.predict_probabilities(model, np.zeros((45, 71, 3), np.uint8), config)
         assert output.shape == (45, 71, config.num_classes)
+
+
+def test_read_ahead_keeps_the_order_and_delivers_each_image_or_its_error(tmp_path):
+    items = []
+    for index in range(5):
+        path = tmp_path / f"img{index}.png"
+        if index != 2:  # the third file is missing: its error arrives with it, the others still come
+            cv2.imwrite(str(path), np.full((8 + index, 10, 3), 40 * index, np.uint8))
+        items.append(predict.PredictionInput(f"img{index}", path))
+    seen = []
+    for item, decoded in predict.read_ahead(items, depth=2):
+        if item.name == "img2":
+            with pytest.raises(core.DataError, match="not found"):
+                decoded.result()
+            continue
+        image = decoded.result()
+        assert image.shape == (8 + int(item.name[-1]), 10, 3) and image[0, 0, 0] == 40 * int(item.name[-1])
+        seen.append(item.name)
+    assert seen == ["img0", "img1", "img3", "img4"]
+    assert [i.name for i, _ in predict.read_ahead(items[:1], depth=3)] == ["img0"]  # fewer than the depth

@@ -190,3 +190,25 @@ def test_xla_flag_reaches_the_compiled_model():
     assert core.compile_unet(core.build_unet_from_config(config), config).jit_compile is True
     config = core.Config(image_size=32, channels=(4, 8))
     assert core.compile_unet(core.build_unet_from_config(config), config).jit_compile is False
+
+
+def test_mixed_precision_by_default_only_where_the_hardware_is_fast(tmp_path, monkeypatch):
+    import keras
+
+    import unet_model_core as core
+    from unet_nuclei import devices
+
+    with_bf16, without = tmp_path / "bf16", tmp_path / "plain"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert devices.cpu_has_bfloat16(with_bf16) and not devices.cpu_has_bfloat16(without)
+    assert not devices.cpu_has_bfloat16(tmp_path / "missing")  # not Linux: float32
+    assert core.Config().mixed_precision is None  # "auto" is the default
+    try:
+        for fast, expected in ((True, "mixed_bfloat16"), (False, "float32")):
+            monkeypatch.setattr(devices, "mixed_precision_is_fast", lambda fast=fast: fast)
+            assert devices.set_precision(None) == expected
+            assert devices.set_precision(False) == "float32"  # --no-mixed-precision always wins
+            assert devices.set_precision(True) == "mixed_bfloat16"  # no GPU here
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

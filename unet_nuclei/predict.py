@@ -8,7 +8,10 @@ every file is written whole or not at all (``unet_nuclei.files``).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -172,16 +175,33 @@ def predict_image(model: keras.Model, config: Config, image: np.ndarray, name: s
     return Prediction.from_output(name, image, output, PostProcessing.of(config), truth)
 
 
+def read_ahead(items: Sequence[PredictionInput], depth: int = 2):
+    """Yield ``(item, future)`` in order, ``future.result()`` being the decoded image (or raising its
+    DataError), while the next ``depth`` images decode in background threads: OpenCV releases the GIL,
+    so a folder's decoding overlaps the model and the model does not wait for the disk between images."""
+    with ThreadPoolExecutor(max_workers=depth) as pool:
+        upcoming = iter(items)
+        pending = collections.deque((item, pool.submit(read_image, item.image_path))
+                                    for item in itertools.islice(upcoming, depth + 1))
+        while pending:
+            item, future = pending.popleft()
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append((following, pool.submit(read_image, following.image_path)))
+            yield item, future
+
+
 def predict_input(model: keras.Model, config: Config, item: PredictionInput, out_dir, labels: bool | str = False,
                   overwrite: bool = False, tile_size: int | None = None, batch_size: int = 4,
-                  tta: bool | None = None, progress: bool = True, pixel_size: float | None = None) -> Prediction:
+                  tta: bool | None = None, progress: bool = True, pixel_size: float | None = None,
+                  image: np.ndarray | None = None) -> Prediction:
     """Predict one image file and write ``<name>_mask.png`` (the union of the nuclei) and
     ``<name>_overlay.png`` into ``out_dir``; with ``labels`` (True or "png") also ``<name>_labels.png``
     (16-bit), with ``labels="tif"`` ``<name>_labels.tif`` instead (16-bit, 32-bit beyond 65,535 nuclei,
     with ``pixel_size`` in micrometres in its resolution tags).
     Returns the ``Prediction``, scored when the input has ground truth.  Raises DataError for an
     unreadable image or truth, FileExistsError before writing anything when an output exists and
-    ``overwrite`` is off."""
+    ``overwrite`` is off.  ``image`` is the decoded image when the caller read it ahead (``read_ahead``)."""
     out_dir = Path(out_dir)
     targets = {"mask": out_dir / f"{item.name}_mask.png", "overlay": out_dir / f"{item.name}_overlay.png"}
     label_format = "png" if labels is True else labels
@@ -193,7 +213,7 @@ def predict_input(model: keras.Model, config: Config, item: PredictionInput, out
         if path.resolve() == Path(item.image_path).resolve():
             raise FileExistsError(f"{path} is the input image itself; choose another --out")
         _refuse_existing(path, overwrite)  # before the prediction, so a refused image costs nothing
-    image = read_image(item.image_path)
+    image = read_image(item.image_path) if image is None else image
     truth = truth_labels(item.truth, image.shape[:2]) if item.truth is not None else None
     prediction = predict_image(model, config, image, item.name, truth, tile_size, batch_size, tta, progress)
     if label_format == "png" and prediction.labels.max(initial=0) > np.iinfo(np.uint16).max:

@@ -365,7 +365,7 @@ def fit(run: OpenRun, verbose: int = 1) -> int | None:
     where = nan_guard.where or (f"the end of epoch {checkpoint.bad_epoch}" if checkpoint.bad_epoch else None)
     if where:
         hint = f"--lr {min(config.learning_rate / 10, Config().learning_rate):g}"
-        hint += " without --mixed-precision" if config.mixed_precision else ""
+        hint += " --no-mixed-precision" if run.extra.get("precision", "float32") != "float32" else ""
         raise TrainingError(f"training diverged at {where}: the loss or the weights became NaN or infinite "
                             f"(learning rate {config.learning_rate:g}), so training stopped and that epoch "
                             f"was not saved; {what_is_kept(run)}. Use a lower learning rate, for example "
