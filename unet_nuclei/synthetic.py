@@ -37,7 +37,7 @@ from unet_nuclei.synthetic_render import RENDERERS, texture
 MODALITY_WEIGHTS = {"fluorescence": 0.55, "histology": 0.37, "brightfield": 0.08}
 
 # Bumped whenever the generator's output changes, so a sample made by an older generator is never reused.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 # Median nucleus diameters per image, log-uniform between these bounds (px).  Real DSB-2018 nuclei have a
 # median equivalent diameter of 18-21 px (10th-90th percentile 8-35), stained ones up to ~44 px.
@@ -132,9 +132,10 @@ def _place_nuclei(rng, h, w, modality):
 
     # Per-image brightness model: fluorescence shows a ~tenfold range of intensity.
     base = np.exp(rng.uniform(np.log(0.3), np.log(0.95)))
-    # Real fluorescence nuclei sit at about half the stretched grey range above their background, so
-    # brightness varies within an image, but rarely tenfold.
-    spread = rng.uniform(0.05, 0.45)
+    # Brightness varies within an image, up to about sixfold; a few images hold saturated (mitotic-like)
+    # nuclei that take the top of the contrast stretch and leave the others dim, as real ones do.
+    spread = rng.uniform(0.05, 0.8)
+    p_bright = 0.08 if rng.random() < 0.4 else 0.0
     max_aspect = 1.8 if modality == "fluorescence" else 2.8
     texture_amp = rng.uniform(0.08, 0.25) if modality == "fluorescence" else rng.uniform(0.2, 0.45)
     if textured:
@@ -145,7 +146,7 @@ def _place_nuclei(rng, h, w, modality):
         radius = 0.5 * d_mean * np.exp(rng.normal(0.0, size_sigma))
         if modality == "fluorescence":
             level = base * 10 ** (-rng.uniform(0.0, spread))
-            if rng.random() < 0.02:  # Small condensed (mitotic-like) nuclei are often saturated.
+            if rng.random() < p_bright:  # Small condensed (mitotic-like) nuclei are often saturated.
                 radius, level = radius * 0.7, rng.uniform(1.0, 2.0)
         elif modality == "histology":
             level = rng.uniform(0.35, 1.0)  # Hematoxylin optical density.
