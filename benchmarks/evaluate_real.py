@@ -10,6 +10,11 @@ TP / (TP + FP + FN)), AP at IoU 0.5 and Dice, overall and per kind, ending with 
     python benchmarks/evaluate_real.py --targets binary --name binary   # any Train.py flag
     python benchmarks/evaluate_real.py --run runs/NAME         # score a finished run
     python benchmarks/evaluate_real.py --run runs/NAME --tta   # ... with test-time augmentation
+    python benchmarks/evaluate_real.py --run runs/synthetic --all   # every image, for a run that never saw them
+
+``--all`` scores every image of ``--data`` instead of the held-out fifth.  It is meant for a run trained on
+other data (the built-in synthetic sample, say), for which every real image is unseen, and is refused for a
+run that trained on ``--data``.
 
 A run that trained on held-out images is refused.  The per-image scores go to
 ``<run>/holdout_scores.json`` (a new name if that exists).
@@ -35,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run", metavar="RUN", help="score this finished run instead of training one")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="test-time augmentation (default: the run's setting)")
+    parser.add_argument("--all", action="store_true",
+                        help="score every image of --data, not only the held-out fifth; only for a finished "
+                             "--run that trained on other data (the synthetic-to-real measure)")
     return parser
 
 
@@ -49,6 +57,13 @@ def check_unseen(info: dict, data_dir: Path, held_out: list[str]) -> None:
                          f"(for example {leaked[0]}); train with this script so they stay unseen")
 
 
+def check_other_data(info: dict, data_dir: Path) -> None:
+    """Refuse ``--all`` for a run that trained on ``data_dir``: its training images would be scored."""
+    if Path(info.get("data_dir", "")).resolve() == data_dir.resolve():
+        raise ValueError(f"--all scores every image of {data_dir}, but this run trained on that folder; "
+                         "score its held-out fifth without --all")
+
+
 def main(argv=None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     import unet_model_core as core
@@ -61,10 +76,15 @@ def main(argv=None) -> int:
         core.report_problems(problems)
         kinds = {s.sample_id: evaluation.image_kind(s.image) for s in loaded}
         _, held_out = evaluation.holdout_split(kinds)
+        if args.all and not args.run:
+            raise ValueError("--all scores a finished run trained on other data; give it with --run")
         if args.run:
             if rest:
                 raise ValueError(f"unrecognised arguments with --run: {' '.join(rest)}")
             model, config, info, run_dir = predict.load_run(args.run)
+            if args.all:
+                check_other_data(info, data_dir)
+                held_out = sorted(kinds)
             check_unseen(info, data_dir, held_out)
         else:
             train_args = Train.build_parser(core.Config()).parse_args(rest + ["--data", str(data_dir)])
@@ -78,17 +98,18 @@ def main(argv=None) -> int:
         return 2
 
     by_id = {s.sample_id: s for s in loaded}
-    print(f"Scoring {run_dir} on {len(held_out)} held-out images of {data_dir} "
+    which = "all" if args.all else "held-out"
+    print(f"Scoring {run_dir} on {len(held_out)} {which} images of {data_dir} "
           f"({', '.join(f'{n} {k}' for k, n in _counts(kinds, held_out).items())})", file=sys.stderr)
     result = evaluation.evaluate(model, config, [by_id[i] for i in held_out], tta=args.tta)
     tta = bool(config.tta if args.tta is None else args.tta)
-    out = predict.unique_path(Path(run_dir) / "holdout_scores.json")
+    out = predict.unique_path(Path(run_dir) / ("all_scores.json" if args.all else "holdout_scores.json"))
     summary = result.summary()
     out.write_text(json.dumps({"run": str(run_dir), "tta": tta, "summary": summary, "images": result.rows()},
                               indent=1) + "\n")
     print(result.table())
     print(f"per image: {out}; {result.seconds:.0f} s to predict and score")
-    figures = {"run": str(run_dir), "targets": config.targets, "tta": tta,
+    figures = {"run": str(run_dir), "images": which, "targets": config.targets, "tta": tta,
                "n": summary["all"]["n"], "dsb_score": summary["all"]["dsb_score"], "ap50": summary["all"]["ap50"],
                "dice": summary["all"]["dice"],
                "per_kind": {k: v["dsb_score"] for k, v in summary.items() if k != "all"},

@@ -91,3 +91,17 @@ def test_benchmarks_explain_their_flags(script, tmp_path):
     result = run_benchmark(script, "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "--quick" in result.stdout and "--smoke" not in result.stdout  # the test setting stays hidden
+
+
+def test_synthetic_vs_real_smoke_prints_statistics_per_kind_and_draws_the_figure(tmp_path):
+    result = run_benchmark("synthetic_vs_real.py", "--smoke", "--figure", str(tmp_path / "stats.png"), cwd=tmp_path)
+    figures = last_json(result)
+    assert (tmp_path / "stats.png").stat().st_size > 1000
+    for source in ("synthetic", "real"):
+        summary = figures["median_p10_p90"][source]
+        assert summary and sum(row["images"] for row in summary.values()) == 4
+        for row in summary.values():
+            median, p10, p90 = row["diameter"]
+            assert 0 < p10 <= median <= p90
+            assert 0 <= row["coverage"][0] <= 1 and 0 <= row["touching"][0] <= 1
+    assert "diameter" in result.stdout.splitlines()[0]

@@ -73,3 +73,23 @@ def test_trains_without_the_held_out_images_then_scores_them(tiny_dataset, tmp_p
     status, stdout, _ = run_main(evaluate_real, "--data", str(tiny_dataset), "--run", str(runs / "eval"))
     assert status == 0 and json.loads(stdout.strip().splitlines()[-1])["dsb_score"] == figures["dsb_score"]
     assert (runs / "eval" / "holdout_scores-2.json").is_file()  # the first report is kept
+
+
+def test_all_scores_every_image_of_other_data_and_is_refused_on_the_training_data(quick_run, tiny_dataset,
+                                                                                 tmp_path):
+    from unet_nuclei import synthetic
+
+    _, run, _ = quick_run  # trained on tiny_dataset
+    status, _, stderr = run_main(evaluate_real, "--data", str(tiny_dataset), "--run", str(run), "--all")
+    assert status == 2 and "trained on that folder" in stderr and "Traceback" not in stderr
+    status, _, stderr = run_main(evaluate_real, "--data", str(tiny_dataset), "--all", "--quick")
+    assert status == 2 and "--run" in stderr
+
+    other = tmp_path / "other"  # data the run never saw: every image is scored, not a fifth
+    ids = synthetic.write_synthetic_dataset(other, num_images=5, seed=9, sizes=[(96, 96)], progress=False)
+    status, stdout, stderr = run_main(evaluate_real, "--data", str(other), "--run", str(run), "--all")
+    assert status == 0, stderr
+    figures = json.loads(stdout.strip().splitlines()[-1])
+    assert figures["images"] == "all" and figures["n"] == len(ids) == 5
+    saved = json.loads((run / "all_scores.json").read_text())
+    assert sorted(row["id"] for row in saved["images"]) == ids

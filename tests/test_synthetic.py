@@ -73,7 +73,7 @@ def test_layout_matches_dsb_stage1_train(dataset):
 def test_modality_mix_follows_weights_and_covers_all():
     mix = synthetic._modality_sequence(64, 0)
     counts = {m: mix.count(m) for m in MODALITIES}
-    assert counts == {"fluorescence": 51, "histology": 10, "brightfield": 3}
+    assert counts == {"fluorescence": 35, "histology": 24, "brightfield": 5}
     assert synthetic._modality_sequence(64, 0) == mix
     assert synthetic._modality_sequence(64, 1) != mix
     assert set(synthetic._modality_sequence(6, 0)) == set(MODALITIES)
@@ -153,3 +153,49 @@ def test_import_is_silent_and_does_not_load_keras():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]" and result.stderr == ""
+
+
+def _median_diameter(labels):
+    """The median equivalent diameter of the nuclei that the image border does not cut."""
+    from skimage.measure import regionprops_table
+    from skimage.segmentation import clear_border
+
+    props = regionprops_table(clear_border(labels), properties=("equivalent_diameter_area",))
+    return float(np.median(props["equivalent_diameter_area"])) if len(props["equivalent_diameter_area"]) else None
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_nucleus_diameters_follow_the_requested_range_and_vary_between_images(modality):
+    low, high = synthetic.DIAMETER_RANGE[modality]
+    medians = []
+    for seed in range(10):
+        _, labels = generate_sample(np.random.default_rng([seed, 13]), 256, 256, modality)
+        median = _median_diameter(labels)
+        if median is not None:
+            medians.append(median)
+    assert len(medians) >= 8
+    # Occlusion trims a little off crowded nuclei and the outlines are lumpy, hence the margins.
+    assert 0.6 * low <= min(medians) and max(medians) <= 1.3 * high, medians
+    # Domain randomisation: the scale is drawn per image, so the images do not share one size.
+    assert max(medians) > 1.6 * min(medians), medians
+
+
+def test_a_sample_from_another_generator_version_is_not_reused(tmp_path, monkeypatch):
+    stale = tmp_path / "synthetic_sample_2img_seed0"  # the folder name before versions were added
+    stale.mkdir()
+    (stale / "old").mkdir()
+    folder = synthetic.sample_dataset_dir(2, 0, tmp_path)
+    assert folder != stale and f"v{synthetic.GENERATOR_VERSION}" in folder.name
+    monkeypatch.setattr(synthetic, "GENERATOR_VERSION", synthetic.GENERATOR_VERSION + 1)
+    assert synthetic.sample_dataset_dir(2, 0, tmp_path) != folder
+
+
+def test_stained_images_have_unlabelled_structures_in_the_background():
+    # Busy tissue is what a model must learn to leave out: the background is not flat around the nuclei.
+    textured = 0
+    for seed in range(6):
+        image, labels = generate_sample(np.random.default_rng([seed, 7]), 128, 128, "histology")
+        grey = image.mean(axis=2)
+        far = cv2.dilate((labels > 0).astype(np.uint8), np.ones((7, 7), np.uint8)) == 0
+        textured += bool(far.sum() > 500 and cv2.GaussianBlur(grey, (0, 0), 1.0)[far].std() > 6)
+    assert textured >= 3

@@ -443,7 +443,14 @@ def soft_class_output(seed=0, size=192):
     from unet_nuclei import synthetic
 
     rng = np.random.default_rng(seed)
-    _, labels = synthetic.generate_sample(rng, size, size, "fluorescence")
+    # The generator draws the scale per image, so it is asked again (deterministically) until the field
+    # holds enough nuclei for the comparisons to mean something.
+    for _ in range(30):
+        _, labels = synthetic.generate_sample(rng, size, size, "fluorescence")
+        if labels.max() >= 20:
+            break
+    else:
+        raise RuntimeError("no synthetic field with 20 nuclei in 30 tries")
     one_hot = np.eye(3, dtype=np.float32)[instance_targets(labels)]
     soft = cv2.GaussianBlur(one_hot, (0, 0), 1.5) + rng.uniform(0, 0.15, one_hot.shape).astype(np.float32)
     return labels, soft / soft.sum(axis=2, keepdims=True)

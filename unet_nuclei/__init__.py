@@ -7,6 +7,7 @@
     predict    prediction on files: load a run, predict one input, write its outputs and scores
     plots      every figure, drawn on ``matplotlib.figure.Figure`` (no pyplot state)
     synthetic  the built-in synthetic nuclei sample in the DSB-2018 layout
+    synthetic_render  the sample's renderers per kind of microscopy, with randomised nuisances
 
 Imports run one way: these modules import ``unet_model_core``, never the reverse.  Importing the
 package does no work; import the module you need (``from unet_nuclei import training``).

@@ -11,8 +11,13 @@ light background).  Every image gets one binary mask per nucleus::
 
 Nuclei are irregular ellipses drawn in their own small bounding box, placed by
 rejection sampling against a label image so that masks never overlap while
-nuclei may touch.  ``ensure_sample_dataset`` writes the project's built-in sample
-once and reuses it after.  Importing this module does no work.
+nuclei may touch.  What varies between real datasets is drawn per image (domain
+randomisation): the scale (median diameters matched to the real data's, see
+``benchmarks/synthetic_vs_real.py``), how much sizes vary, how lumpy the outlines
+are, clustering, brightness spread, and large, dim nuclei with coarse chromatin
+texture.  ``synthetic_render`` turns the nuclei into pixels.  No real pixels are
+used.  ``ensure_sample_dataset`` writes the project's built-in sample once and
+reuses it after.  Importing this module does no work.
 """
 
 from __future__ import annotations
@@ -25,7 +30,20 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-MODALITY_WEIGHTS = {"fluorescence": 0.80, "histology": 0.16, "brightfield": 0.04}
+from unet_nuclei.synthetic_render import RENDERERS, texture
+
+# Stained and brightfield images are rarer in real data than fluorescence but score worst, so the sample
+# gives them more than their real share (81%, 16% and 3% of DSB-2018's stage-1 training set).
+MODALITY_WEIGHTS = {"fluorescence": 0.55, "histology": 0.37, "brightfield": 0.08}
+
+# Bumped whenever the generator's output changes, so a sample made by an older generator is never reused.
+GENERATOR_VERSION = 4
+
+# Median nucleus diameters per image, log-uniform between these bounds (px).  Real DSB-2018 nuclei have a
+# median equivalent diameter of 18-21 px (10th-90th percentile 8-35), stained ones up to ~44 px.
+# Crowded fields of small nuclei hold the most nuclei, so per-image bounds somewhat above the real
+# per-nucleus figures give a per-nucleus median like the real one (benchmarks/synthetic_vs_real.py).
+DIAMETER_RANGE = {"fluorescence": (13.0, 48.0), "histology": (14.0, 52.0), "brightfield": (10.0, 30.0)}
 
 # A small-size mix suited to a quick CPU training; repeated entries act as
 # weights (mostly 256x256, like the real data, plus a few larger fields).
@@ -45,23 +63,11 @@ def _validate_size(height, width):
     return int(height), int(width)
 
 
-def _smooth_field(rng, h, w, cells):
-    """Low-frequency random field with zero mean and unit std (illumination, tissue)."""
-    grid = rng.standard_normal((cells + 1, cells + 1)).astype(np.float32)
-    field = cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
-    return (field - field.mean()) / (field.std() + 1e-6)
-
-
-def _texture(rng, h, w, sigma):
-    """Blurred white noise with unit std: chromatin granularity and tissue grain."""
-    noise = rng.standard_normal((h, w)).astype(np.float32)
-    noise = cv2.GaussianBlur(noise, (0, 0), sigma)
-    return noise / (noise.std() + 1e-6)
-
-
-def _position_sampler(rng, h, w, d_mean, n):
+def _position_sampler(rng, h, w, d_mean, n, modality):
     """Return a function drawing nucleus centres: uniform, clustered or a mix."""
-    p_cluster = rng.choice([0.0, 0.5, 0.9], p=[0.3, 0.35, 0.35])
+    # Real nuclei touch in a median of 18% (fluorescence) to 38% (stained tissue) per image.
+    weights = [0.45, 0.35, 0.2]
+    p_cluster = rng.choice([0.0, 0.4, 0.85], p=weights)
     k = int(rng.integers(1, 6))
     centres = rng.uniform((0, 0), (h, w), size=(k, 2))
     # A cluster of m nuclei of diameter d fills a disc of radius ~ d*sqrt(m)/2,
@@ -78,11 +84,12 @@ def _position_sampler(rng, h, w, d_mean, n):
     return sample
 
 
-def _nucleus_shape(rng, radius, aspect, pad):
+def _nucleus_shape(rng, radius, aspect, pad, irregularity=1.0):
     """Irregular ellipse in a local box: coordinates, normalised radius and alpha."""
     a, b = radius * np.sqrt(aspect), radius / np.sqrt(aspect)
     angle = rng.uniform(0.0, np.pi)
-    harmonics = [(k, rng.normal(0.0, 0.06 / np.sqrt(k - 1)), rng.uniform(0, 2 * np.pi)) for k in range(2, 6)]
+    harmonics = [(k, rng.normal(0.0, 0.06 * irregularity / np.sqrt(k - 1)), rng.uniform(0, 2 * np.pi))
+                 for k in range(2, 6)]
     half = int(np.ceil(a * 1.3 + pad))
     ys, xs = np.mgrid[-half : half + 1, -half : half + 1].astype(np.float32)
     u = xs * np.cos(angle) + ys * np.sin(angle)
@@ -102,43 +109,53 @@ def _place_nuclei(rng, h, w, modality):
     Returns labels (int32), signal (float32, per-nucleus stain or brightness with
     texture) and coverage (float32 alpha of nuclear material), plus the mean diameter.
     """
-    # Magnification: larger fields usually come from higher-magnification images.
-    d_mean = np.exp(rng.uniform(np.log(8), np.log(28))) * (min(h, w) / 256) ** 0.5
-    if modality != "fluorescence":
-        d_mean *= 1.25
-    d_mean = float(np.clip(d_mean, 6, max(6, min(70, min(h, w) / 3))))
-    # Fraction of the field covered by nuclei: sparse, typical or crowded fields.
-    choices = [rng.uniform(0.02, 0.06), rng.uniform(0.06, 0.15), rng.uniform(0.15, 0.3)]
-    density = rng.choice(choices, p=[0.35, 0.45, 0.2])
+    # Magnification, drawn per image: the scale is what varies most between real datasets.
+    low, high = DIAMETER_RANGE[modality]
+    d_mean = float(np.clip(np.exp(rng.uniform(np.log(low), np.log(high))), 6, max(6, min(h, w) / 4)))
+    # Fraction of the field covered by nuclei: sparse, typical or crowded fields (stained tissue is denser).
+    choices = [rng.uniform(0.02, 0.06), rng.uniform(0.06, 0.15), rng.uniform(0.15, 0.35)]
+    weights = {"fluorescence": [0.3, 0.45, 0.25], "histology": [0.15, 0.4, 0.45], "brightfield": [0.8, 0.2, 0.0]}
+    density = rng.choice(choices, p=weights[modality])
     n_target = int(np.clip(density * h * w / (np.pi * d_mean**2 / 4), 3, 600))
-    sample_centre = _position_sampler(rng, h, w, d_mean, n_target)
+    sample_centre = _position_sampler(rng, h, w, d_mean, n_target, modality)
+    # Per-image variety: how much sizes vary, how lumpy the outlines are, and whether the nuclei are the
+    # large, dim, coarsely textured kind that a model trained on smooth blobs cuts into pieces.
+    size_sigma = rng.uniform(0.1, 0.3)
+    irregularity = rng.uniform(0.3, 1.8)
+    textured = rng.random() < {"fluorescence": 0.35, "histology": 0.5, "brightfield": 0.0}[modality]
 
-    fine = _texture(rng, h, w, 0.8)
-    coarse = _texture(rng, h, w, max(1.5, d_mean / 6))
+    fine = texture(rng, h, w, 0.8)
+    coarse = texture(rng, h, w, max(1.5, d_mean / (rng.uniform(3, 6) if textured else 6)))
     labels = np.zeros((h, w), np.int32)
     signal = np.zeros((h, w), np.float32)
     coverage = np.zeros((h, w), np.float32)
 
     # Per-image brightness model: fluorescence shows a ~tenfold range of intensity.
     base = np.exp(rng.uniform(np.log(0.3), np.log(0.95)))
-    spread = rng.uniform(0.5, 1.0)
+    # Brightness varies within an image, up to about sixfold; a few images hold saturated (mitotic-like)
+    # nuclei that take the top of the contrast stretch and leave the others dim, as real ones do.
+    spread = rng.uniform(0.05, 0.8)
+    p_bright = 0.08 if rng.random() < 0.4 else 0.0
     max_aspect = 1.8 if modality == "fluorescence" else 2.8
     texture_amp = rng.uniform(0.08, 0.25) if modality == "fluorescence" else rng.uniform(0.2, 0.45)
+    if textured:
+        texture_amp = rng.uniform(0.35, 0.6)
 
     count, failures = 0, 0
     for _ in range(n_target):
-        radius = 0.5 * d_mean * np.exp(rng.normal(0.0, 0.2))
+        radius = 0.5 * d_mean * np.exp(rng.normal(0.0, size_sigma))
         if modality == "fluorescence":
             level = base * 10 ** (-rng.uniform(0.0, spread))
-            if rng.random() < 0.05:  # Small condensed (mitotic-like) nuclei are often saturated.
+            if rng.random() < p_bright:  # Small condensed (mitotic-like) nuclei are often saturated.
                 radius, level = radius * 0.7, rng.uniform(1.0, 2.0)
         elif modality == "histology":
             level = rng.uniform(0.35, 1.0)  # Hematoxylin optical density.
         else:
-            level = rng.uniform(0.12, 0.4)  # Fractional light absorbed in brightfield.
+            level = rng.uniform(0.25, 0.6)  # Fractional light absorbed in brightfield.
         radius = max(radius, 3.0)
         defocus = rng.uniform(1.0, 2.5) if rng.random() < 0.12 else 0.0
-        half, u, v, d, alpha = _nucleus_shape(rng, radius, rng.uniform(1.0, max_aspect), 2 + 2 * defocus)
+        half, u, v, d, alpha = _nucleus_shape(rng, radius, rng.uniform(1.0, max_aspect), 2 + 2 * defocus,
+                                              irregularity)
         shape = d < 1.0
         full_area = int(shape.sum())
 
@@ -147,7 +164,7 @@ def _place_nuclei(rng, h, w, modality):
         value = level * (1.0 - 0.25 * d**2)
         if modality == "histology":
             value += level * rng.uniform(0.0, 0.5) * np.exp(-(((1.0 - d) / 0.12) ** 2))
-        n_nucleoli = int(rng.integers(1, 4)) if rng.random() < 0.3 else 0
+        n_nucleoli = int(rng.integers(1, 4)) if rng.random() < (0.6 if textured else 0.3) else 0
         for _ in range(n_nucleoli):
             cu, cv_ = rng.uniform(-0.5, 0.5, 2) * radius
             s = radius * rng.uniform(0.1, 0.2)
@@ -198,82 +215,6 @@ def _place_nuclei(rng, h, w, modality):
     return labels, signal, coverage, d_mean
 
 
-def _add_noise(rng, img, photons, read_sigma):
-    """Shot noise (variance proportional to the signal) plus Gaussian read noise."""
-    noisy = img + np.sqrt(np.maximum(img, 0.0) / photons) * rng.standard_normal(img.shape).astype(np.float32)
-    return noisy + read_sigma * rng.standard_normal(img.shape).astype(np.float32)
-
-
-def _render_fluorescence(rng, signal, coverage, d_mean):
-    """DAPI/Hoechst-like image: emitted light adds to a dark, unevenly lit background."""
-    h, w = signal.shape
-    background = rng.uniform(0.0, 0.05) * (1.0 + 0.3 * _smooth_field(rng, h, w, 3))
-    illumination = np.clip(1.0 + rng.uniform(0.0, 0.25) * _smooth_field(rng, h, w, 2), 0.4, None)
-    img = (np.maximum(background, 0.0) + signal) * illumination
-    sigma = rng.uniform(1.5, 3.0) if rng.random() < 0.15 else rng.uniform(0.5, 1.1)
-    img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), sigma)
-    img = _add_noise(rng, img, np.exp(rng.uniform(np.log(40), np.log(3000))), rng.uniform(0.002, 0.01))
-    if rng.random() < 0.75:
-        colour = np.ones(3, np.float32)  # Grey images stored as three equal channels.
-    else:
-        palette = [(0.3, 0.5, 1.0), (0.6, 0.35, 1.0), (0.25, 1.0, 0.35), (1.0, 0.3, 0.25), (0.0, 0.0, 1.0)]
-        colour = np.array(palette[int(rng.integers(len(palette)))], np.float32)
-    return img[..., None] * colour
-
-
-def _render_histology(rng, signal, coverage, d_mean):
-    """H&E-like image: hematoxylin (nuclei) and eosin (tissue) absorb white light."""
-    h, w = signal.shape
-    # Tissue: grainy eosin at two scales, fibre-like streaks, and a few empty (white) gaps.
-    line = np.zeros((15, 15), np.float32)
-    angle = rng.uniform(0, np.pi)
-    cv2.line(line, (int(7 - 7 * np.cos(angle)), int(7 - 7 * np.sin(angle))),
-             (int(7 + 7 * np.cos(angle)), int(7 + 7 * np.sin(angle))), 1.0, 1)
-    fibres = cv2.filter2D(rng.standard_normal((h, w)).astype(np.float32), -1, line / line.sum())
-    fibres /= fibres.std() + 1e-6
-    tissue = 0.6 + 0.25 * _texture(rng, h, w, 4.0) + 0.1 * fibres + 0.12 * _texture(rng, h, w, 1.0)
-    gaps = _smooth_field(rng, h, w, int(rng.integers(2, 6)))
-    tissue *= np.clip((gaps + rng.uniform(0.8, 2.5)) * 2.0, 0.1, 1.0)
-    eosin = rng.uniform(0.08, 0.3) * np.clip(tissue, 0.05, None)
-    # Cell bodies around nuclei are denser pink; inside nuclei the blue stain dominates.
-    eosin += rng.uniform(0.05, 0.25) * cv2.GaussianBlur(coverage, (0, 0), 0.5 * d_mean)
-    eosin *= 1.0 - 0.4 * coverage
-    hema = rng.uniform(0.02, 0.08) * np.clip(tissue, 0.0, None) + signal
-    # Beer-Lambert mixing of the two stains with jittered stain vectors (RGB optical density).
-    h_vec = np.array([0.65, 0.70, 0.29]) + rng.normal(0, 0.05, 3)
-    e_vec = np.array([0.10, 0.85, 0.35]) + rng.normal(0, 0.04, 3)
-    density = hema[..., None] * h_vec + eosin[..., None] * e_vec
-    white = rng.uniform(0.88, 0.98) * (1.0 + rng.normal(0, 0.02, 3))
-    img = (white * 10.0 ** (-np.clip(density, 0.0, None))).astype(np.float32)
-    img *= np.clip(1.0 + rng.uniform(0.0, 0.06) * _smooth_field(rng, h, w, 2), 0.5, None)[..., None]
-    img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.5, 1.2))
-    return _add_noise(rng, img, 2000.0, rng.uniform(0.003, 0.012))
-
-
-def _render_brightfield(rng, signal, coverage, d_mean):
-    """Unstained or lightly stained transmitted light: low-contrast grey nuclei on light grey."""
-    h, w = signal.shape
-    level = rng.uniform(0.6, 0.85)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    vignette = 1.0 - rng.uniform(0.0, 0.25) * (((yy / h - 0.5) ** 2 + (xx / w - 0.5) ** 2) / 0.5)
-    background = level * vignette * (1.0 + 0.04 * _smooth_field(rng, h, w, 3) + 0.02 * _texture(rng, h, w, 2.0))
-    img = background * (1.0 - signal)
-    # A faint bright halo around nuclei, as produced by slight defocus in transmitted light.
-    halo = np.clip(cv2.GaussianBlur(coverage, (0, 0), 2.0) - coverage, 0.0, None)
-    img += rng.uniform(0.0, 0.4) * level * halo
-    img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), rng.uniform(0.6, 1.5))
-    img = _add_noise(rng, img, 3000.0, rng.uniform(0.004, 0.012))
-    tint = np.ones(3) if rng.random() < 0.6 else 1.0 + rng.normal(0, 0.05, 3)
-    return img[..., None] * tint.astype(np.float32)
-
-
-_RENDERERS = {
-    "fluorescence": _render_fluorescence,
-    "histology": _render_histology,
-    "brightfield": _render_brightfield,
-}
-
-
 def generate_sample(
     rng: np.random.Generator, height: int, width: int, modality: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -283,11 +224,11 @@ def generate_sample(
     the same generator state gives the same sample.  Every image has at least one
     nucleus; label values are consecutive here although callers must not rely on it.
     """
-    if modality not in _RENDERERS:
-        raise ValueError(f"unknown modality {modality!r}; expected one of {sorted(_RENDERERS)}")
+    if modality not in RENDERERS:
+        raise ValueError(f"unknown modality {modality!r}; expected one of {sorted(RENDERERS)}")
     height, width = _validate_size(height, width)
     labels, signal, coverage, d_mean = _place_nuclei(rng, height, width, modality)
-    img = _RENDERERS[modality](rng, signal, coverage, d_mean)
+    img = RENDERERS[modality](rng, signal, coverage, d_mean)
     image = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(image), labels
 
@@ -383,9 +324,9 @@ def write_synthetic_dataset(
 
 
 def sample_dataset_dir(num_images: int = 64, seed: int = 0, root="dataset") -> Path:
-    """Where the built-in synthetic sample of that size and seed lives (one folder per setting, so a
-    sample is never overwritten by another)."""
-    return Path(root) / f"synthetic_sample_{num_images}img_seed{seed}"
+    """Where the built-in synthetic sample of that size, seed and generator version lives (one folder per
+    setting, so a sample is never overwritten by another, and one made by an older generator is not reused)."""
+    return Path(root) / f"synthetic_sample_{num_images}img_seed{seed}_v{GENERATOR_VERSION}"
 
 
 def ensure_sample_dataset(num_images: int = 64, seed: int = 0, root="dataset", progress: bool = True) -> Path:
