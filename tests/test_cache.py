@@ -118,3 +118,14 @@ def test_packed_copy_decodes_identically(dataset, tmp_path, monkeypatch):
         assert np.array_equal(packed[sample.sample_id].image, sample.image)
         assert np.array_equal(packed[sample.sample_id].labels, sample.labels)
     assert pack_dataset.main([str(dataset), str(out)]) == 2  # never into an existing folder
+
+
+def test_a_folder_with_nothing_readable_is_reported_not_cached(tmp_path):
+    folder = tmp_path / "data" / "a"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    (folder / "images" / "a.png").write_bytes(b"not a png")
+    (folder / "masks" / "m.png").write_bytes(b"not a png either")
+    loaded, problems, how = cache.load_folder(tmp_path / "data", progress=False, root=tmp_path / "cache")
+    assert loaded == [] and problems and problems[0][0] == "a"
+    assert "nothing readable" in how and not (tmp_path / "cache").exists()

@@ -143,6 +143,8 @@ def load_folder(data_dir, progress: bool = True, root: Path | None | str = "defa
     else:
         how = f"decoded and cached in {entry}"
     loaded, load_problems = load_samples(samples, progress=progress, desc=desc)
+    if not loaded:  # nothing readable: nothing worth caching (and an empty file cannot be memory-mapped)
+        return loaded, problems + load_problems, "decoded; nothing readable to cache"
     try:
         _write_entry(entry, loaded, load_problems)
         for old in root.glob(f"{_entry_prefix(data_dir)}*"):
