@@ -114,7 +114,7 @@ def main(argv=None) -> int:
                                   f"--overwrite to replace it, or choose another --out")
         measurements = measure.Measurements(args.pixel_size) if args.measure else None
         if measurements is not None:  # before predicting, so a refusal costs nothing
-            measure.refuse_existing(measure.output_paths(out, len(inputs)), args.overwrite)
+            files.refuse_existing(measure.output_paths(out, len(inputs)), args.overwrite)
     except (predict.ModelError, core.DataError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

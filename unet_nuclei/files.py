@@ -52,14 +52,23 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
 
 
+def refuse_existing(paths: Iterable, overwrite: bool = False) -> None:
+    """Raise FileExistsError naming the first of ``paths`` that exists, unless ``overwrite`` is set: the
+    output contract's "never replaced without --overwrite", checked before any work where callers can."""
+    if overwrite:
+        return
+    for path in paths:
+        if Path(path).exists():
+            raise FileExistsError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
+
+
 @contextlib.contextmanager
 def replacing(path, overwrite: bool = True):
     """Yield a temporary path to write ``path``'s new content to; on success it is renamed to ``path``,
     on any failure it is removed and an ``OSError`` becomes ``OutputError``.  With ``overwrite`` off an
     existing ``path`` is refused (FileExistsError) before anything is written."""
     path = Path(path)
-    if not overwrite and path.exists():
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
+    refuse_existing([path], overwrite)
     temporary = _temporary(path)
     try:
         yield temporary

@@ -18,7 +18,6 @@ existing file is replaced unless ``overwrite`` is set.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -178,7 +177,7 @@ class Measurements:
         from unet_nuclei import plots  # matplotlib only when a figure is drawn
 
         paths = output_paths(out_dir, len(self.images))
-        refuse_existing(paths, overwrite)
+        files.refuse_existing(paths, overwrite)
         files.write_csv(paths[0], [self.nucleus_columns, *self.nuclei], overwrite)
         files.write_csv(paths[1], [self.image_columns, *self.images], overwrite)
         if len(paths) > 2:
@@ -193,15 +192,6 @@ def output_paths(out_dir, images: int) -> list[Path]:
     out_dir = Path(out_dir)
     names = (NUCLEI_FILE, IMAGES_FILE) + ((SUMMARY_FILE,) if images > 1 else ())
     return [out_dir / name for name in names]
-
-
-def refuse_existing(paths: Sequence, overwrite: bool = False) -> None:
-    """Raise FileExistsError naming the first of ``paths`` that exists, unless ``overwrite`` is set."""
-    if overwrite:
-        return
-    for path in paths:
-        if Path(path).exists():
-            raise FileExistsError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
 
 
 def write_label_tiff(path, labels: np.ndarray, pixel_size: float | None = None, overwrite: bool = False) -> Path:

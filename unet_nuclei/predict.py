@@ -134,18 +134,6 @@ def truth_labels(sample: Sample, shape: tuple[int, int]) -> np.ndarray:
     return read_instance_labels(sample.mask_paths, shape, sample.layout).astype(np.int32)
 
 
-def _refuse_existing(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
-
-
-def write_png(path: Path, image: np.ndarray, overwrite: bool = False) -> None:
-    """Write a PNG (RGB images converted to OpenCV's BGR) whole or not at all, refusing to replace a
-    file unless asked."""
-    _refuse_existing(path, overwrite)
-    files.write_png(path, image)
-
-
 def unique_path(path) -> Path:
     """``path`` if it is free, else the same name with -2, -3, ... (so nothing is overwritten)."""
     path = Path(path)
@@ -212,16 +200,16 @@ def predict_input(model: keras.Model, config: Config, item: PredictionInput, out
     for path in targets.values():
         if path.resolve() == Path(item.image_path).resolve():
             raise FileExistsError(f"{path} is the input image itself; choose another --out")
-        _refuse_existing(path, overwrite)  # before the prediction, so a refused image costs nothing
+        files.refuse_existing([path], overwrite)  # before the prediction, so a refused image costs nothing
     image = read_image(item.image_path) if image is None else image
     truth = truth_labels(item.truth, image.shape[:2]) if item.truth is not None else None
     prediction = predict_image(model, config, image, item.name, truth, tile_size, batch_size, tta, progress)
     if label_format == "png" and prediction.labels.max(initial=0) > np.iinfo(np.uint16).max:
         # A 16-bit PNG would wrap label 65,536 round to 0 and merge nuclei; say so before writing anything.
         raise DataError(f"{item.name}: {prediction.count} nuclei do not fit a 16-bit label PNG; use --labels tif")
-    outputs = {"mask": lambda path: write_png(path, (prediction.labels > 0).astype(np.uint8) * 255, overwrite),
-               "overlay": lambda path: write_png(path, draw_outlines(image, prediction.labels), overwrite),
-               "labels": (lambda path: write_png(path, prediction.labels.astype(np.uint16), overwrite))
+    outputs = {"mask": lambda path: files.write_png(path, (prediction.labels > 0).astype(np.uint8) * 255, overwrite),
+               "overlay": lambda path: files.write_png(path, draw_outlines(image, prediction.labels), overwrite),
+               "labels": (lambda path: files.write_png(path, prediction.labels.astype(np.uint16), overwrite))
                if label_format == "png" else
                (lambda path: write_label_tiff(path, prediction.labels, pixel_size, overwrite))}
     written = []
