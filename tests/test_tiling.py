@@ -507,6 +507,37 @@ def test_watershed_in_bands_never_cuts_through_a_nucleus():
         watershed_in_bands(peaks, markers, mask, band_rows=0)
 
 
+def test_watershed_in_bands_bounds_a_mask_no_row_is_free_of():
+    """A confluent mask (a column of nucleus crosses every row, as in dense tissue) has no clean cut: the
+    bands are cut anyway, with rows of context around them, and still flood as the whole image does."""
+    from scipy import ndimage
+    from skimage import segmentation
+
+    from unet_nuclei import label_images
+
+    _, output = soft_class_output(seed=5)
+    interior = output[..., 1].copy()
+    mask = output[..., 0] < 0.5
+    mask[:, 3] = True  # every row boundary is crossed
+    markers, _ = ndimage.label((interior > 0.5) & mask)
+    markers[::9, 3] = np.arange(1000, 1000 + len(markers[::9, 3]))  # no basin taller than the halo
+    whole = segmentation.watershed(-interior, markers, mask=mask)
+    calls = []
+    real = segmentation.watershed
+
+    def counting(surface, band, mask):
+        calls.append(surface.shape[0])
+        return real(surface, band, mask=mask)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(label_images.segmentation, "watershed", counting)
+        banded = label_images.watershed_in_bands(interior, markers.copy(), mask, band_rows=6, halo_rows=20)
+    np.testing.assert_array_equal(banded, whole)
+    assert len(calls) > 3 and max(calls) <= 6 + 6 + 2 * 20  # never the whole image at once
+    with pytest.raises(ValueError, match="halo_rows"):
+        label_images.watershed_in_bands(interior, markers, mask, halo_rows=-1)
+
+
 def test_relabel_sequential_known_answer():
     from unet_nuclei.label_images import relabel_sequential
 

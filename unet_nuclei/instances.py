@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import morphology, segmentation
 
-from unet_nuclei.label_images import relabel_sequential, remove_small, watershed_in_bands
+from unet_nuclei.label_images import label_sizes, relabel_sequential, remove_small, watershed_in_bands
 
 # The IoU thresholds of the DSB-2018 metric: 0.5, 0.55, ..., 0.95.  ``np.arange`` with a float step
 # accumulates rounding error (0.5 + 4 * 0.05 is not exactly 0.7), and an IoU that is exactly 0.7 must
@@ -144,7 +144,10 @@ def dsb_score(true_labels, pred_labels, thresholds=DSB_IOU_THRESHOLDS) -> float:
 
 def count_instances(labels) -> int:
     """Number of distinct nonzero labels in a label image."""
-    ids = np.unique(np.asarray(labels))
+    labels = np.asarray(labels)
+    if labels.dtype.kind in "ui" and labels.size and labels.min() >= 0:
+        return int(np.count_nonzero(label_sizes(labels)[1:]))  # no sorted copy of a large image
+    ids = np.unique(labels)
     return int(np.count_nonzero(ids != 0))
 
 
@@ -296,6 +299,8 @@ def draw_outlines(image_rgb, labels_or_mask, color=(255, 255, 0), thickness=1) -
 
 # The smallest interior blob, in pixels, that counts as a marker: smaller ones are noise on a boundary.
 MIN_MARKER_SIZE = 4
+# Rows of the nucleus probability turned into the nucleus area at a time (bounded float copies).
+NUCLEUS_ROWS = 256
 
 
 def instances_from_classes(probabilities, threshold=0.5, marker_threshold=0.5, min_size=15) -> np.ndarray:
@@ -318,16 +323,22 @@ def instances_from_classes(probabilities, threshold=0.5, marker_threshold=0.5, m
         probabilities = probabilities.astype(np.float32)
     if min_size < 0:
         raise ValueError(f"min_size must be >= 0, got {min_size}")
-    interior = probabilities[..., 1]  # a view; watershed_in_bands reads NaN as 0, as nan_to_num does below
-    markers, _ = ndi.label(np.nan_to_num(interior) > marker_threshold)
+    interior = probabilities[..., 1]  # a view; NaN is never above a threshold, and watershed_in_bands reads it as 0
+    markers, _ = ndi.label(interior > marker_threshold)
     markers = remove_small(markers, MIN_MARKER_SIZE)
-    nucleus = np.nan_to_num(probabilities[..., 0], nan=1.0)  # in place below: a large image's copies are large
-    nuclei = (np.subtract(1.0, nucleus, out=nucleus) > threshold) | (markers > 0)
-    del nucleus
+    # The nucleus area, one minus the background probability above ``threshold`` (NaN: background), a band
+    # of rows at a time, so that a large image's float copies stay small.
+    nuclei = markers > 0
+    for top in range(0, nuclei.shape[0], NUCLEUS_ROWS):
+        nucleus = np.subtract(1.0, np.nan_to_num(probabilities[top:top + NUCLEUS_ROWS, :, 0], nan=1.0))
+        nuclei[top:top + NUCLEUS_ROWS] |= nucleus > threshold
     labels = watershed_in_bands(interior, markers, nuclei)  # the markers become the labels
     orphan = np.logical_and(nuclei, labels == 0, out=nuclei)
-    orphans, _ = ndi.label(orphan, structure=_EIGHT)
-    labels[orphan] = orphans[orphan] + labels.max()
+    orphans, count = ndi.label(orphan, structure=_EIGHT)
+    if count:  # in place: an image of orphans (an untrained model's, say) makes no image-sized temporaries
+        np.add(orphans, labels.max(), out=orphans, where=orphan)
+        np.copyto(labels, orphans, where=orphan)
+    del orphans, orphan, nuclei
     return relabel_sequential(remove_small(labels, min_size))
 
 

@@ -36,35 +36,60 @@ def remove_small(labels, min_size):
 
 
 def relabel_sequential(labels) -> np.ndarray:
-    """Renumber a label image's instances 1..N in label order in place: skimage's, without its sorted copy."""
+    """Renumber a label image's instances 1..N in label order in place: skimage's, without its sorted copy
+    (and a chunk of pixels at a time, so the lookup makes no second image-sized array either)."""
     present = label_sizes(labels) > 0
     present[0] = False
-    labels[...] = np.where(present, np.cumsum(present), 0).astype(labels.dtype)[labels]
+    lookup = np.where(present, np.cumsum(present), 0).astype(labels.dtype)
+    flat = labels.reshape(-1)  # a view: label images are made contiguous here
+    for start in range(0, flat.size, COUNT_CHUNK):
+        flat[start:start + COUNT_CHUNK] = lookup[flat[start:start + COUNT_CHUNK]]
     return labels
 
 
-WATERSHED_BAND_ROWS = 512  # rows per watershed call: it makes float64 and int32 copies of what it is given
+WATERSHED_BAND_ROWS = 256  # rows per watershed call: it makes float64 and int32 copies of what it is given
+# Rows of context above and below a band that has to cut through nuclei (a dense tissue image, say, where
+# no row is free of them): far more than a nucleus is tall, so the flooding inside the band is the
+# whole image's unless one basin reaches further than this.
+WATERSHED_HALO_ROWS = 256
 
 
-def watershed_in_bands(peaks, markers, mask, band_rows=WATERSHED_BAND_ROWS) -> np.ndarray:
+def watershed_in_bands(peaks, markers, mask, band_rows=WATERSHED_BAND_ROWS,
+                       halo_rows=WATERSHED_HALO_ROWS) -> np.ndarray:
     """``segmentation.watershed(-peaks, markers, mask=mask)`` (NaN peaks as 0) written over int32 ``markers``.
 
     The 4-connected flooding never leaves ``mask`` (which holds the markers), so a band of rows that no
     nucleus crosses floods as in the whole image, while the watershed's copies cover one band.  Bands end
-    after about ``band_rows`` rows, at the first row boundary no vertical pair of ``mask`` pixels crosses."""
+    after about ``band_rows`` rows, at the first row boundary no vertical pair of ``mask`` pixels crosses.
+    Where no such boundary comes within another ``band_rows`` rows, the band is cut there and flooded with
+    ``halo_rows`` rows of the original markers above and below it, of which only the band's own rows are
+    kept; that equals the whole image's flooding wherever no basin is taller than the halo, and keeps the
+    memory bounded by the band on any mask."""
     if band_rows < 1:
         raise ValueError(f"band_rows must be >= 1, got {band_rows}")
+    if halo_rows < 0:
+        raise ValueError(f"halo_rows must be >= 0, got {halo_rows}")
     mask = np.asarray(mask, dtype=bool)
     height, top = mask.shape[0], 0
     cut_ok = np.ones(height + 1, bool)
     cut_ok[1:height] = ~(mask[:-1] & mask[1:]).any(axis=1)
+    above = markers[:0].copy()  # the original markers of the halo rows above the band
     while top < height:
         bottom = min(top + band_rows, height)
-        while not cut_ok[bottom]:
+        limit = min(bottom + band_rows, height)
+        while bottom < limit and not cut_ok[bottom]:
             bottom += 1
+        halo_top = top - len(above) if not cut_ok[top] else top
+        halo_bottom = bottom if cut_ok[bottom] else min(bottom + halo_rows, height)
+        # The next band's halo above: the original markers of the last ``halo_rows`` rows before it.
+        next_above = markers[:0]
+        if not cut_ok[bottom] and halo_rows:
+            next_above = np.concatenate([above, markers[top:bottom]])[-halo_rows:].copy()
+        band = np.concatenate([above[len(above) - (top - halo_top):], markers[top:halo_bottom]])
         # Without markers nothing floods.  The watershed makes its own float64 copy of the surface.
-        if markers[top:bottom].any():
-            surface = np.negative(np.nan_to_num(peaks[top:bottom]))
-            markers[top:bottom] = segmentation.watershed(surface, markers[top:bottom], mask=mask[top:bottom])
-        top = bottom
+        if band.any():
+            surface = np.negative(np.nan_to_num(peaks[halo_top:halo_bottom]))
+            flooded = segmentation.watershed(surface, band, mask=mask[halo_top:halo_bottom])
+            markers[top:bottom] = flooded[top - halo_top:bottom - halo_top]
+        above, top = next_above, bottom
     return markers

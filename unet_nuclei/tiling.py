@@ -282,9 +282,10 @@ def predict_tiled(
 
 PREDICT_TILE = 1536  # largest tile side for padded models: an image up to 1504 px a side is one forward pass;
 # with the default channels such a tile takes about 1 GB of activations (wider models get smaller tiles)
-TILED_TILE = 1024  # largest tile side, and pixels per forward pass (squared), once an image needs several
-# tiles: about 450 MB of activations with the default channels instead of 1 GB, for about 8% more tile
-# area (measured with benchmarks/bench_predict_memory.py)
+TILED_TILE = 512  # largest tile side, and pixels per forward pass (squared), once an image needs several
+# tiles: TensorFlow then holds about 150 MB for the forward passes with the default channels (430 MB with
+# 1024-px tiles, 1 GB with 1536), for about 7% more tile area and 3-4% more time on a 3000x3000 image
+# (measured here; benchmarks/bench_predict_memory.py measures the whole prediction)
 CONTEXT_MARGIN = 16  # pixels of (mirrored) context cut from each side of a padded model's tile output
 
 
