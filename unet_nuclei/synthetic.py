@@ -37,7 +37,7 @@ from unet_nuclei.synthetic_render import RENDERERS, texture
 MODALITY_WEIGHTS = {"fluorescence": 0.55, "histology": 0.37, "brightfield": 0.08}
 
 # Bumped whenever the generator's output changes, so a sample made by an older generator is never reused.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 
 # Median nucleus diameters per image, log-uniform between these bounds (px).  Real DSB-2018 nuclei have a
 # median equivalent diameter of 18-21 px (10th-90th percentile 8-35), stained ones up to ~44 px.
@@ -122,7 +122,7 @@ def _place_nuclei(rng, h, w, modality):
     # large, dim, coarsely textured kind that a model trained on smooth blobs cuts into pieces.
     size_sigma = rng.uniform(0.1, 0.3)
     irregularity = rng.uniform(0.3, 1.8)
-    textured = rng.random() < {"fluorescence": 0.35, "histology": 0.5, "brightfield": 0.0}[modality]
+    textured = rng.random() < {"fluorescence": 0.35, "histology": 0.3, "brightfield": 0.0}[modality]
 
     fine = texture(rng, h, w, 0.8)
     coarse = texture(rng, h, w, max(1.5, d_mean / (rng.uniform(3, 6) if textured else 6)))
@@ -137,9 +137,9 @@ def _place_nuclei(rng, h, w, modality):
     spread = rng.uniform(0.05, 0.8)
     p_bright = 0.08 if rng.random() < 0.4 else 0.0
     max_aspect = 1.8 if modality == "fluorescence" else 2.8
-    texture_amp = rng.uniform(0.08, 0.25) if modality == "fluorescence" else rng.uniform(0.2, 0.45)
+    texture_amp = rng.uniform(0.08, 0.25) if modality == "fluorescence" else rng.uniform(0.05, 0.3)
     if textured:
-        texture_amp = rng.uniform(0.35, 0.6)
+        texture_amp = rng.uniform(0.25, 0.5)
 
     count, failures = 0, 0
     for _ in range(n_target):

@@ -112,7 +112,7 @@ def render_histology(rng, signal, coverage, d_mean):
     img = (white * 10.0 ** (-np.clip(density, 0.0, None))).astype(np.float32)
     img *= np.clip(1.0 + rng.uniform(0.0, 0.12) * smooth_field(rng, h, w, 2), 0.5, None)[..., None]
     img = _optics(rng, img, sharp=(0.5, 1.2), defocus=(1.5, 2.5), p_defocus=0.15)
-    return add_noise(rng, img, np.exp(rng.uniform(np.log(300), np.log(3000))), rng.uniform(0.003, 0.015))
+    return add_noise(rng, img, np.exp(rng.uniform(np.log(1000), np.log(10000))), rng.uniform(0.002, 0.01))
 
 
 def render_brightfield(rng, signal, coverage, d_mean):
