@@ -143,7 +143,8 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         usage = (core.DataError, FileNotFoundError, FileExistsError, ValueError)
         return 2 if isinstance(error, usage) and not isinstance(error, files.OutputError) else 1
-    print(f"Predict with: python Predict_mask.py IMAGE --model {result.run_dir}")
+    if result.run_dir is not None:  # None: a worker of several machines; the chief saved the run
+        print(f"Predict with: python Predict_mask.py IMAGE --model {result.run_dir}")
     return 0
 
 
