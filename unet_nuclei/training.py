@@ -3,7 +3,8 @@
 ``train`` is three public steps, each usable on its own:
 
     open_run   a new run folder (or an interrupted one, to resume), the data and the tf.data pipelines
-    fit        model.fit with checkpoints at every epoch end; history.csv and training_curves.png
+    fit        model.fit (on several machines, the loop of ``multiworker``) with checkpoints at every
+               epoch end; history.csv and training_curves.png
     finalize   the post-processing threshold chosen on the validation images at full resolution, their
                scores and val_predictions.png, all stored in config.json
 
