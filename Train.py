@@ -40,6 +40,10 @@ def build_parser(defaults) -> argparse.ArgumentParser:
     data.add_argument("--scale-range", metavar="LOW,HIGH",
                       help=f"random patch scale, so the model meets smaller and larger nuclei; 'none' keeps "
                            f"the native scale (default: {','.join(map(str, d.scale_range)) if d.scale_range else 'none'})")
+    data.add_argument("--area-power", type=float, metavar="P",
+                      help=f"patches come from images drawn with probability proportional to their area to this "
+                           f"power: 1 gives every pixel the same chance, 0 every image; in between, a few large "
+                           f"images do not crowd out many small ones of another kind (default: {d.area_power})")
     data.add_argument("--preprocessing", choices=["grey", "rgb"],
                       help=f"'grey': grey, bright nuclei on dark, contrast-stretched, the same for every kind "
                            f"of microscopy; 'rgb': the image as it is (default: {d.preprocessing})")
@@ -89,7 +93,7 @@ def build_parser(defaults) -> argparse.ArgumentParser:
     return parser
 
 
-FIELDS = ("data", "sample_images", "sampling", "image_size", "val_size", "augment", "preprocessing", "targets",
+FIELDS = ("data", "sample_images", "sampling", "image_size", "val_size", "augment", "area_power", "preprocessing", "targets",
           "padding", "batch_norm", "dropout", "epochs", "steps_per_epoch", "batch_size", "learning_rate", "loss",
           "lr_schedule", "seed", "mixed_precision", "xla")
 
@@ -143,7 +147,8 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         usage = (core.DataError, FileNotFoundError, FileExistsError, ValueError)
         return 2 if isinstance(error, usage) and not isinstance(error, files.OutputError) else 1
-    print(f"Predict with: python Predict_mask.py IMAGE --model {result.run_dir}")
+    if result.run_dir is not None:  # None: a worker of several machines; the chief saved the run
+        print(f"Predict with: python Predict_mask.py IMAGE --model {result.run_dir}")
     return 0
 
 

@@ -65,8 +65,7 @@ NOT_A_SAMPLE_REASON = "not a sample folder (skipped)"
 #   * "dsb"   - the Data Science Bowl 2018 layout: <root>/<id>/images/<id>.png and <root>/<id>/masks/*.png,
 #               one binary PNG per nucleus;
 #   * "pairs" - <root>/images/<name>.<ext> and <root>/masks/<name>.<ext>, one binary or 16-bit label mask per image.
-# Decoding (reading every mask PNG and merging them) is the expensive part; it happens once, in parallel
-# threads (OpenCV releases the GIL), and the decoded arrays are kept in memory for every epoch after.
+# Decoding (every mask PNG read and merged) is the expensive part: done once, in threads, kept in memory.
 
 
 class DataError(ValueError):
@@ -98,8 +97,8 @@ class LoadedSample:
 
 
 def is_stray(path: Path) -> bool:
-    """Whether a folder entry is an operating system's or tool's file, never a sample."""
-    # Hidden entries (".DS_Store", "._foo" AppleDouble files, ".ipynb_checkpoints") are never samples.
+    """Whether a folder entry is an operating system's or tool's file (".DS_Store", "._foo" AppleDouble
+    files, ".ipynb_checkpoints", any hidden entry), never a sample."""
     return path.name.lower() in STRAY_FILES or path.name.startswith(".")
 
 
@@ -443,14 +442,15 @@ def _resized_arrays(views, size: int, targets: str) -> tuple[np.ndarray, np.ndar
 class PatchSampler:
     """Draws random ``size`` x ``size`` patches (image, target classes) from images held in memory.
 
-    Images are chosen with probability proportional to their area, so every pixel is about equally
-    likely to be seen.  With ``scale_range`` each patch is cut at a random scale (log-uniform) and
-    resized to ``size`` (labels by nearest neighbour), so the model meets nuclei larger and smaller than
-    the training set's; targets come from the resized labels, so a boundary is as thin at every scale.
+    Images are drawn with probability proportional to their area ** ``area_power`` (1: every pixel about
+    equally likely; 0: every image; 0.5: a few large images do not crowd out many small ones).  With
+    ``scale_range`` each patch is cut at a random scale (log-uniform) and resized to ``size`` (labels by
+    nearest neighbour), so the model meets nuclei larger and smaller than the training set's; targets
+    come from the resized labels, so a boundary is as thin at every scale.
     """
 
     def __init__(self, views, size: int, seed: int = 0, targets: str = "binary",
-                 scale_range: tuple[float, float] | None = None):
+                 scale_range: tuple[float, float] | None = None, area_power: float = 1.0):
         if not views:
             raise DataError("no training samples to draw patches from")
         self.size, self.seed, self.targets = size, seed, targets
@@ -459,7 +459,7 @@ class PatchSampler:
         self.images = [pad_to_min_size(image, largest) for image, _ in views]
         self.labels = [pad_to_min_size(labels, largest) for _, labels in views]
         areas = np.array([labels.shape[0] * labels.shape[1] for _, labels in views], dtype=np.float64)
-        self.weights = areas / areas.sum()
+        self.weights = areas ** area_power / (areas ** area_power).sum()
         self.total_area = float(areas.sum())
 
     def patches_per_epoch(self) -> int:
@@ -546,7 +546,7 @@ def make_datasets(train_samples: Sequence[LoadedSample], val_samples: Sequence[L
                               for samples in (train_samples, val_samples))
 
     if config.sampling == "patch":
-        sampler = PatchSampler(train_views, size, config.seed, config.targets, config.scale_range)
+        sampler = PatchSampler(train_views, size, config.seed, config.targets, config.scale_range, config.area_power)
         train = tf.data.Dataset.from_generator(sampler, output_signature=(image_spec, mask_spec))
         steps = config.steps_per_epoch or max(1, math.ceil(sampler.patches_per_epoch() / batch))
         val_images, val_masks = _patch_arrays(val_views, size, config.targets)
@@ -602,6 +602,7 @@ class Config:
     augment: bool = True  # flips, rotations and intensity jitter on training batches
     scale_range: tuple[float, float] | None = (0.6, 1.8)  # random patch scale (None: native scale only)
     preprocessing: str = "grey"  # "grey": grey, bright-on-dark, contrast-stretched; "rgb": as it is
+    area_power: float = 0.5  # patches come from images drawn with probability ~ area ** this (1: per pixel)
     # Model
     targets: str = "instance"  # "instance": background/interior/boundary classes; "binary": one mask
     channels: tuple[int, ...] = (16, 32, 64, 128, 256)  # per level; the last is the bottleneck
@@ -645,8 +646,8 @@ class Config:
             raise ValueError(f"val_size must be a fraction below 1 or a whole number of images, got {self.val_size}")
         if self.steps_per_epoch is not None and int(self.steps_per_epoch) < 1:
             raise ValueError(f"steps_per_epoch must be a positive integer (or None), got {self.steps_per_epoch}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not (0 <= self.dropout < 1 and 0 <= self.area_power <= 1):
+            raise ValueError(f"dropout must be in [0, 1) and area_power in [0, 1], got {self.dropout}, {self.area_power}")
         for name in ("threshold", "marker_threshold"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
@@ -685,6 +686,8 @@ class Config:
         values = {k: v for k, v in data.items() if k in names}
         if "num_classes" in data:
             values = {**LEGACY_DEFAULTS, **values}
+        if "area_power" not in data and {"targets", "num_classes"} & set(data):  # saved before it: per pixel
+            values["area_power"] = 1.0
         return cls(**values)
 
     def to_json(self, path=None, **extra) -> str:
@@ -696,9 +699,7 @@ class Config:
     @classmethod
     def from_json(cls, path_or_text) -> "Config":
         text = str(path_or_text)
-        if not text.lstrip().startswith("{"):
-            text = Path(path_or_text).read_text()
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(json.loads(text if text.lstrip().startswith("{") else Path(path_or_text).read_text()))
 
 
 def quick_config(**overrides) -> Config:
@@ -861,9 +862,8 @@ def build_unet_from_config(config: Config, input_size: int | None = None) -> ker
 
 
 # --- Losses and metrics -----------------------------------------------------------------------------
-# The overlap math is written once (``_overlap``); Dice and IoU, the metrics, and the losses all derive
-# from it.  Everything is registered, so a compiled model saved as .keras reloads without custom_objects
-# in any program that imports this module.
+# Dice, IoU and the losses all derive from ``_overlap``.  Everything is registered, so a compiled model
+# saved as .keras reloads without custom_objects in any program that imports this module.
 
 
 def _overlap(y_true, y_pred, per_class: bool = False):

@@ -29,6 +29,12 @@ def test_a_run_of_an_earlier_version_keeps_its_meaning():
     assert (config.num_classes, config.input_channels, config.threshold) == (1, 3, 0.65)
     # A dict of today's fields only takes today's defaults.
     assert core.Config.from_dict({"image_size": 64}).targets == "instance"
+    assert core.Config.from_dict({"image_size": 64}).area_power == core.Config().area_power == 0.5
+    assert config.area_power == 1.0  # sampled per pixel, as every run did before area_power
+    saved = {**core.Config().to_dict(), "threshold": 0.7}
+    del saved["area_power"]
+    assert core.Config.from_dict(saved).area_power == 1.0
+    assert core.Config.from_dict(core.Config(area_power=0.0).to_dict()).area_power == 0.0
 
 
 def test_json_round_trip_keeps_every_field(tmp_path):
@@ -53,6 +59,7 @@ def test_json_round_trip_keeps_every_field(tmp_path):
     ("scale_range", (2.0, 1.0), "scale_range must be"),
     ("lr_schedule", "step", "lr_schedule must be one of"),
     ("marker_threshold", 1.0, "marker_threshold must be between"),
+    ("area_power", 1.5, "area_power in"),
 ])
 def test_bad_values_raise_clear_errors(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -561,6 +561,12 @@ def test_patch_sampler_weights_and_epoch_length(pipeline_samples):
     sampler = core.PatchSampler(views, 32, seed=0)
     np.testing.assert_allclose(sampler.weights, np.array([40 * 48, 20 * 25]) / (40 * 48 + 20 * 25))
     assert sampler.patches_per_epoch() == int(np.ceil((40 * 48 + 20 * 25) / 32 ** 2))
+    # area_power 0: every image as likely; 0.5: in proportion to the square roots of the areas.
+    np.testing.assert_allclose(core.PatchSampler(views, 32, area_power=0.0).weights, [0.5, 0.5])
+    roots = np.sqrt([40 * 48, 20 * 25])
+    np.testing.assert_allclose(core.PatchSampler(views, 32, area_power=0.5).weights, roots / roots.sum())
+    # The epoch length still counts every training pixel once.
+    assert core.PatchSampler(views, 32, area_power=0.0).patches_per_epoch() == sampler.patches_per_epoch()
     with pytest.raises(core.DataError):
         core.PatchSampler([], 32)
 

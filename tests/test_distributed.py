@@ -1,10 +1,11 @@
 """Several machines: two worker processes on this machine, joined by ``TF_CONFIG``.
 
 Keras 3's ``model.fit`` fails under ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585), so the
-project refuses ``TF_CONFIG`` up front (exit status 2, the reason, no run folder) rather than failing
-after the data is loaded.  The second test runs the upstream failure itself on a toy model, as strictly
-expected to fail: the day a Keras release fixes it, that test passes, fails the suite as XPASS(strict),
-and says the refusal can go."""
+project trains there with its own loop (``unet_nuclei.multiworker``).  The first test trains a quick run
+on two workers and checks that both finish, that only the chief writes the run folder, and that the
+model it saved is the one both trained.  The last test runs the upstream failure itself on a toy model,
+as strictly expected to fail: the day a Keras release fixes it, that test passes, fails the suite as
+XPASS(strict), and says ``model.fit`` could be used there again."""
 import json
 import os
 import socket
@@ -58,14 +59,46 @@ def run_workers(args: list[str], cwd, timeout: int = 300) -> list[subprocess.Com
 
 
 @pytest.mark.slow
-def test_several_machines_are_refused_with_the_reason_and_nothing_written(tmp_path, tiny_dataset):
+def test_two_workers_train_one_run_and_only_the_chief_writes_it(tmp_path, tiny_dataset):
     runs = tmp_path / "runs"
-    results = run_workers([str(ROOT / "Train.py"), "--quick", "--data", str(tiny_dataset), "--runs-dir", str(runs)],
-                          cwd=tmp_path)
-    for result in results:
-        assert result.returncode == 2, result.stdout[-2000:]
-        assert "keras-team/keras#20585" in result.stdout and "Traceback" not in result.stdout
-    assert not runs.exists() or not any(runs.iterdir())
+    args = [str(ROOT / "Train.py"), "--quick", "--epochs", "2", "--steps-per-epoch", "3", "--data",
+            str(tiny_dataset), "--runs-dir", str(runs), "--name", "together"]
+    chief, worker = run_workers(args, cwd=tmp_path)
+    for result in (chief, worker):
+        assert result.returncode == 0, result.stdout[-3000:]
+        assert "Traceback" not in result.stdout
+    # Both ran the same epochs in step, each naming itself.
+    assert "Epoch 2/2 (worker 0 of 2): 3 steps" in chief.stdout
+    assert "Epoch 2/2 (worker 1 of 2): 3 steps" in worker.stdout
+    assert "trained in step with the chief" in worker.stdout and "Predict with:" not in worker.stdout
+    # The chief wrote one complete run; the other worker wrote nothing a user sees.
+    assert sorted(p.name for p in runs.iterdir()) == ["latest", "together"]
+    run = runs / "together"
+    for name in ("model.keras", "last.keras", "config.json", "history.csv", "val_predictions.png"):
+        assert (run / name).is_file(), name
+    info = json.loads((run / "config.json").read_text())
+    assert info["replicas"] == 2 and info["val_scores"]["dice"] >= 0
+    rows = (run / "history.csv").read_text().splitlines()
+    assert rows[0].split(",")[:4] == ["epoch", "dice", "iou", "loss"] and len(rows) == 3
+    assert not list(tmp_path.glob("unet_worker_*"))
+    # Both workers logged the same validation loss: they hold the same weights.
+    last_val = [line.split("val_loss: ")[1].split()[0] for line in (chief.stdout, worker.stdout)
+                for line in line.splitlines() if line.startswith("Epoch 2/2")]
+    assert len(last_val) == 2 and last_val[0] == last_val[1]
+
+
+def test_a_malformed_tf_config_is_named(monkeypatch):
+    from unet_nuclei import multiworker
+
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(ValueError, match="TF_CONFIG is set but is not a cluster description"):
+        multiworker.is_chief()
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}))
+    assert not multiworker.is_chief() and multiworker.worker_name() == "worker 1 of 2"
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:2"]}, "task": {"type": "worker", "index": 0}}))
+    assert not multiworker.is_chief()
+    monkeypatch.delenv("TF_CONFIG")
+    assert multiworker.is_chief()
 
 
 @pytest.mark.slow

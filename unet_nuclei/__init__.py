@@ -1,6 +1,7 @@
 """The machinery around the U-Net of ``unet_model_core``, one module per job:
 
     training   run folders, callbacks, devices, and ``train`` = ``open_run`` + ``fit`` + ``finalize``
+    multiworker  training on several machines (TF_CONFIG): the loop model.fit cannot run there
     tiling     overlap-tile prediction at full resolution (NumPy plus a predict callable)
     instances  probability -> labelled nuclei, the DSB-2018 score, Dice/IoU, run-length rows, outlines
     label_images  label-image steps lean enough for very large images (sizes, relabelling, banded watershed)

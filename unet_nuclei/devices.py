@@ -1,22 +1,17 @@
 """Devices, precision and distribution: which strategy trains the model, and in which dtype.
 
-Several GPUs (or logical CPU devices) of one machine train data-parallel with ``MirroredStrategy``.
-Several machines do not: Keras 3's ``model.fit`` fails under ``MultiWorkerMirroredStrategy``
-(keras-team/keras#20585, still so with Keras 3.15 and TensorFlow 2.21: first converting a per-replica
-batch to a tensor, then reducing its per-replica metrics), so ``TF_CONFIG`` is refused with that reason
-instead of failing mid-run.
+Several GPUs (or logical CPU devices) of one machine train data-parallel with ``MirroredStrategy``;
+several machines (``TF_CONFIG``) with ``MultiWorkerMirroredStrategy``, through the training loop of
+``unet_nuclei.multiworker`` (Keras 3's ``model.fit`` fails there: keras-team/keras#20585).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import keras
 import tensorflow as tf
 
-
-class MultiWorkerUnsupported(ValueError):
-    """Training on several machines was asked for (``TF_CONFIG``); Keras 3 cannot do it (see above)."""
+from unet_nuclei.multiworker import cluster_spec
 
 
 def configure_devices(cpu_devices: int = 0) -> None:
@@ -31,16 +26,13 @@ def configure_devices(cpu_devices: int = 0) -> None:
 def get_strategy(cpu_devices: int = 0) -> tf.distribute.Strategy:
     """TensorFlow's own engine for scaling out.
 
-    * ``TF_CONFIG`` set (several machines): refused, ``MultiWorkerUnsupported`` (see above);
+    * ``TF_CONFIG`` set (several machines): MultiWorkerMirroredStrategy over the workers it lists;
     * several GPUs on this machine: MirroredStrategy over all of them;
     * ``cpu_devices`` > 1 logical CPUs (tests, demos): MirroredStrategy over those;
     * otherwise the default (single-device) strategy.
     """
-    if os.environ.get("TF_CONFIG"):
-        raise MultiWorkerUnsupported(
-            "TF_CONFIG is set, asking for training on several machines, which Keras 3 cannot do: its "
-            "model.fit fails under MultiWorkerMirroredStrategy (keras-team/keras#20585). Unset TF_CONFIG "
-            "and train on one machine; its GPUs are all used (MirroredStrategy)")
+    if cluster_spec() is not None:  # a malformed TF_CONFIG is a ValueError that names it
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy()

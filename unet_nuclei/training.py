@@ -3,7 +3,8 @@
 ``train`` is three public steps, each usable on its own:
 
     open_run   a new run folder (or an interrupted one, to resume), the data and the tf.data pipelines
-    fit        model.fit with checkpoints at every epoch end; history.csv and training_curves.png
+    fit        model.fit (on several machines, the loop of ``multiworker``) with checkpoints at every
+               epoch end; history.csv and training_curves.png
     finalize   the post-processing threshold chosen on the validation images at full resolution, their
                scores and val_predictions.png, all stored in config.json
 
@@ -28,6 +29,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +44,7 @@ from unet_nuclei.checkpoints import (CONFIG_FILE, CURVES_FILE, HISTORY_FILE, LAS
                                      VAL_FIGURE_FILE, HistoryLog, RunCheckpoint, StopOnNaN,
                                      export_inference_model, read_history_rows, read_json, saved_epoch)
 from unet_nuclei.devices import configure_devices, get_strategy, set_precision  # noqa: F401
+from unet_nuclei.multiworker import fit_distributed, is_chief
 from unet_nuclei.instances import MARKER_GRID, MIN_SIZE_GRID, THRESHOLD_GRID, Prediction, choose_post_processing
 from unet_nuclei.tiling import predict_samples
 
@@ -140,7 +143,7 @@ class OpenRun:
 class TrainResult:
     """What ``train`` and ``finalize`` return: where the run is and what it scored."""
 
-    run_dir: Path
+    run_dir: Path | None  # None on a worker other than the chief of several machines: it saves nothing
     config: Config
     threshold: float
     scores: dict
@@ -269,6 +272,12 @@ def open_run(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = 
     configure_devices(cpu_devices)
     # The strategy comes before any other TensorFlow op: multi-worker training requires it.
     strategy = get_strategy(cpu_devices)
+    if resume is not None and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        raise ValueError("--resume is not supported on several machines (TF_CONFIG is set): resume on one machine")
+    if not is_chief():
+        # Another machine of a TF_CONFIG cluster: it trains in step with the chief, which writes the run;
+        # its own copies go to a temporary folder that train() removes.
+        runs_root = tempfile.mkdtemp(prefix="unet_worker_")
     keras.utils.set_random_seed(config.seed)
     initial_epoch, best, restart_optimizer = 0, math.inf, False
     if resume is not None:
@@ -355,7 +364,10 @@ def fit(run: OpenRun, verbose: int = 1) -> int | None:
             callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=4,
                                                                min_lr=1e-5))
         fit_verbose = (1 if sys.stdout.isatty() else 2) if verbose else 0
-        if run.initial_epoch < config.epochs:
+        if run.initial_epoch < config.epochs and isinstance(run.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            fit_distributed(model, run.strategy, run.train_ds, run.val_ds, config.epochs, run.initial_epoch,
+                            run.steps, callbacks, verbose)
+        elif run.initial_epoch < config.epochs:
             model.fit(run.train_ds, validation_data=run.val_ds, epochs=config.epochs,
                       initial_epoch=run.initial_epoch, steps_per_epoch=run.steps, callbacks=callbacks,
                       verbose=fit_verbose,
@@ -433,6 +445,14 @@ def train(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = Non
     what was kept; a new run that fails or is stopped before its first epoch leaves no folder behind.
     """
     run = open_run(config, runs_root, run_name, resume, cpu_devices, verbose, progress, exclude_ids, changes)
+    if not is_chief():
+        try:
+            fit(run, verbose)
+        finally:
+            shutil.rmtree(run.runs_root, ignore_errors=True)
+        _log("Done: this worker trained in step with the chief, which saved the run", verbose)
+        return TrainResult(None, run.config, run.config.threshold, {}, {}, run.extra["data_source"],
+                           time.time() - run.started)
     try:
         fit(run, verbose)
         result = finalize(run.run_dir, run.val_samples, progress=progress, verbose=verbose)
