@@ -37,13 +37,13 @@ from unet_nuclei.synthetic_render import RENDERERS, texture
 MODALITY_WEIGHTS = {"fluorescence": 0.55, "histology": 0.37, "brightfield": 0.08}
 
 # Bumped whenever the generator's output changes, so a sample made by an older generator is never reused.
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6
 
 # Median nucleus diameters per image, log-uniform between these bounds (px).  Real DSB-2018 nuclei have a
 # median equivalent diameter of 18-21 px (10th-90th percentile 8-35), stained ones up to ~44 px.
 # Crowded fields of small nuclei hold the most nuclei, so per-image bounds somewhat above the real
 # per-nucleus figures give a per-nucleus median like the real one (benchmarks/synthetic_vs_real.py).
-DIAMETER_RANGE = {"fluorescence": (13.0, 48.0), "histology": (14.0, 52.0), "brightfield": (10.0, 30.0)}
+DIAMETER_RANGE = {"fluorescence": (13.0, 48.0), "histology": (14.0, 64.0), "brightfield": (10.0, 30.0)}
 
 # A small-size mix suited to a quick CPU training; repeated entries act as
 # weights (mostly 256x256, like the real data, plus a few larger fields).
