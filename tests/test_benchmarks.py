@@ -105,3 +105,17 @@ def test_synthetic_vs_real_smoke_prints_statistics_per_kind_and_draws_the_figure
             assert 0 < p10 <= median <= p90
             assert 0 <= row["coverage"][0] <= 1 and 0 <= row["touching"][0] <= 1
     assert "diameter" in result.stdout.splitlines()[0]
+
+
+@pytest.mark.slow
+def test_error_analysis_scores_the_ways_of_finding_nuclei_on_the_validation_images(quick_run, tiny_dataset, tmp_path):
+    _, run_dir, _ = quick_run
+    result = run_benchmark("error_analysis.py", "--run", str(run_dir), "--data", str(tiny_dataset), cwd=tmp_path)
+    figures = last_json(result)
+    # The quick run trained on the whole tiny folder, so only its validation images are analysed.
+    assert "held-out images left out" in result.stderr and set(figures["images"]) >= {"validation"}
+    assert not any(key.startswith("held-out") for key in figures["images"])
+    ways = figures["dsb_score"]
+    assert {"as chosen", "true area, model's markers", "true markers, model's area", "holes filled"} <= set(ways)
+    assert all(0 <= score <= 1 for way in ways.values() for score in way.values())
+    assert result.stdout.splitlines()[2].startswith("as chosen")  # the table: title, header, the rows
