@@ -139,6 +139,8 @@ def parse_args(argv):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.model and Path(args.model).exists():
+        args.model = str(Path(args.model).resolve())  # a --compare child runs in another folder
     if args.child:
         child(args.child, args.model, args.smoke)
         return 0
