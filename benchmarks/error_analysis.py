@@ -154,9 +154,11 @@ def main(argv=None) -> int:
     counts = {c: len(scores["as chosen"][c]) for c in columns}
     print(f"DSB-2018 score of {run_dir} (post-processing: nucleus {post.threshold:.2f}, markers "
           f"{post.marker_threshold:.2f}, nuclei of {post.min_size}+ px), mean per image:")
-    print(f"{'':30}" + "".join(f"{c + f' ({counts[c]})':>26}" for c in columns))
+    heads = [f"{c} ({counts[c]})" for c in columns]
+    width = max(len(h) for h in heads) + 2
+    print(f"{'':30}" + "".join(f"{h:>{width}}" for h in heads))
     for way in WAYS:
-        print(f"{way:30}" + "".join(f"{means[way][c]:>26.4f}" for c in columns))
+        print(f"{way:30}" + "".join(f"{means[way][c]:>{width}.4f}" for c in columns))
     print(json.dumps({"benchmark": "error_analysis", "run": str(run_dir), "images": counts,
                       "dsb_score": {w: {c: round(v, 4) for c, v in m.items()} for w, m in means.items()}}))
     return 0
