@@ -93,8 +93,8 @@ def build_parser(defaults) -> argparse.ArgumentParser:
     return parser
 
 
-FIELDS = ("data", "sample_images", "sampling", "image_size", "val_size", "augment", "area_power", "preprocessing", "targets",
-          "padding", "batch_norm", "dropout", "epochs", "steps_per_epoch", "batch_size", "learning_rate", "loss",
+FIELDS = ("data", "sample_images", "sampling", "image_size", "val_size", "augment", "area_power", "preprocessing",
+          "targets", "padding", "batch_norm", "dropout", "epochs", "steps_per_epoch", "batch_size", "learning_rate", "loss",
           "lr_schedule", "seed", "mixed_precision", "xla")
 
 

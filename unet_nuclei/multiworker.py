@@ -33,9 +33,10 @@ def cluster_spec() -> dict | None:
         return None
     try:
         spec = json.loads(text)
-        task = spec["task"]
-        workers = spec["cluster"]
-        str(task["type"]), int(task.get("index", 0)), dict(workers)
+        # The fields a cluster description needs, of the types this module reads them as.
+        if not isinstance(spec["cluster"], dict) or not isinstance(spec["task"]["type"], str):
+            raise TypeError("'cluster' must map task types to addresses and 'task' must name its 'type'")
+        int(spec["task"].get("index", 0))
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"TF_CONFIG is set but is not a cluster description ({error!r}); expected JSON "
                          '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}') from None
