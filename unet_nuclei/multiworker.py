@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import keras
@@ -24,6 +23,8 @@ import numpy as np
 import tensorflow as tf
 
 from unet_model_core import dice, iou
+
+FIGURES = ("loss", "dice", "iou")  # what each step reports, under these names in the callbacks' logs
 
 
 def cluster_spec() -> dict | None:
@@ -128,22 +129,21 @@ def fit_distributed(model: keras.Model, strategy: tf.distribute.Strategy, train_
         sums = np.zeros(3)
         for step in range(steps):
             callback_list.on_train_batch_begin(step)
-            loss, dice_value, iou_value = (float(v) for v in train_step(iterator))
-            sums += (loss, dice_value, iou_value)
-            callback_list.on_train_batch_end(step, {"loss": loss})
+            figures = [float(v) for v in train_step(iterator)]
+            sums += figures
+            callback_list.on_train_batch_end(step, {"loss": figures[0]})
             if model.stop_training:
                 break
         done = step + 1
         if statistics:
             average_statistics()
-        logs = dict(zip(("loss", "dice", "iou"), (float(v) for v in sums / done)))
-        batches = [(int(x.shape[0]), dict(zip(("loss", "dice", "iou"), (float(v) for v in val_step(x, y)))))
-                   for x, y in val_ds]
+        logs = dict(zip(FIGURES, (float(v) for v in sums / done)))
+        batches = [(int(x.shape[0]), dict(zip(FIGURES, (float(v) for v in val_step(x, y))))) for x, y in val_ds]
         logs.update({f"val_{k}": v for k, v in _mean_of_batches(batches).items()})
         if verbose:
             shown = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
             print(f"Epoch {epoch + 1}/{epochs} ({worker_name()}): {done} steps, {time.time() - started:.0f}s - "
-                  f"{shown}", file=sys.stdout, flush=True)
+                  f"{shown}", flush=True)
         callback_list.on_epoch_end(epoch, logs)
         if model.stop_training:
             break

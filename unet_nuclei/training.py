@@ -364,10 +364,12 @@ def fit(run: OpenRun, verbose: int = 1) -> int | None:
             callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=4,
                                                                min_lr=1e-5))
         fit_verbose = (1 if sys.stdout.isatty() else 2) if verbose else 0
-        if run.initial_epoch < config.epochs and isinstance(run.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        if run.initial_epoch >= config.epochs:
+            pass  # a resumed run that already has all its epochs
+        elif isinstance(run.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             fit_distributed(model, run.strategy, run.train_ds, run.val_ds, config.epochs, run.initial_epoch,
                             run.steps, callbacks, verbose)
-        elif run.initial_epoch < config.epochs:
+        else:
             model.fit(run.train_ds, validation_data=run.val_ds, epochs=config.epochs,
                       initial_epoch=run.initial_epoch, steps_per_epoch=run.steps, callbacks=callbacks,
                       verbose=fit_verbose,
