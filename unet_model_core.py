@@ -595,7 +595,7 @@ class Config:
 
     # Data
     data_dir: str | None = None  # None: dataset/stage1_train if present, else the built-in synthetic sample
-    sample_images: int = 64  # size of the built-in synthetic sample
+    sample_images: int = 128  # size of the built-in synthetic sample
     sampling: str = "patch"  # "patch": random crops at native scale; "resize": whole images resized
     image_size: int = 128  # patch side (or resize target), the model's training input size
     val_size: float = 0.1  # fraction (<1) or number (>=1) of images held out for validation

@@ -163,8 +163,9 @@ def main(argv=None) -> int:
                                                  "with a real dataset, per image kind.")
     parser.add_argument("--synthetic", metavar="DIR",
                         help="synthetic folder (default: the built-in sample, generated if missing)")
-    parser.add_argument("--sample-images", type=int, default=64, metavar="N",
-                        help="size of the built-in sample when --synthetic is not given (default: 64)")
+    parser.add_argument("--sample-images", type=int, metavar="N",
+                        help="size of the built-in sample when --synthetic is not given (default: the "
+                             "size Train.py uses)")
     parser.add_argument("--real", default="dataset/stage1_train", metavar="DIR",
                         help="real dataset folder in the DSB layout (default: dataset/stage1_train)")
     parser.add_argument("--figure", default="synthetic_vs_real.png", metavar="PNG",
@@ -183,7 +184,9 @@ def main(argv=None) -> int:
             synthetic.write_synthetic_dataset(args.synthetic, num_images=4, seed=0, sizes=sizes, progress=False)
             synthetic.write_synthetic_dataset(args.real, num_images=4, seed=1, sizes=sizes, progress=False)
         if args.synthetic is None:
-            args.synthetic = synthetic.ensure_sample_dataset(args.sample_images)
+            import unet_model_core as core
+
+            args.synthetic = synthetic.ensure_sample_dataset(args.sample_images or core.Config.sample_images)
         real = Path(args.real)
         if not real.is_dir():
             print(f"error: {real} is not a folder; give the real DSB-2018 training set with --real",

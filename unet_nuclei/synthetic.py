@@ -14,8 +14,8 @@ rejection sampling against a label image so that masks never overlap while
 nuclei may touch.  What varies between real datasets is drawn per image (domain
 randomisation): the scale (median diameters matched to the real data's, see
 ``benchmarks/synthetic_vs_real.py``), how much sizes vary, how lumpy the outlines
-are, clustering, brightness spread, and large, dim nuclei with coarse chromatin
-texture.  ``synthetic_render`` turns the nuclei into pixels.  No real pixels are
+are, clustering, brightness spread, large, dim nuclei with coarse chromatin
+texture, and pale stained nuclei whose chromatin gathers in clumps.  ``synthetic_render`` turns the nuclei into pixels.  No real pixels are
 used.  ``ensure_sample_dataset`` writes the project's built-in sample once and
 reuses it after.  Importing this module does no work.
 """
@@ -37,7 +37,7 @@ from unet_nuclei.synthetic_render import RENDERERS, texture
 MODALITY_WEIGHTS = {"fluorescence": 0.55, "histology": 0.37, "brightfield": 0.08}
 
 # Bumped whenever the generator's output changes, so a sample made by an older generator is never reused.
-GENERATOR_VERSION = 6
+GENERATOR_VERSION = 7
 
 # Median nucleus diameters per image, log-uniform between these bounds (px).  Real DSB-2018 nuclei have a
 # median equivalent diameter of 18-21 px (10th-90th percentile 8-35), stained ones up to ~44 px.
@@ -140,6 +140,10 @@ def _place_nuclei(rng, h, w, modality):
     texture_amp = rng.uniform(0.08, 0.25) if modality == "fluorescence" else rng.uniform(0.05, 0.3)
     if textured:
         texture_amp = rng.uniform(0.25, 0.5)
+    # Open (vesicular) stained nuclei: pale, the stain gathered in clumps of chromatin and along the
+    # membrane.  A model that has only met evenly dark nuclei cuts these at their pale gaps.
+    vesicular = modality == "histology" and rng.random() < 0.4
+    clump_cut = rng.uniform(0.0, 0.8)
 
     count, failures = 0, 0
     for _ in range(n_target):
@@ -162,8 +166,12 @@ def _place_nuclei(rng, h, w, modality):
         # Intensity profile: granular chromatin, slightly brighter centre, optional nucleoli
         # and, for H&E, a darker nuclear membrane rim.
         value = level * (1.0 - 0.25 * d**2)
-        if modality == "histology":
-            value += level * rng.uniform(0.0, 0.5) * np.exp(-(((1.0 - d) / 0.12) ** 2))
+        rim = np.exp(-(((1.0 - d) / 0.12) ** 2))
+        if vesicular:
+            fill = rng.uniform(0.15, 0.5)
+            value = level * (fill + (1.0 - fill) * rng.uniform(0.2, 0.8) * rim)
+        elif modality == "histology":
+            value += level * rng.uniform(0.0, 0.5) * rim
         n_nucleoli = int(rng.integers(1, 4)) if rng.random() < (0.6 if textured else 0.3) else 0
         for _ in range(n_nucleoli):
             cu, cv_ = rng.uniform(-0.5, 0.5, 2) * radius
@@ -206,6 +214,9 @@ def _place_nuclei(rng, h, w, modality):
         # so an earlier neighbour stays on top, exactly as the label image says.
         a = alpha[local] * (free & ~(inside & ~visible))
         tex = 1.0 + texture_amp * (fine[ya:yb, xa:xb] + 0.8 * coarse[ya:yb, xa:xb])
+        if vesicular:  # clumps of chromatin as dark as a compact nucleus, over the pale fill
+            clumps = np.clip((coarse[ya:yb, xa:xb] - clump_cut) * 1.5, 0.0, 1.0)
+            tex = 1.0 + 0.15 * fine[ya:yb, xa:xb] + clumps * (1.0 / fill - 1.0)
         va = a * np.maximum(value[local] * tex, 0.0)
         if defocus:
             a = cv2.GaussianBlur(a, (0, 0), defocus)

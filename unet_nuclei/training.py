@@ -157,7 +157,8 @@ def _log(message: str, verbose: int) -> None:
         print(message, flush=True)
 
 
-def resolve_data_dir(data_dir: str | None, sample_images: int = 64, progress: bool = True) -> tuple[Path, str]:
+def resolve_data_dir(data_dir: str | None, sample_images: int = Config.sample_images,
+                     progress: bool = True) -> tuple[Path, str]:
     """Pick the training data: an explicit path (which must exist), else the real DSB folder when it is
     there, else the built-in synthetic sample.  Returns ``(folder, why)``, ``why`` being a sentence for
     the user."""
