@@ -15,9 +15,10 @@ nuclei may touch.  What varies between real datasets is drawn per image (domain
 randomisation): the scale (median diameters matched to the real data's, see
 ``benchmarks/synthetic_vs_real.py``), how much sizes vary, how lumpy the outlines
 are, clustering, brightness spread, large, dim nuclei with coarse chromatin
-texture, and pale stained nuclei whose chromatin gathers in clumps.  ``synthetic_render`` turns the nuclei into pixels.  No real pixels are
-used.  ``ensure_sample_dataset`` writes the project's built-in sample once and
-reuses it after.  Importing this module does no work.
+texture, and pale stained nuclei whose chromatin gathers in clumps.
+``synthetic_render`` turns the nuclei into pixels.  No real pixels are used.
+``ensure_sample_dataset`` writes the project's built-in sample once and reuses
+it after.  Importing this module does no work.
 """
 
 from __future__ import annotations
