@@ -202,6 +202,9 @@ def test_dsb_custom_thresholds_and_validation():
 def test_count_instances():
     assert count_instances(np.array([[0, 3], [9, 9]])) == 2
     assert count_instances(np.zeros((4, 4), np.int32)) == 0
+    assert count_instances(np.array([[0, 3], [70000, 3]], np.uint32)) == 2  # counted by sizes, unsigned
+    assert count_instances(np.array([[0, -3], [9, -3]])) == 2  # negative labels: still distinct nonzero ids
+    assert count_instances(np.zeros((0, 5), np.uint16)) == 0
 
 
 # ----------------------------------------------------------------------------------------------------

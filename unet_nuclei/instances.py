@@ -145,7 +145,7 @@ def dsb_score(true_labels, pred_labels, thresholds=DSB_IOU_THRESHOLDS) -> float:
 def count_instances(labels) -> int:
     """Number of distinct nonzero labels in a label image."""
     labels = np.asarray(labels)
-    if labels.dtype.kind in "ui" and labels.size and labels.min() >= 0:
+    if labels.dtype.kind == "u" or (labels.dtype.kind == "i" and labels.size and labels.min() >= 0):
         return int(np.count_nonzero(label_sizes(labels)[1:]))  # no sorted copy of a large image
     ids = np.unique(labels)
     return int(np.count_nonzero(ids != 0))

@@ -17,7 +17,7 @@ def label_sizes(labels) -> np.ndarray:
     """Pixels per label of a non-negative integer label image: ``np.bincount(labels.ravel())``, counted a
     chunk of pixels at a time so that no int64 copy of the whole image is made."""
     flat = np.asarray(labels).reshape(-1)
-    if flat.size and flat.min() < 0:
+    if flat.size and flat.dtype.kind != "u" and flat.min() < 0:  # unsigned labels need no scan for it
         raise ValueError(f"labels must be non-negative, got a minimum of {flat.min()}")
     sizes = np.zeros(int(flat.max(initial=0)) + 1, np.int64)
     for start in range(0, flat.size, COUNT_CHUNK):
