@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(columns *_um2, *_um), and --labels tif records it")
     parser.add_argument("--min-size", type=int, metavar="PX",
                         help="drop nuclei smaller than this many pixels (default: from the run's config)")
+    parser.add_argument("--min-confidence", type=float, metavar="P",
+                        help="drop nuclei whose mean nucleus probability is below P; 0 keeps every one "
+                             "(default: the one chosen on validation, stored in the run)")
     parser.add_argument("--rle", metavar="FILE",
                         help="write a DSB-2018 submission CSV (ImageId,EncodedPixels; one row per nucleus)")
     parser.add_argument("--truth", metavar="DIR",
@@ -93,7 +96,7 @@ def main(argv=None) -> int:
     try:
         model, config, info, run_dir = predict.load_run(args.model, args.runs_dir)
         overrides = {"threshold": args.threshold, "marker_threshold": args.marker_threshold,
-                     "min_nucleus_size": args.min_size, "tta": args.tta}
+                     "min_nucleus_size": args.min_size, "min_confidence": args.min_confidence, "tta": args.tta}
         config = core.Config.from_dict({**config.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
         if args.images:
             inputs, problems = predict.collect_inputs(args.images, args.truth)
@@ -119,8 +122,9 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     markers = f", markers {config.marker_threshold:.2f}" if config.targets == "instance" else ""
+    unsure = f", confidence {config.min_confidence:.2f}+" if config.min_confidence else ""
     print(f"Model: {run_dir} ({config.targets} targets, {config.sampling} sampling, threshold "
-          f"{config.threshold:.2f}{markers}{', TTA' if config.tta else ''}); writing to {out}/")
+          f"{config.threshold:.2f}{markers}{unsure}{', TTA' if config.tta else ''}); writing to {out}/")
 
     results, rows = [], []
     # The next images decode in the background while the model works on this one.

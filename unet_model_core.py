@@ -624,6 +624,7 @@ class Config:
     marker_threshold: float = 0.5  # interior probability of the markers (instance targets); chosen likewise
     tile_overlap: int | None = None  # None: 1/8 of the output tile for padded models, 0 for unpadded
     min_nucleus_size: int = 15  # instances smaller than this many pixels are dropped
+    min_confidence: float = 0.0  # nuclei whose mean nucleus probability is below this are dropped; chosen too
     tta: bool = False  # average the 8 flips and rotations of each image at prediction (8x the time)
 
     def __post_init__(self):
@@ -646,11 +647,11 @@ class Config:
             raise ValueError(f"val_size must be a fraction below 1 or a whole number of images, got {self.val_size}")
         if self.steps_per_epoch is not None and int(self.steps_per_epoch) < 1:
             raise ValueError(f"steps_per_epoch must be a positive integer (or None), got {self.steps_per_epoch}")
-        if not (0 <= self.dropout < 1 and 0 <= self.area_power <= 1):
-            raise ValueError(f"dropout must be in [0, 1) and area_power in [0, 1], got {self.dropout}, {self.area_power}")
-        for name in ("threshold", "marker_threshold"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        for name, low, high in (("dropout", "[", ")"), ("area_power", "[", "]"), ("min_confidence", "[", ")"),
+                                ("threshold", "(", ")"), ("marker_threshold", "(", ")")):  # [ ]: that end is allowed
+            value = getattr(self, name)
+            if not ((0 <= value if low == "[" else 0 < value) and (value <= 1 if high == "]" else value < 1)):
+                raise ValueError(f"{name} must be in {low}0, 1{high}, got {value}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         # The size check gives the nearest sizes that work, so a user can fix the flag at once.

@@ -71,7 +71,7 @@ def nuclei(output, post, *, min_marker=None, sigma=0.0, surface="interior", fill
                 labels[box][hole] = index
     if grow:
         labels = segmentation.expand_labels(labels, grow).astype(np.int32)
-    return relabel_sequential(remove_small(labels, post.min_size))
+    return instances.drop_unsure(relabel_sequential(remove_small(labels, post.min_size)), output, post.min_confidence)
 
 
 def cores(labels: np.ndarray) -> np.ndarray:
@@ -153,7 +153,8 @@ def main(argv=None) -> int:
     means = {way: {c: float(np.mean(v[c])) for c in columns} for way, v in scores.items()}
     counts = {c: len(scores["as chosen"][c]) for c in columns}
     print(f"DSB-2018 score of {run_dir} (post-processing: nucleus {post.threshold:.2f}, markers "
-          f"{post.marker_threshold:.2f}, nuclei of {post.min_size}+ px), mean per image:")
+          f"{post.marker_threshold:.2f}, nuclei of {post.min_size}+ px, confidence {post.min_confidence:.2f}+), "
+          f"mean per image:")
     heads = [f"{c} ({counts[c]})" for c in columns]
     width = max(len(h) for h in heads) + 2
     print(f"{'':30}" + "".join(f"{h:>{width}}" for h in heads))

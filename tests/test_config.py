@@ -58,8 +58,11 @@ def test_json_round_trip_keeps_every_field(tmp_path):
     ("preprocessing", "hsv", "preprocessing must be one of"),
     ("scale_range", (2.0, 1.0), "scale_range must be"),
     ("lr_schedule", "step", "lr_schedule must be one of"),
-    ("marker_threshold", 1.0, "marker_threshold must be between"),
-    ("area_power", 1.5, "area_power in"),
+    ("marker_threshold", 1.0, r"marker_threshold must be in \(0, 1\), got 1.0"),
+    ("threshold", 0.0, r"threshold must be in \(0, 1\)"),
+    ("area_power", 1.5, r"area_power must be in \[0, 1\], got 1.5"),
+    ("min_confidence", 1.0, r"min_confidence must be in \[0, 1\)"),
+    ("min_confidence", -0.1, "min_confidence must be in"),
 ])
 def test_bad_values_raise_clear_errors(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -17,6 +17,7 @@ from unet_nuclei.instances import (
     choose_post_processing,
     count_instances,
     draw_outlines,
+    drop_unsure,
     dsb_score,
     instance_iou_matrix,
     instances_from_classes,
@@ -540,3 +541,44 @@ def test_outline_argument_checks():
         draw_outlines(np.zeros((5, 5, 3), np.float32), np.zeros((5, 5), np.int32))
     with pytest.raises(ValueError, match="labels_or_mask"):
         draw_outlines(np.zeros((5, 5, 3), np.uint8), np.full((5, 5), 0.5))
+
+
+def test_drop_unsure_drops_faint_nuclei_and_renumbers_the_rest():
+    labels = np.zeros((20, 30), np.int32)
+    labels[2:8, 2:8], labels[10:18, 10:18], labels[2:6, 20:26] = 1, 2, 3
+    output = np.zeros((20, 30, 3), np.float32)
+    output[..., 0] = 1.0
+    output[labels == 1] = (0.4, 0.5, 0.1)  # nucleus probability 0.6: unsure
+    output[labels == 2] = (0.05, 0.9, 0.05)  # 0.95: sure
+    output[labels == 3] = (0.1, 0.8, 0.1)  # 0.9 on 20 pixels...
+    output[2:3, 20:24] = np.nan  # ...and 4 NaN pixels (no prediction: background), so 0.9 * 20 / 24 = 0.75
+    kept = drop_unsure(labels.copy(), output, 0.8)
+    assert count_instances(kept) == 1 and (kept[10:18, 10:18] == 1).all() and (kept[labels != 2] == 0).all()
+    assert count_instances(drop_unsure(labels.copy(), output, 0.7)) == 2  # 0.75 >= 0.7: nucleus 3 stays
+    np.testing.assert_array_equal(drop_unsure(labels.copy(), output, 0.0), labels)  # 0 keeps every one
+    # A binary model's output is its nucleus probability; 1 - background for a 3-class one.
+    binary = np.nan_to_num(1.0 - output[..., :1], nan=0.0)
+    np.testing.assert_array_equal(drop_unsure(labels.copy(), binary, 0.8), kept)
+    # Found from the map, nucleus 3 leaves its NaN row out (mean 0.9) and stays; nucleus 1 goes.
+    found = PostProcessing(0.5, 0.5, 5, min_confidence=0.8).nuclei(binary)
+    assert count_instances(found) == 2 and (found[labels == 1] == 0).all()
+    assert count_instances(PostProcessing(0.5, 0.5, 5).nuclei(binary)) == 3
+
+
+def test_choose_post_processing_drops_unsure_blobs_only_when_that_scores_better():
+    # One disc predicted surely (nucleus probability 0.97) and a faint blob of debris (0.78, no marker):
+    # kept, the blob is a false positive (DSB 0.5); from a smallest confidence of 0.8 on, it goes (DSB 1).
+    truth = (_discs((40, 70), (20, 20, 9)) > 0).astype(np.int32)
+    output = _class_output(truth)
+    sure = output.copy()
+    output[_discs((40, 70), (52, 20, 8)) > 0] = (0.22, 0.5, 0.28)  # (x, y, radius)
+    post, mean, _ = choose_post_processing([truth], [output], thresholds=[0.5], marker_thresholds=[0.5],
+                                           min_sizes=[5])
+    assert post.min_confidence == 0.8 and mean["dsb_score"] == 1.0  # 0.8, 0.85 and 0.9 tie: the first wins
+    assert score_image(truth, PostProcessing(0.5, 0.5, 5).nuclei(output)).dsb_score == 0.5
+    post, mean, _ = choose_post_processing([truth], [sure], thresholds=[0.5], marker_thresholds=[0.5],
+                                           min_sizes=[5])
+    assert post.min_confidence == 0.0 and mean["dsb_score"] == 1.0  # nothing to drop: every nucleus kept
+    post, _, _ = choose_post_processing([truth], [output], thresholds=[0.5], marker_thresholds=[0.5],
+                                        min_sizes=[5], confidences=[0.0])
+    assert post.min_confidence == 0.0

@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import morphology, segmentation
 
-from unet_nuclei.label_images import label_sizes, relabel_sequential, remove_small, watershed_in_bands
+from unet_nuclei.label_images import label_means, label_sizes, relabel_sequential, remove_small, watershed_in_bands
 
 # The IoU thresholds of the DSB-2018 metric: 0.5, 0.55, ..., 0.95.  ``np.arange`` with a float step
 # accumulates rounding error (0.5 + 4 * 0.05 is not exactly 0.7), and an IoU that is exactly 0.7 must
@@ -342,6 +342,26 @@ def instances_from_classes(probabilities, threshold=0.5, marker_threshold=0.5, m
     return relabel_sequential(remove_small(labels, min_size))
 
 
+def drop_unsure(labels: np.ndarray, output: np.ndarray, min_confidence: float) -> np.ndarray:
+    """Drop the nuclei whose mean nucleus probability in the model ``output`` (H x W x K) is below
+    ``min_confidence``, in place, and number the rest 1..N.  A faint blob of debris or tissue texture
+    can pass the pixel threshold here and there; averaged over its whole area it stays unsure, where a
+    real nucleus is sure nearly everywhere.  ``min_confidence`` 0 keeps every nucleus."""
+    if min_confidence <= 0 or not labels.any():
+        return labels
+    output = np.asarray(output)
+    if output.shape[-1] == 3:  # one minus the background probability; NaN (no prediction) is background
+        confidence = 1.0 - label_means(labels, output[..., 0], nan=1.0)
+    else:
+        confidence = label_means(labels, output[..., 0], nan=0.0)
+    unsure = confidence < min_confidence  # NaN (a label with no pixels) is never below
+    unsure[0] = False
+    if unsure.any():
+        labels[unsure[labels]] = 0
+        relabel_sequential(labels)
+    return labels
+
+
 def foreground_probability(output: np.ndarray) -> np.ndarray:
     """The nucleus probability (H x W) of a model output: the sigmoid channel, or one minus background."""
     output = np.asarray(output)
@@ -355,25 +375,30 @@ class PostProcessing:
     threshold: float = 0.5  # nucleus probability
     marker_threshold: float = 0.5  # interior probability of a marker (instance-aware models only)
     min_size: int = 15  # pixels
+    min_confidence: float = 0.0  # smallest mean nucleus probability of a nucleus (0: keep every one)
 
     @classmethod
     def of(cls, config) -> "PostProcessing":
         """The post-processing a run's ``Config`` holds."""
-        return cls(config.threshold, config.marker_threshold, config.min_nucleus_size)
+        return cls(config.threshold, config.marker_threshold, config.min_nucleus_size, config.min_confidence)
 
     def nuclei(self, output: np.ndarray) -> np.ndarray:
         """Instance labels of an H x W x K model output: the markers of an instance-aware (3-class)
-        model, or the distance-transform watershed of a binary one."""
+        model, or the distance-transform watershed of a binary one; then the unsure ones dropped."""
         output = np.asarray(output)
         if output.ndim == 3 and output.shape[2] == 3:
-            return instances_from_classes(output, self.threshold, self.marker_threshold, self.min_size)
-        return label_instances(foreground_probability(output), self.threshold, self.min_size)
+            labels = instances_from_classes(output, self.threshold, self.marker_threshold, self.min_size)
+        else:
+            labels = label_instances(foreground_probability(output), self.threshold, self.min_size)
+        return drop_unsure(labels, output, self.min_confidence)
 
 
 # The marker thresholds (instance-aware models) and smallest nucleus sizes, in pixels, tried on the
 # validation images.
 MARKER_GRID = (0.3, 0.4, 0.5, 0.6, 0.7)
 MIN_SIZE_GRID = (8, 15, 30)
+# The smallest mean nucleus probabilities of a nucleus tried next, with the rest fixed (0 keeps all).
+CONFIDENCE_GRID = (0.0, 0.75, 0.8, 0.85, 0.9)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,25 +437,35 @@ def mean_scores(scores: Sequence[Scores]) -> dict:
 def choose_post_processing(truths: Sequence[np.ndarray], outputs: Sequence[np.ndarray],
                            thresholds: Sequence[float] = THRESHOLD_GRID,
                            marker_thresholds: Sequence[float] = MARKER_GRID,
-                           min_sizes: Sequence[int] = MIN_SIZE_GRID) -> tuple[PostProcessing, dict, list[Scores]]:
+                           min_sizes: Sequence[int] = MIN_SIZE_GRID,
+                           confidences: Sequence[float] = CONFIDENCE_GRID) -> tuple[PostProcessing, dict, list[Scores]]:
     """The post-processing that maximises the mean DSB score over images (ties broken by Dice).
 
     ``truths`` are the images' ground-truth labels, ``outputs`` the model's H x W x K outputs; every
-    combination of the candidates is tried, marker thresholds only for instance-aware (3-class)
-    outputs.  Returns ``(post_processing, mean_scores, per_image_scores)``, the means rounded to 4
+    combination of the thresholds and sizes is tried, marker thresholds only for instance-aware (3-class)
+    outputs; then, with those fixed, each smallest confidence (``drop_unsure``; 0 keeps every nucleus,
+    and wins ties).  Returns ``(post_processing, mean_scores, per_image_scores)``, the means rounded to 4
     decimals."""
     instance_aware = all(np.ndim(o) == 3 and np.shape(o)[2] == 3 for o in outputs)
     markers = tuple(marker_thresholds) if instance_aware else (PostProcessing.marker_threshold,)
     best = None
+
+    def trial(post):
+        nonlocal best
+        per_image = [score_image(t, post.nuclei(o)) for t, o in zip(truths, outputs)]
+        mean = mean_scores(per_image)
+        key = (round(mean["dsb_score"], 6), round(mean["dice"], 6))
+        if best is None or key > best[0]:
+            best = (key, post, mean, per_image)
+
     for threshold in thresholds:
         for marker in markers:
             for min_size in min_sizes:
-                post = PostProcessing(float(threshold), float(marker), int(min_size))
-                per_image = [score_image(t, post.nuclei(o)) for t, o in zip(truths, outputs)]
-                mean = mean_scores(per_image)
-                key = (round(mean["dsb_score"], 6), round(mean["dice"], 6))
-                if best is None or key > best[0]:
-                    best = (key, post, mean, per_image)
+                trial(PostProcessing(float(threshold), float(marker), int(min_size)))
+    chosen = best[1]
+    for confidence in confidences:
+        if confidence > 0:
+            trial(dataclasses.replace(chosen, min_confidence=float(confidence)))
     _, post, mean, per_image = best
     return post, {k: round(v, 4) for k, v in mean.items()}, per_image
 

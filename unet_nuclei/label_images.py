@@ -2,8 +2,8 @@
 
 An 8000x8000 image has 64 million pixels, so each int64 or float64 copy of it is half a gigabyte.  The
 helpers here give the same results as the plain NumPy and scikit-image calls they replace
-(``np.bincount``, ``skimage.segmentation.relabel_sequential``, ``skimage.segmentation.watershed``) without
-those copies; ``unet_nuclei.instances`` builds the nuclei with them.
+(``np.bincount``, ``scipy.ndimage.mean``, ``skimage.segmentation.relabel_sequential``,
+``skimage.segmentation.watershed``) without those copies; ``unet_nuclei.instances`` builds the nuclei with them.
 """
 from __future__ import annotations
 
@@ -24,6 +24,23 @@ def label_sizes(labels) -> np.ndarray:
         counts = np.bincount(flat[start:start + COUNT_CHUNK])
         sizes[:counts.size] += counts
     return sizes
+
+
+def label_means(labels, values, nan: float = 0.0) -> np.ndarray:
+    """Mean of ``values`` (an H x W map, NaN read as ``nan``) over each label of an H x W label image,
+    indexed by label (NaN for a label with no pixels), summed a band of rows at a time so that no
+    float64 copy of the whole map is made."""
+    labels, values = np.asarray(labels), np.asarray(values)
+    count = int(labels.max(initial=0)) + 1
+    sums, sizes = np.zeros(count), np.zeros(count)
+    rows = max(1, COUNT_CHUNK // max(1, labels.shape[-1]))
+    for top in range(0, labels.shape[0], rows):
+        band = labels[top:top + rows].reshape(-1)
+        weights = np.nan_to_num(values[top:top + rows].reshape(-1).astype(np.float64), nan=nan)
+        sums += np.bincount(band, weights=weights, minlength=count)
+        sizes += np.bincount(band, minlength=count)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / sizes
 
 
 def remove_small(labels, min_size):

@@ -45,7 +45,8 @@ from unet_nuclei.checkpoints import (CONFIG_FILE, CURVES_FILE, HISTORY_FILE, LAS
                                      export_inference_model, read_history_rows, read_json, saved_epoch)
 from unet_nuclei.devices import configure_devices, get_strategy, set_precision  # noqa: F401
 from unet_nuclei.multiworker import fit_distributed, is_chief
-from unet_nuclei.instances import MARKER_GRID, MIN_SIZE_GRID, THRESHOLD_GRID, Prediction, choose_post_processing
+from unet_nuclei.instances import (CONFIDENCE_GRID, MARKER_GRID, MIN_SIZE_GRID, THRESHOLD_GRID, Prediction,
+                                   choose_post_processing)
 from unet_nuclei.tiling import predict_samples
 
 DEFAULT_RUNS_DIR = "runs"
@@ -393,15 +394,15 @@ def fit(run: OpenRun, verbose: int = 1) -> int | None:
 
 
 def finalize(run_dir, val_samples: list[LoadedSample] | None = None, thresholds=THRESHOLD_GRID,
-             marker_thresholds=MARKER_GRID, min_sizes=MIN_SIZE_GRID, progress: bool = True,
-             verbose: int = 1) -> TrainResult:
+             marker_thresholds=MARKER_GRID, min_sizes=MIN_SIZE_GRID, confidences=CONFIDENCE_GRID,
+             progress: bool = True, verbose: int = 1) -> TrainResult:
     """Step 3 of ``train``: choose the post-processing (nucleus and marker thresholds, smallest nucleus
-    size) that gives the best DSB-2018 score on the run's validation images, predicted whole at full
-    resolution by the best checkpoint; store it with the scores in config.json and draw
-    val_predictions.png.
+    size, smallest mean nucleus probability) that gives the best DSB-2018 score on the run's validation
+    images, predicted whole at full resolution by the best checkpoint; store it with the scores in
+    config.json and draw val_predictions.png.
 
     On a finished run this chooses the post-processing again without retraining: ``thresholds``,
-    ``marker_thresholds`` and ``min_sizes`` (smallest nucleus sizes) are the candidates.  ``val_samples``
+    ``marker_thresholds``, ``min_sizes`` (smallest nucleus sizes) and ``confidences`` are the candidates.  ``val_samples``
     are the decoded validation images when the caller has them (``train`` does); otherwise they are read
     from the run's data."""
     started = time.time()
@@ -417,9 +418,9 @@ def finalize(run_dir, val_samples: list[LoadedSample] | None = None, thresholds=
     _log("Choosing the post-processing on the validation images (full resolution)...", verbose)
     outputs = predict_samples(model, val_samples, config, progress)  # once, for both uses below
     post, scores, per_image = choose_post_processing([s.labels for s in val_samples], outputs, thresholds,
-                                                     marker_thresholds, min_sizes)
+                                                     marker_thresholds, min_sizes, confidences)
     config = dataclasses.replace(config, threshold=post.threshold, marker_threshold=post.marker_threshold,
-                                 min_nucleus_size=post.min_size)
+                                 min_nucleus_size=post.min_size, min_confidence=post.min_confidence)
     fields = set(config.to_dict())
     extra = {k: v for k, v in info.items() if k not in fields}
     extra.update(val_scores=scores,
@@ -430,7 +431,7 @@ def finalize(run_dir, val_samples: list[LoadedSample] | None = None, thresholds=
     plots.save(plots.prediction_grid(shown), run_dir / VAL_FIGURE_FILE, dpi=80)
     markers = f", markers {post.marker_threshold:.2f}" if config.targets == "instance" else ""
     _log(f"Validation (best epoch {info.get('best_epoch')}, threshold {post.threshold:.2f}{markers}, "
-         f"nuclei of {post.min_size}+ px): "
+         f"nuclei of {post.min_size}+ px, confidence {post.min_confidence:.2f}+): "
          f"Dice {scores['dice']:.3f}  IoU {scores['iou']:.3f}  DSB score {scores['dsb_score']:.3f}", verbose)
     return TrainResult(run_dir, config, post.threshold, scores, read_history(run_dir / HISTORY_FILE),
                        info.get("data_source", ""), time.time() - started)
