@@ -80,6 +80,19 @@ def test_no_argument_mode_predicts_the_validation_images(quick_run, tmp_path):
     assert all((tmp_path / "val" / f"{i}_mask.png").is_file() for i in val_ids)
 
 
+def test_min_confidence_flag_overrides_the_run_and_is_checked(quick_run, tmp_path):
+    work, run, _ = quick_run
+    write_kinds(tmp_path / "in")
+    image = str(tmp_path / "in" / "grey.png")
+    status, stdout, stderr = run_main(Predict_mask, image, "--model", str(run), "--out", str(tmp_path / "a"),
+                                      "--min-confidence", "0.99")
+    assert status == 0, stderr
+    assert "confidence 0.99+" in stdout  # the override reached the post-processing
+    status, _, stderr = run_main(Predict_mask, image, "--model", str(run), "--out", str(tmp_path / "b"),
+                                 "--min-confidence", "1.5")
+    assert status == 2 and "min_confidence must be in [0, 1), got 1.5" in stderr
+
+
 def test_existing_outputs_are_not_overwritten(quick_run, tmp_path):
     work, run, _ = quick_run
     write_kinds(tmp_path / "in")
@@ -107,7 +120,7 @@ def test_no_run_and_foreign_models_get_clear_errors(tmp_path, monkeypatch):
 def test_help_and_bad_flags():
     status, stdout, _ = run_main(Predict_mask, "--help")
     assert status == 0 and "--model" in stdout and "--rle" in stdout and "--truth" in stdout
-    assert "--tta" in stdout and "--marker-threshold" in stdout
+    assert "--tta" in stdout and "--marker-threshold" in stdout and "--min-confidence" in stdout
     status, _, stderr = run_main(Predict_mask, "--batch-size", "four")
     assert status == 2 and "invalid int value" in stderr
 
