@@ -26,8 +26,9 @@ from unet_nuclei.label_images import label_means, label_sizes, relabel_sequentia
 # compare equal to the 0.7 threshold, so the values are rounded to two decimals.
 DSB_IOU_THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
 
-# The probability thresholds tried on the validation images at the end of training.
-THRESHOLD_GRID = tuple(round(t, 2) for t in np.arange(0.3, 0.71, 0.05))
+# The probability thresholds tried on the validation images at the end of training (up to 0.85: the
+# trained defaults chose 0.70, the top of an earlier grid that ended there).
+THRESHOLD_GRID = tuple(round(t, 2) for t in np.arange(0.3, 0.86, 0.05))
 
 # Markers for splitting touching nuclei are the "h-maxima" of the smoothed distance transform: domes that
 # rise at least h pixels above the saddle that joins them to a higher dome.  Two discs of radius r whose
@@ -398,7 +399,7 @@ class PostProcessing:
 MARKER_GRID = (0.3, 0.4, 0.5, 0.6, 0.7)
 MIN_SIZE_GRID = (8, 15, 30)
 # The smallest mean nucleus probabilities of a nucleus tried next, with the rest fixed (0 keeps all).
-CONFIDENCE_GRID = (0.0, 0.75, 0.8, 0.85, 0.9)
+CONFIDENCE_GRID = (0.0, 0.75, 0.8, 0.85, 0.9, 0.95)
 
 
 @dataclasses.dataclass(frozen=True)
