@@ -402,9 +402,9 @@ def finalize(run_dir, val_samples: list[LoadedSample] | None = None, thresholds=
     config.json and draw val_predictions.png.
 
     On a finished run this chooses the post-processing again without retraining: ``thresholds``,
-    ``marker_thresholds``, ``min_sizes`` (smallest nucleus sizes) and ``confidences`` are the candidates.  ``val_samples``
-    are the decoded validation images when the caller has them (``train`` does); otherwise they are read
-    from the run's data."""
+    ``marker_thresholds``, ``min_sizes`` (smallest nucleus sizes) and ``confidences`` are the
+    candidates.  ``val_samples`` are the decoded validation images when the caller has them (``train``
+    does); otherwise they are read from the run's data."""
     started = time.time()
     run_dir = Path(run_dir)
     config, info = read_run_config(run_dir)
