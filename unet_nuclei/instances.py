@@ -26,8 +26,7 @@ from unet_nuclei.label_images import label_means, label_sizes, relabel_sequentia
 # compare equal to the 0.7 threshold, so the values are rounded to two decimals.
 DSB_IOU_THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
 
-# The probability thresholds tried on the validation images at the end of training (up to 0.85: the
-# trained defaults chose 0.70, the top of an earlier grid that ended there).
+# The probability thresholds tried on validation after training (to 0.85: both defaults chose 0.70, the old top).
 THRESHOLD_GRID = tuple(round(t, 2) for t in np.arange(0.3, 0.86, 0.05))
 
 # Markers for splitting touching nuclei are the "h-maxima" of the smoothed distance transform: domes that
@@ -345,16 +344,13 @@ def instances_from_classes(probabilities, threshold=0.5, marker_threshold=0.5, m
 
 def drop_unsure(labels: np.ndarray, output: np.ndarray, min_confidence: float) -> np.ndarray:
     """Drop the nuclei whose mean nucleus probability in the model ``output`` (H x W x K) is below
-    ``min_confidence``, in place, and number the rest 1..N.  A faint blob of debris or tissue texture
-    can pass the pixel threshold here and there; averaged over its whole area it stays unsure, where a
-    real nucleus is sure nearly everywhere.  ``min_confidence`` 0 keeps every nucleus."""
+    ``min_confidence`` (0 keeps every one), in place, and number the rest 1..N.  A faint blob of debris or
+    tissue texture passes the pixel threshold here and there but stays unsure on average over its area."""
     if min_confidence <= 0 or not labels.any():
         return labels
-    output = np.asarray(output)
-    if output.shape[-1] == 3:  # one minus the background probability; NaN (no prediction) is background
-        confidence = 1.0 - label_means(labels, output[..., 0], nan=1.0)
-    else:
-        confidence = label_means(labels, output[..., 0], nan=0.0)
+    output = np.asarray(output)  # 3 classes: one minus the background probability (NaN: background)
+    three = output.shape[-1] == 3
+    confidence = 1.0 - label_means(labels, output[..., 0], nan=1.0) if three else label_means(labels, output[..., 0])
     unsure = confidence < min_confidence  # NaN (a label with no pixels) is never below
     unsure[0] = False
     if unsure.any():
@@ -464,9 +460,8 @@ def choose_post_processing(truths: Sequence[np.ndarray], outputs: Sequence[np.nd
             for min_size in min_sizes:
                 trial(PostProcessing(float(threshold), float(marker), int(min_size)))
     chosen = best[1]
-    for confidence in confidences:
-        if confidence > 0:
-            trial(dataclasses.replace(chosen, min_confidence=float(confidence)))
+    for confidence in (c for c in confidences if c > 0):
+        trial(dataclasses.replace(chosen, min_confidence=float(confidence)))
     _, post, mean, per_image = best
     return post, {k: round(v, 4) for k, v in mean.items()}, per_image
 
