@@ -12,6 +12,7 @@ images (0 = background, 1..N = nuclei) are the currency between all of them.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Sequence
 
 import cv2
@@ -19,7 +20,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import morphology, segmentation
 
-from unet_nuclei.label_images import label_means, label_sizes, relabel_sequential, remove_small, watershed_in_bands
+from unet_nuclei.label_images import (label_means, label_sizes, relabel_sequential, remove_labels, remove_small,
+                                      watershed_in_bands)
 
 # The IoU thresholds of the DSB-2018 metric: 0.5, 0.55, ..., 0.95.  ``np.arange`` with a float step
 # accumulates rounding error (0.5 + 4 * 0.05 is not exactly 0.7), and an IoU that is exactly 0.7 must
@@ -352,11 +354,7 @@ def drop_unsure(labels: np.ndarray, output: np.ndarray, min_confidence: float) -
     three = output.shape[-1] == 3
     confidence = 1.0 - label_means(labels, output[..., 0], nan=1.0) if three else label_means(labels, output[..., 0])
     unsure = confidence < min_confidence  # NaN (a label with no pixels) is never below
-    unsure[0] = False
-    if unsure.any():
-        labels[unsure[labels]] = 0
-        relabel_sequential(labels)
-    return labels
+    return relabel_sequential(remove_labels(labels, unsure)) if unsure[1:].any() else labels
 
 
 def foreground_probability(output: np.ndarray) -> np.ndarray:
@@ -447,21 +445,23 @@ def choose_post_processing(truths: Sequence[np.ndarray], outputs: Sequence[np.nd
     markers = tuple(marker_thresholds) if instance_aware else (PostProcessing.marker_threshold,)
     best = None
 
-    def trial(post):
+    def consider(post, per_image):
         nonlocal best
-        per_image = [score_image(t, post.nuclei(o)) for t, o in zip(truths, outputs)]
         mean = mean_scores(per_image)
         key = (round(mean["dsb_score"], 6), round(mean["dice"], 6))
         if best is None or key > best[0]:
             best = (key, post, mean, per_image)
 
-    for threshold in thresholds:
-        for marker in markers:
-            for min_size in min_sizes:
-                trial(PostProcessing(float(threshold), float(marker), int(min_size)))
-    chosen = best[1]
-    for confidence in (c for c in confidences if c > 0):
-        trial(dataclasses.replace(chosen, min_confidence=float(confidence)))
+    for threshold, marker, min_size in itertools.product(thresholds, markers, min_sizes):
+        post = PostProcessing(float(threshold), float(marker), int(min_size))
+        consider(post, [score_image(t, post.nuclei(o)) for t, o in zip(truths, outputs)])
+    chosen, tried = best[1], {float(c): [] for c in confidences if c > 0}
+    for truth, output in zip(truths, outputs):  # each confidence only drops some of the chosen nuclei
+        found = chosen.nuclei(output)
+        for confidence, per_image in tried.items():
+            per_image.append(score_image(truth, drop_unsure(found.copy(), output, confidence)))
+    for confidence, per_image in tried.items():
+        consider(dataclasses.replace(chosen, min_confidence=confidence), per_image)
     _, post, mean, per_image = best
     return post, {k: round(v, 4) for k, v in mean.items()}, per_image
 

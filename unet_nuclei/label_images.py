@@ -43,13 +43,19 @@ def label_means(labels, values, nan: float = 0.0) -> np.ndarray:
         return sums / sizes
 
 
+def remove_labels(labels, which):
+    """Set the instances whose entry in ``which`` (one bool per label, indexed by label) is True to
+    background, in place, and return ``labels``; the background's own entry is ignored."""
+    which = np.array(which, dtype=bool)
+    which[0] = False
+    if which.any():
+        labels[which[labels]] = 0
+    return labels
+
+
 def remove_small(labels, min_size):
     """Set instances smaller than ``min_size`` pixels to background, in place, and return ``labels``."""
-    small = label_sizes(labels) < min_size
-    small[0] = False
-    if small.any():
-        labels[small[labels]] = 0
-    return labels
+    return remove_labels(labels, label_sizes(labels) < min_size)
 
 
 def relabel_sequential(labels) -> np.ndarray:
