@@ -58,6 +58,8 @@ def build_parser(defaults) -> argparse.ArgumentParser:
                        help=f"'same' keeps the size; 'valid' is the unpadded original (default: {d.padding})")
     model.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
                        help=f"batch normalisation after each convolution (default: {'on' if d.batch_norm else 'off'})")
+    model.add_argument("--block", choices=["plain", "residual"],
+                       help=f"convolutional block per level: plain, or residual with a shortcut (default: {d.block})")
     model.add_argument("--dropout", type=float, metavar="P", help=f"dropout after each block (default: {d.dropout})")
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=int, metavar="N", help=f"number of epochs (default: {d.epochs})")
@@ -94,8 +96,8 @@ def build_parser(defaults) -> argparse.ArgumentParser:
 
 
 FIELDS = ("data", "sample_images", "sampling", "image_size", "val_size", "augment", "area_power", "preprocessing",
-          "targets", "padding", "batch_norm", "dropout", "epochs", "steps_per_epoch", "batch_size", "learning_rate", "loss",
-          "lr_schedule", "seed", "mixed_precision", "xla")
+          "targets", "padding", "batch_norm", "block", "dropout", "epochs", "steps_per_epoch", "batch_size",
+          "learning_rate", "loss", "lr_schedule", "seed", "mixed_precision", "xla")
 
 
 def overrides_from_args(args) -> dict:

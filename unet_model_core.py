@@ -1,8 +1,5 @@
 """The nucleus-segmentation U-Net itself: data, hyperparameters, blocks, the U-Net builder, its losses
-and metrics.
-
-The sections mirror the numbered sections of ``unet_model.ipynb`` so that a reader who knows one knows
-where to look in the other:
+and metrics.  The sections mirror the numbered sections of ``unet_model.ipynb``:
 
     0. Required imports
     1. Data preprocessing (discovery, decoding, the split, patches, augmentation, the tf.data pipeline)
@@ -11,9 +8,8 @@ where to look in the other:
     5. The U-Net model (``build_unet``) and its losses and metrics
 
 Sections 6 and 7 of the notebook (training, testing) use the ``unet_nuclei`` package beside this file,
-which imports this module; this module imports nothing of the project.
-
-Importing this module does no work: it builds no model, touches no file and prints nothing.
+which imports this module; this module imports nothing of the project.  Importing it does no work: it
+builds no model, touches no file and prints nothing.
 """
 
 # =====================================================================================================
@@ -61,10 +57,8 @@ NOT_A_SAMPLE_REASON = "not a sample folder (skipped)"
 # =====================================================================================================
 # 1. Data preprocessing
 # =====================================================================================================
-# Two layouts are understood:
-#   * "dsb"   - the Data Science Bowl 2018 layout: <root>/<id>/images/<id>.png and <root>/<id>/masks/*.png,
-#               one binary PNG per nucleus;
-#   * "pairs" - <root>/images/<name>.<ext> and <root>/masks/<name>.<ext>, one binary or 16-bit label mask per image.
+# Two layouts: "dsb" (DSB 2018: <root>/<id>/images/<id>.png, one binary PNG per nucleus in <root>/<id>/masks/)
+# and "pairs" (<root>/images/<name>.<ext> with one binary or 16-bit label mask <root>/masks/<name>.<ext>).
 # Decoding (every mask PNG read and merged) is the expensive part: done once, in threads, kept in memory.
 
 
@@ -114,10 +108,7 @@ def is_image_file(path: Path) -> bool:
 
 def to_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
     """Bring an array as OpenCV decodes it (grey, BGR, BGRA, 8/16-bit or float) to H x W x 3 uint8 RGB.
-
-    16-bit and float images are stretched by their maximum so that microscopes that use only 12 of
-    the 16 bits still give a visible image; 8-bit images are kept exactly as they are.
-    """
+    16-bit and float images are stretched by their maximum (a 12-bit camera's image stays visible)."""
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
@@ -160,11 +151,8 @@ def read_image(path) -> np.ndarray:
 
 
 def read_mask(path) -> np.ndarray:
-    """Read a binary mask file as an H x W bool array.
-
-    Masks saved as 0/1, 0/255, colour or slightly lossy (JPEG) all work: a pixel is foreground when it is
-    brighter than half the mask's maximum (for 8-bit) or non-zero (for 16-bit label-like masks).
-    """
+    """Read a binary mask file as an H x W bool array.  Masks saved as 0/1, 0/255, colour or slightly lossy
+    (JPEG) all work: foreground is brighter than half the maximum (8-bit) or non-zero (16-bit labels)."""
     return _binary(_decode(path))
 
 
@@ -199,11 +187,8 @@ def read_instance_labels(mask_paths: Sequence, shape: tuple[int, int], layout: s
 
 
 def find_samples(data_dir, require_masks: bool = True) -> tuple[list[Sample], list[tuple[str, str]]]:
-    """Discover the samples of a dataset folder without reading any image.
-
-    Returns ``(samples, problems)`` where ``problems`` lists ``(id, reason)`` for everything skipped.
-    Raises ``DataError`` when the folder does not exist or holds no usable sample.
-    """
+    """Discover the samples of a dataset folder without reading any image: ``(samples, problems)``, the
+    latter ``(id, reason)`` for everything skipped; ``DataError`` when there is no usable sample."""
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root}")
@@ -278,10 +263,8 @@ def _load_one(sample: Sample) -> LoadedSample:
 
 def load_samples(samples: Sequence[Sample], progress: bool = True, workers: int | None = None,
                  desc: str = "Decoding images and masks") -> tuple[list[LoadedSample], list[tuple[str, str]]]:
-    """Decode images and merge their masks once, in parallel; bad samples are skipped and reported.
-
-    Returns ``(loaded, problems)`` in the order of ``samples``.
-    """
+    """Decode images and merge their masks once, in parallel: ``(loaded, problems)`` in the order of
+    ``samples``; bad samples are skipped and reported."""
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
     loaded, problems = [], []
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -584,6 +567,7 @@ SAMPLING_MODES = ("patch", "resize")
 PADDINGS = ("same", "valid")
 LOSSES = ("bce", "dice", "bce+dice")
 LR_SCHEDULES = ("cosine", "plateau")
+BLOCKS = ("plain", "residual")
 # Runs of earlier versions (their config.json has "num_classes") were binary, RGB, unscaled, plateau LR.
 LEGACY_DEFAULTS = {"targets": "binary", "preprocessing": "rgb", "scale_range": None, "lr_schedule": "plateau"}
 
@@ -609,6 +593,7 @@ class Config:
     padding: str = "same"  # "same" keeps the size; "valid" is the unpadded original
     batch_norm: bool = True
     dropout: float = 0.0
+    block: str = "plain"  # "plain": two convolutions per level; "residual": the same plus a shortcut
     # Training
     epochs: int = 20
     batch_size: int = 8
@@ -630,7 +615,8 @@ class Config:
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
         for name, choices in (("sampling", SAMPLING_MODES), ("padding", PADDINGS), ("loss", LOSSES),
-                              ("lr_schedule", LR_SCHEDULES), ("targets", TARGETS), ("preprocessing", PREPROCESSING)):
+                              ("lr_schedule", LR_SCHEDULES), ("targets", TARGETS), ("preprocessing", PREPROCESSING),
+                              ("block", BLOCKS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.scale_range is not None:
@@ -719,15 +705,29 @@ def quick_config(**overrides) -> Config:
 
 
 def conv_block(x, filters: int, name: str, padding: str = "same", batch_norm: bool = False,
-               dropout: float = 0.0):
+               dropout: float = 0.0, block: str = "plain"):
     """Two 3x3 convolutions, each followed by ReLU (with optional batch norm before it), then optional
-    dropout.  With ``padding="valid"`` each convolution trims one pixel per side."""
+    dropout.  With ``padding="valid"`` each convolution trims one pixel per side.  ``block="residual"``
+    adds the block's input before the last ReLU, as in ResNet (through a 1x1 convolution where the
+    channels change, centre-cropped when unpadded): the block learns a correction to its input."""
+    if block not in BLOCKS:
+        raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+    shortcut = x
     for i in (1, 2):
         # A bias is redundant just before batch norm, which has its own shift.
         x = layers.Conv2D(filters, 3, padding=padding, use_bias=not batch_norm,
                           kernel_initializer="he_normal", name=f"{name}_conv{i}")(x)
         if batch_norm:
             x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
+        if i == 2 and block == "residual":
+            if shortcut.shape[-1] != filters:
+                shortcut = layers.Conv2D(filters, 1, use_bias=not batch_norm, kernel_initializer="he_normal",
+                                         name=f"{name}_shortcut")(shortcut)
+                if batch_norm:
+                    shortcut = layers.BatchNormalization(name=f"{name}_shortcut_bn")(shortcut)
+            if padding == "valid":
+                shortcut = layers.Cropping2D(2, name=f"{name}_shortcut_crop")(shortcut)
+            x = layers.Add(name=f"{name}_add")([x, shortcut])
         x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
     if dropout:
         x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
@@ -735,23 +735,23 @@ def conv_block(x, filters: int, name: str, padding: str = "same", batch_norm: bo
 
 
 def down_block(x, filters: int, name: str, padding: str = "same", batch_norm: bool = False,
-               dropout: float = 0.0):
+               dropout: float = 0.0, block: str = "plain"):
     """One contracting level: ``conv_block`` then 2x2 max pooling with stride 2.
 
     Returns ``(skip, pooled)``: the features kept for the skip connection and the half-size map."""
-    skip = conv_block(x, filters, name, padding, batch_norm, dropout)
+    skip = conv_block(x, filters, name, padding, batch_norm, dropout, block)
     pooled = layers.MaxPooling2D(pool_size=2, strides=2, name=f"{name}_pool")(skip)
     return skip, pooled
 
 
 def bottleneck(x, filters: int, name: str = "bottleneck", padding: str = "same", batch_norm: bool = False,
-               dropout: float = 0.0):
+               dropout: float = 0.0, block: str = "plain"):
     """The lowest level: a ``conv_block`` with the most channels and no pooling."""
-    return conv_block(x, filters, name, padding, batch_norm, dropout)
+    return conv_block(x, filters, name, padding, batch_norm, dropout, block)
 
 
 def up_block(x, skip, filters: int, name: str, padding: str = "same", batch_norm: bool = False,
-             dropout: float = 0.0):
+             dropout: float = 0.0, block: str = "plain"):
     """One expanding level: 2x upsampling, a 2x2 "up-convolution" to ``filters`` channels, concatenation
     with the contracting path's skip map (centre-cropped when the convolutions are unpadded), then a
     ``conv_block``."""
@@ -764,7 +764,7 @@ def up_block(x, skip, filters: int, name: str, padding: str = "same", batch_norm
         dh, dw = skip_h - x_h, skip_w - x_w
         skip = layers.Cropping2D(((dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2)), name=f"{name}_crop")(skip)
     x = layers.Concatenate(axis=-1, name=f"{name}_concat")([skip, x])
-    return conv_block(x, filters, name, padding, batch_norm, dropout)
+    return conv_block(x, filters, name, padding, batch_norm, dropout, block)
 
 
 # =====================================================================================================
@@ -816,7 +816,8 @@ def check_input_size(size: int | None, depth: int = 4, padding: str = "same") ->
 
 def build_unet(input_shape: tuple = (128, 128, 3), num_classes: int = 1,
                channels: Sequence[int] = (16, 32, 64, 128, 256), padding: str = "same",
-               batch_norm: bool = False, dropout: float = 0.0, name: str = "unet") -> keras.Model:
+               batch_norm: bool = False, dropout: float = 0.0, name: str = "unet",
+               block: str = "plain") -> keras.Model:
     """Assemble the U-Net as a functional ``keras.Model``.
 
     ``input_shape`` is (height, width, channels); ``(None, None, C)`` gives a fully convolutional model for
@@ -844,11 +845,11 @@ def build_unet(input_shape: tuple = (128, 128, 3), num_classes: int = 1,
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
     skips = []
     for level, filters in enumerate(channels[:-1], start=1):
-        skip, x = down_block(x, filters, f"enc{level}", padding, batch_norm, dropout)
+        skip, x = down_block(x, filters, f"enc{level}", padding, batch_norm, dropout, block)
         skips.append(skip)
-    x = bottleneck(x, channels[-1], "bottleneck", padding, batch_norm, dropout)
+    x = bottleneck(x, channels[-1], "bottleneck", padding, batch_norm, dropout, block)
     for level in range(depth, 0, -1):
-        x = up_block(x, skips[level - 1], channels[level - 1], f"dec{level}", padding, batch_norm, dropout)
+        x = up_block(x, skips[level - 1], channels[level - 1], f"dec{level}", padding, batch_norm, dropout, block)
     x = layers.Conv2D(num_classes, 1, name="logits")(x)
     activation = "sigmoid" if num_classes == 1 else "softmax"
     outputs = layers.Activation(activation, dtype="float32", name="probabilities")(x)
@@ -859,7 +860,7 @@ def build_unet_from_config(config: Config, input_size: int | None = None) -> ker
     """The model a Config describes, at ``input_size`` (default: the training size)."""
     size = input_size or config.image_size
     return build_unet((size, size, config.input_channels), config.num_classes, config.channels,
-                      config.padding, config.batch_norm, config.dropout)
+                      config.padding, config.batch_norm, config.dropout, block=config.block)
 
 
 # --- Losses and metrics -----------------------------------------------------------------------------
@@ -879,9 +880,8 @@ def _overlap(y_true, y_pred, per_class: bool = False):
 
 
 def dice_coefficient(y_true, y_pred, smooth: float = 1.0):
-    """Soft Dice per image, averaged over the batch: (2|A.B| + s) / (|A| + |B| + s).
-
-    ``smooth`` keeps two empty masks at 1 (not NaN) and steadies the gradient on near-empty images."""
+    """Soft Dice per image, averaged over the batch: (2|A.B| + s) / (|A| + |B| + s).  ``smooth`` keeps two
+    empty masks at 1 (not NaN) and steadies the gradient on near-empty images."""
     intersection, total = _overlap(y_true, y_pred)
     return ops.mean((2.0 * intersection + smooth) / (total + smooth))
 

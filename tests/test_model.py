@@ -92,3 +92,35 @@ def test_compiled_model_round_trips_through_keras_file(tmp_path):
     assert isinstance(loaded.loss, core.BceDiceLoss)
     schedule = loaded.optimizer.learning_rate
     assert float(loaded.optimizer.iterations) == 1 and float(schedule) < config.learning_rate
+
+
+def test_residual_block_adds_its_input_to_the_convolutions():
+    # With every kernel zero the convolutions give 0, so a residual block passes relu(input) through
+    # its shortcut (same channel count: the identity), where a plain block gives 0.
+    x = np.random.default_rng(1).normal(size=(1, 8, 8, 4)).astype(np.float32)
+    for block, expected in (("residual", np.maximum(x, 0)), ("plain", np.zeros_like(x))):
+        inputs = keras.Input((8, 8, 4))
+        model = keras.Model(inputs, core.conv_block(inputs, 4, "b", block=block))
+        model.set_weights([np.zeros_like(w) for w in model.get_weights()])
+        np.testing.assert_allclose(model.predict(x, verbose=0), expected, atol=1e-6)
+
+
+def test_residual_blocks_project_and_crop_the_shortcut_where_needed():
+    model = core.build_unet((188, 188, 1), 3, (4, 8, 16), padding="valid", batch_norm=True, block="residual")
+    plain = core.build_unet((188, 188, 1), 3, (4, 8, 16), padding="valid", batch_norm=True)
+    assert model.output_shape == plain.output_shape
+    names = {layer.name for layer in model.layers}
+    assert {"enc1_shortcut", "enc1_shortcut_crop", "enc1_add", "bottleneck_add", "dec1_add"} <= names
+    assert not any(name.endswith("_add") for name in (layer.name for layer in plain.layers))
+    with pytest.raises(ValueError, match="block must be one of"):
+        core.Config(block="dense")
+
+
+def test_a_residual_run_exports_the_same_model_for_prediction():
+    from unet_nuclei import checkpoints
+    config = core.Config(image_size=32, channels=(4, 8, 16), block="residual")
+    model = core.build_unet_from_config(config)
+    exported = checkpoints.export_inference_model(model, config)
+    x = np.random.default_rng(2).uniform(0, 255, (1, 32, 32, 1)).astype(np.float32)
+    np.testing.assert_allclose(exported.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    assert exported.input_shape == (None, None, None, 1) and exported.get_layer("enc1_add")

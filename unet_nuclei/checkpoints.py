@@ -63,7 +63,7 @@ def export_inference_model(model: keras.Model, config: Config) -> keras.Model:
     try:
         size = None if config.padding == "same" else config.image_size
         copy = build_unet((size, size, config.input_channels), config.num_classes, config.channels,
-                          config.padding, config.batch_norm, config.dropout)
+                          config.padding, config.batch_norm, config.dropout, block=config.block)
     finally:
         keras.mixed_precision.set_global_policy(previous)
     copy.set_weights([np.asarray(w, dtype=np.float32) for w in model.get_weights()])
