@@ -108,7 +108,7 @@ def is_image_file(path: Path) -> bool:
 
 def to_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
     """Bring an array as OpenCV decodes it (grey, BGR, BGRA, 8/16-bit or float) to H x W x 3 uint8 RGB.
-    16-bit and float images are stretched by their maximum (a 12-bit camera's image stays visible)."""
+    16-bit and float images are stretched by their maximum (a 12-bit camera's stays visible); 8-bit kept as is."""
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
@@ -818,8 +818,7 @@ def build_unet(input_shape: tuple = (128, 128, 3), num_classes: int = 1,
                channels: Sequence[int] = (16, 32, 64, 128, 256), padding: str = "same",
                batch_norm: bool = False, dropout: float = 0.0, name: str = "unet",
                block: str = "plain") -> keras.Model:
-    """Assemble the U-Net as a functional ``keras.Model``.
-
+    """Assemble the U-Net as a functional ``keras.Model``; ``block`` is ``conv_block``'s, at every level.
     ``input_shape`` is (height, width, channels); ``(None, None, C)`` gives a fully convolutional model for
     padded convolutions.  Inputs are raw pixel values in [0, 255]: the first layer rescales them, so the
     saved model carries its own preprocessing.  The output is a sigmoid for one class, a softmax for more,
