@@ -855,9 +855,10 @@ def build_unet(input_shape: tuple = (128, 128, 3), num_classes: int = 1,
     return keras.Model(inputs, outputs, name=name)
 
 
-def build_unet_from_config(config: Config, input_size: int | None = None) -> keras.Model:
-    """The model a Config describes, at ``input_size`` (default: the training size)."""
-    size = input_size or config.image_size
+def build_unet_from_config(config: Config, input_size: int | None = None, any_size: bool = False) -> keras.Model:
+    """The model a Config describes, at ``input_size`` (default: the training size).  ``any_size`` gives a
+    padded model a ``(None, None, C)`` input, for tiles of any size; an unpadded one keeps its size."""
+    size = None if any_size and config.padding == "same" else input_size or config.image_size
     return build_unet((size, size, config.input_channels), config.num_classes, config.channels,
                       config.padding, config.batch_norm, config.dropout, block=config.block)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from unet_model_core import Config, build_unet
+from unet_model_core import Config, build_unet_from_config
 from unet_nuclei import files
 
 MODEL_FILE, LAST_FILE, STATE_FILE, CONFIG_FILE = "model.keras", "last.keras", "state.json", "config.json"
@@ -61,9 +61,7 @@ def export_inference_model(model: keras.Model, config: Config) -> keras.Model:
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
     try:
-        size = None if config.padding == "same" else config.image_size
-        copy = build_unet((size, size, config.input_channels), config.num_classes, config.channels,
-                          config.padding, config.batch_norm, config.dropout, block=config.block)
+        copy = build_unet_from_config(config, any_size=True)
     finally:
         keras.mixed_precision.set_global_policy(previous)
     copy.set_weights([np.asarray(w, dtype=np.float32) for w in model.get_weights()])
