@@ -13,6 +13,9 @@ import sys
 
 
 def build_parser(defaults) -> argparse.ArgumentParser:
+    # The choices are the core's own lists (already imported by every caller, which passes its Config).
+    import unet_model_core as core
+
     d = defaults
     parser = argparse.ArgumentParser(
         description="Train a U-Net to segment cell nuclei. With no flags, trains on dataset/stage1_train "
@@ -27,7 +30,7 @@ def build_parser(defaults) -> argparse.ArgumentParser:
                       "else the built-in synthetic sample)")
     data.add_argument("--sample-images", type=int, metavar="N",
                       help=f"number of images in the built-in synthetic sample (default: {d.sample_images})")
-    data.add_argument("--sampling", choices=["patch", "resize"],
+    data.add_argument("--sampling", choices=core.SAMPLING_MODES,
                       help=f"'patch': random crops at native resolution, prediction at full resolution; "
                            f"'resize': whole images resized to --image-size, the original way "
                            f"(default: {d.sampling})")
@@ -44,21 +47,21 @@ def build_parser(defaults) -> argparse.ArgumentParser:
                       help=f"patches come from images drawn with probability proportional to their area to this "
                            f"power: 1 gives every pixel the same chance, 0 every image; in between, a few large "
                            f"images do not crowd out many small ones of another kind (default: {d.area_power})")
-    data.add_argument("--preprocessing", choices=["grey", "rgb"],
+    data.add_argument("--preprocessing", choices=core.PREPROCESSING,
                       help=f"'grey': grey, bright nuclei on dark, contrast-stretched, the same for every kind "
                            f"of microscopy; 'rgb': the image as it is (default: {d.preprocessing})")
     model = parser.add_argument_group("model")
-    model.add_argument("--targets", choices=["instance", "binary"],
+    model.add_argument("--targets", choices=core.TARGETS,
                        help=f"'instance': background / nucleus interior / boundary classes, so touching nuclei "
                             f"separate; 'binary': one nucleus mask, the original U-Net (default: {d.targets})")
     model.add_argument("--channels", metavar="C1,C2,...",
                        help=f"channels per level, the last being the bottleneck; the depth follows "
                             f"(default: {','.join(map(str, d.channels))})")
-    model.add_argument("--padding", choices=["same", "valid"],
+    model.add_argument("--padding", choices=core.PADDINGS,
                        help=f"'same' keeps the size; 'valid' is the unpadded original (default: {d.padding})")
     model.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
                        help=f"batch normalisation after each convolution (default: {'on' if d.batch_norm else 'off'})")
-    model.add_argument("--block", choices=["plain", "residual"],
+    model.add_argument("--block", choices=core.BLOCKS,
                        help=f"convolutional block per level: plain, or residual with a shortcut (default: {d.block})")
     model.add_argument("--dropout", type=float, metavar="P", help=f"dropout after each block (default: {d.dropout})")
     training = parser.add_argument_group("training")
@@ -68,10 +71,10 @@ def build_parser(defaults) -> argparse.ArgumentParser:
     training.add_argument("--batch-size", type=int, metavar="N", help=f"global batch size (default: {d.batch_size})")
     training.add_argument("--lr", dest="learning_rate", type=float, metavar="LR",
                           help=f"Adam learning rate (default: {d.learning_rate})")
-    training.add_argument("--loss", choices=["bce", "dice", "bce+dice"],
+    training.add_argument("--loss", choices=core.LOSSES,
                           help=f"loss; cross-entropy is categorical and Dice per class for instance targets "
                                f"(default: {d.loss})")
-    training.add_argument("--lr-schedule", choices=["cosine", "plateau"],
+    training.add_argument("--lr-schedule", choices=core.LR_SCHEDULES,
                           help=f"'cosine': decay to 2%% of --lr over the run; 'plateau': halve when the "
                                f"validation loss stalls (default: {d.lr_schedule})")
     training.add_argument("--seed", type=int, help=f"random seed for the split, patches and weights (default: {d.seed})")
