@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         parser.error("--pixel-size is used by --measure and --labels tif; give one of them")
     # These import TensorFlow: after argument parsing, so --help is quick.
     import unet_model_core as core
-    from unet_nuclei import files, measure, plots, predict, tiling
+    from unet_nuclei import cache, files, measure, plots, predict, tiling
     from unet_nuclei.instances import rle_rows
 
     try:
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if problems:
-        core.report_problems(problems)
+        cache.report_problems(problems)
         return 1
     return 0
 

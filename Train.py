@@ -43,6 +43,11 @@ def build_parser(defaults) -> argparse.ArgumentParser:
     data.add_argument("--scale-range", metavar="LOW,HIGH",
                       help=f"random patch scale, so the model meets smaller and larger nuclei; 'none' keeps "
                            f"the native scale (default: {','.join(map(str, d.scale_range)) if d.scale_range else 'none'})")
+    data.add_argument("--nucleus-diameter", metavar="PX",
+                      help=f"rescale each image so that its nuclei's median diameter is PX pixels: training "
+                           f"patches from the annotations, predictions from a first pass (then --scale-range "
+                           f"jitters around that scale); 'none' keeps the native scale (default: "
+                           f"{d.nucleus_diameter or 'none'})")
     data.add_argument("--area-power", type=float, metavar="P",
                       help=f"patches come from images drawn with probability proportional to their area to this "
                            f"power: 1 gives every pixel the same chance, 0 every image; in between, a few large "
@@ -121,6 +126,12 @@ def overrides_from_args(args) -> dict:
         except ValueError:
             raise ValueError(f"{flag} {text!r}: expected comma-separated numbers, for example "
                              f"{'16,32,64,128,256' if kind is int else '0.6,1.8'}") from None
+    text = getattr(args, "nucleus_diameter", None)
+    if text is not None:
+        try:
+            overrides["nucleus_diameter"] = None if text.strip().lower() in ("none", "0") else float(text)
+        except ValueError:
+            raise ValueError(f"--nucleus-diameter {text!r}: expected a number of pixels, or 'none'") from None
     return overrides
 
 

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -280,34 +279,6 @@ def load_samples(samples: Sequence[Sample], progress: bool = True, workers: int 
     return loaded, problems
 
 
-def report_problems(problems: Sequence[tuple[str, str]], stream=None, limit: int = 20) -> None:
-    """Print skipped samples, one line each (at most ``limit``), and their count."""
-    stream = stream or sys.stderr
-    if not problems:
-        return
-    print(f"Skipped {len(problems)} entr{'y' if len(problems) == 1 else 'ies'}:", file=stream)
-    for sample_id, reason in problems[:limit]:
-        print(f"  - {sample_id}: {reason}", file=stream)
-    if len(problems) > limit:
-        print(f"  ... and {len(problems) - limit} more", file=stream)
-
-
-def split_ids(ids: Sequence[str], val_size: float = 0.1, seed: int = 42) -> tuple[list[str], list[str]]:
-    """A deterministic train/validation split: the same ids and seed always give the same split.
-    ``val_size`` below 1 is a fraction of the samples, 1 or more a count.  Both parts are non-empty."""
-    ids = sorted(ids)
-    if len(ids) < 2:
-        raise DataError(f"need at least 2 samples to hold some out for validation, found {len(ids)}")
-    if val_size <= 0:
-        raise ValueError(f"val_size must be positive (a fraction below 1 or a count), got {val_size}")
-    if val_size >= len(ids):  # a count that leaves no training image is a mistake, not a request to clamp
-        raise DataError(f"val_size (--val-size) {val_size:g}: a count of validation images, but there are only "
-                        f"{len(ids)} images; give fewer, or a fraction below 1")
-    n_val = min(max(int(round(val_size * len(ids))) if val_size < 1 else int(val_size), 1), len(ids) - 1)
-    order = np.random.default_rng(seed).permutation(len(ids))
-    return sorted(ids[i] for i in order[n_val:]), sorted(ids[i] for i in order[:n_val])  # train, validation
-
-
 def pad_to_min_size(array: np.ndarray, size: int) -> np.ndarray:
     """Mirror-pad an image (or mask) at the bottom/right so both sides are at least ``size``."""
     pad_h, pad_w = max(0, size - array.shape[0]), max(0, size - array.shape[1])
@@ -331,6 +302,23 @@ def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     ``resize_image`` uses: plain INTER_NEAREST samples half a pixel off it."""
     height, width = (size, size) if isinstance(size, int) else size
     return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
+
+
+SCALE_LIMIT = 2.0  # the most an image is rescaled, either way, to bring its nuclei to ``nucleus_diameter``
+
+
+def nucleus_scale(labels: np.ndarray, diameter: float | None) -> float:
+    """The factor that resizes a label image's nuclei to a median diameter (of a disc of the same area) of
+    ``diameter`` px, within 1/SCALE_LIMIT .. SCALE_LIMIT; 1 without ``diameter`` or without nuclei."""
+    sizes = np.bincount(np.asarray(labels).ravel())[1:] if diameter else np.zeros(0)
+    across = np.sqrt(sizes[sizes > 0] * (4 / np.pi))
+    return float(np.clip(diameter / np.median(across), 1 / SCALE_LIMIT, SCALE_LIMIT)) if len(across) else 1.0
+
+
+def rescale_view(image: np.ndarray, labels: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """An image (H x W x C) and its labels resized by ``factor``, the labels by nearest neighbour."""
+    size = (max(1, int(round(image.shape[0] * factor))), max(1, int(round(image.shape[1] * factor))))
+    return resize_image(image, size).reshape(*size, -1), resize_mask(labels, size)
 
 
 def grid_positions(length: int, size: int) -> list[int]:
@@ -429,16 +417,19 @@ class PatchSampler:
     equally likely; 0: every image; 0.5: a few large images do not crowd out many small ones).  With
     ``scale_range`` each patch is cut at a random scale (log-uniform) and resized to ``size`` (labels by
     nearest neighbour), so the model meets nuclei larger and smaller than the training set's; targets
-    come from the resized labels, so a boundary is as thin at every scale.
+    come from the resized labels, so a boundary is as thin at every scale.  With ``diameter`` that scale
+    is relative to each image's ``nucleus_scale``, which brings its nuclei to that median diameter.
     """
 
     def __init__(self, views, size: int, seed: int = 0, targets: str = "binary",
-                 scale_range: tuple[float, float] | None = None, area_power: float = 1.0):
+                 scale_range: tuple[float, float] | None = None, area_power: float = 1.0,
+                 diameter: float | None = None):
         if not views:
             raise DataError("no training samples to draw patches from")
         self.size, self.seed, self.targets = size, seed, targets
         self.scale_range = tuple(scale_range) if scale_range else None
-        largest = size if not self.scale_range else int(math.ceil(size / min(self.scale_range)))
+        self.factors = [nucleus_scale(labels, diameter) for _, labels in views]
+        largest = int(math.ceil(size / min(self.scale_range or (1.0,)) / min(self.factors)))
         self.images = [pad_to_min_size(image, largest) for image, _ in views]
         self.labels = [pad_to_min_size(labels, largest) for _, labels in views]
         areas = np.array([labels.shape[0] * labels.shape[1] for _, labels in views], dtype=np.float64)
@@ -458,7 +449,8 @@ class PatchSampler:
         while True:
             index = rng.choice(len(self.images), p=self.weights)
             image, labels = self.images[index], self.labels[index]
-            crop = max(1, int(round(size / math.exp(rng.uniform(log_low, log_high))))) if self.scale_range else size
+            scale = self.factors[index] * (math.exp(rng.uniform(log_low, log_high)) if self.scale_range else 1.0)
+            crop = max(1, int(round(size / scale)))
             top = int(rng.integers(0, image.shape[0] - crop + 1))
             left = int(rng.integers(0, image.shape[1] - crop + 1))
             image, labels = image[top:top + crop, left:left + crop], labels[top:top + crop, left:left + crop]
@@ -527,9 +519,13 @@ def make_datasets(train_samples: Sequence[LoadedSample], val_samples: Sequence[L
     # (preprocessed image, instance labels) of each sample: preprocessed once, before any random work.
     train_views, val_views = ([(preprocess_image(s.image, config.preprocessing), s.labels) for s in samples]
                               for samples in (train_samples, val_samples))
+    if config.nucleus_diameter:  # validation patches at the scale the model learns and predicts at
+        val_views = [rescale_view(image, labels, nucleus_scale(labels, config.nucleus_diameter))
+                     for image, labels in val_views]
 
     if config.sampling == "patch":
-        sampler = PatchSampler(train_views, size, config.seed, config.targets, config.scale_range, config.area_power)
+        sampler = PatchSampler(train_views, size, config.seed, config.targets, config.scale_range, config.area_power,
+                               config.nucleus_diameter)
         train = tf.data.Dataset.from_generator(sampler, output_signature=(image_spec, mask_spec))
         steps = config.steps_per_epoch or max(1, math.ceil(sampler.patches_per_epoch() / batch))
         val_images, val_masks = _patch_arrays(val_views, size, config.targets)
@@ -587,6 +583,7 @@ class Config:
     scale_range: tuple[float, float] | None = (0.6, 1.8)  # random patch scale (None: native scale only)
     preprocessing: str = "grey"  # "grey": grey, bright-on-dark, contrast-stretched; "rgb": as it is
     area_power: float = 0.5  # patches come from images drawn with probability ~ area ** this (1: per pixel)
+    nucleus_diameter: float | None = None  # px: each image rescaled so its nuclei's median diameter is this
     # Model
     targets: str = "instance"  # "instance": background/interior/boundary classes; "binary": one mask
     channels: tuple[int, ...] = (16, 32, 64, 128, 256)  # per level; the last is the bottleneck
@@ -624,6 +621,9 @@ class Config:
             if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1] <= 10:
                 raise ValueError(f"scale_range must be two scales 0 < low <= high <= 10, or None, got "
                                  f"{self.scale_range}")
+        if self.nucleus_diameter is not None and not (self.nucleus_diameter > 0 and self.sampling == "patch"):
+            raise ValueError(f"nucleus_diameter must be a positive number of pixels (or None), with patch "
+                             f"sampling; got {self.nucleus_diameter} with {self.sampling!r} sampling")
         if len(self.channels) < 2 or any(c < 1 for c in self.channels):
             raise ValueError(f"channels needs at least two positive counts (levels + bottleneck), got {self.channels}")
         for name in ("image_size", "batch_size", "epochs", "sample_images"):

@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     log(f"{data_dir}: {len(loaded)} images; loading {load_cold:.1f} s cold, {load_cached:.2f} s cached ({how})")
 
     config = (core.quick_config if args.smoke else core.Config)(data_dir=str(data_dir))
-    train_ids, val_ids = core.split_ids([s.sample_id for s in loaded], config.val_size, config.seed)
+    train_ids, val_ids = training.split_ids([s.sample_id for s in loaded], config.val_size, config.seed)
     by_id = {s.sample_id: s for s in loaded}
     train_ds, _, steps_per_epoch = core.make_datasets([by_id[i] for i in train_ids], [by_id[i] for i in val_ids],
                                                       config)

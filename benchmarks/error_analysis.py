@@ -132,11 +132,11 @@ def main(argv=None) -> int:
         print(f"held-out images left out: {error}", file=sys.stderr)
     post = instances.PostProcessing.of(config)
     scores: dict[str, dict[str, list[float]]] = {way: {} for way in WAYS}
-    core.report_problems(problems)
+    cache.report_problems(problems)
     todo = [(name, i) for name, ids in sets.items() for i in ids]
     for name, i in tqdm(todo, desc="Predicting and scoring", unit="img"):
         sample = by_id[i]
-        output = tiling.predict_probabilities(model, sample.image, config, dtype=np.float16)  # as predicted
+        output = tiling.predict_at_nucleus_scale(model, sample.image, config, dtype=np.float16)  # as predicted
         truth = sample.labels.astype(np.int32)
         for way, options in WAYS.items():
             options = dict(options)

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     try:
         loaded, problems, how = cache.load_folder(data_dir, desc="Decoding the dataset")
         print(f"{data_dir}: images and masks {how}", file=sys.stderr)
-        core.report_problems(problems)
+        cache.report_problems(problems)
         kinds = {s.sample_id: evaluation.image_kind(s.image) for s in loaded}
         _, held_out = evaluation.holdout_split(kinds)
         if args.all and not args.run:

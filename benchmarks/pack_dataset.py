@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     except core.DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    core.report_problems(problems)
+    cache.report_problems(problems)
     print(f"{args.data}: {len(loaded)} samples, {how}", file=sys.stderr)
     staging = out.with_name(out.name + ".partial")
     (staging / "images").mkdir(parents=True, exist_ok=True)

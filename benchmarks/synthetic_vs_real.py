@@ -86,7 +86,7 @@ def folder_statistics(data_dir: Path, progress: bool = True) -> dict:
     from unet_nuclei import cache, evaluation
 
     loaded, problems, _ = cache.load_folder(data_dir, progress=progress, desc=f"Decoding {data_dir}")
-    core.report_problems(problems)
+    cache.report_problems(problems)
     if not loaded:
         raise ValueError(f"{data_dir} holds no readable image with masks")
     out: dict = {}

@@ -63,7 +63,15 @@ def test_json_round_trip_keeps_every_field(tmp_path):
     ("area_power", 1.5, r"area_power must be in \[0, 1\], got 1.5"),
     ("min_confidence", 1.0, r"min_confidence must be in \[0, 1\)"),
     ("min_confidence", -0.1, "min_confidence must be in"),
+    ("nucleus_diameter", 0.0, "nucleus_diameter must be a positive number of pixels"),
 ])
 def test_bad_values_raise_clear_errors(field, value, message):
     with pytest.raises(ValueError, match=message):
         core.Config(**{field: value})
+
+
+def test_a_nucleus_diameter_needs_patch_sampling_and_survives_the_round_trip():
+    with pytest.raises(ValueError, match="with patch sampling; got 20 with 'resize' sampling"):
+        core.Config(nucleus_diameter=20, sampling="resize")
+    config = core.Config(nucleus_diameter=22.5)
+    assert core.Config.from_dict(json.loads(config.to_json())) == config

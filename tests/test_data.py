@@ -13,7 +13,7 @@ import tensorflow as tf
 
 import unet_model_core as core
 from unet_nuclei import evaluation
-from unet_nuclei import synthetic, training
+from unet_nuclei import cache, synthetic, training
 
 
 # --------------------------------------------------------------------------------------------------
@@ -594,6 +594,47 @@ def test_scaled_patches_resize_image_and_labels_together():
     assert min(widths) <= 4 and max(widths) >= 10, f"nucleus sizes {sorted(set(widths))} do not span the scales"
 
 
+def _square_nuclei(side: int, step: int, size: int = 200):
+    """Instance labels of ``side`` x ``side`` squares on a ``step`` px grid, and an image whose red channel
+    marks them."""
+    labels = np.zeros((size, size), np.uint16)
+    for index, (top, left) in enumerate((t, l) for t in range(3, size - side, step) for l in range(3, size - side, step)):
+        labels[top:top + side, left:left + side] = index + 1
+    image = np.zeros((size, size, 3), np.uint8)
+    image[..., 0] = (labels > 0) * 255
+    return image, labels
+
+
+def test_nucleus_scale_brings_the_median_diameter_to_the_target():
+    _, labels = _square_nuclei(8, 16)  # 64 px each: a disc of that area is 9.03 px across
+    across = np.sqrt(64 * 4 / np.pi)
+    assert core.nucleus_scale(labels, 18) == pytest.approx(18 / across)
+    assert core.nucleus_scale(labels, 6) == pytest.approx(6 / across)
+    assert core.nucleus_scale(labels, 100) == core.SCALE_LIMIT  # clipped both ways
+    assert core.nucleus_scale(labels, 1) == 1 / core.SCALE_LIMIT
+    assert core.nucleus_scale(labels, None) == 1.0
+    assert core.nucleus_scale(np.zeros((20, 20), np.uint16), 18) == 1.0  # no nuclei, nothing to measure
+    image, scaled = core.rescale_view(np.zeros((200, 200, 1), np.uint8), labels, 1.5)
+    assert image.shape == (300, 300, 1) and scaled.shape == (300, 300) and scaled.dtype == labels.dtype
+    assert core.nucleus_scale(scaled, 18) == pytest.approx(18 / (1.5 * across), rel=0.05)
+
+
+def test_patches_at_a_nucleus_diameter_bring_every_image_to_it():
+    # Two images, with 6 px and with 12 px nuclei: at a diameter of 9 px both give patches whose whole
+    # nuclei are about 6 * 9 / 6.77 = 8 px wide (6.77: the diameter of a disc of 36 px).
+    views = [_square_nuclei(6, 12), _square_nuclei(12, 24)]
+    widths = {0: [], 1: []}
+    for diameter in (None, 9.0):
+        sampler = core.PatchSampler(views, 32, seed=5, targets="instance", diameter=diameter)
+        for (patch, target), _ in zip(sampler(), range(60)):
+            assert patch.shape == (32, 32, 3) and target.shape == (32, 32, 1)
+            rows = np.flatnonzero((target[..., 0] > 0).any(axis=1))
+            runs = np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1)
+            widths[diameter is not None] += [len(r) for r in runs if len(r) and 0 < r[0] and r[-1] < 31]
+    assert set(widths[0]) == {6, 12}, "native scale: the nuclei as drawn"
+    assert min(widths[1]) >= 7 and max(widths[1]) <= 9, f"normalised sizes {sorted(set(widths[1]))}"
+
+
 def test_preprocessing_makes_every_kind_bright_on_dark_and_stretched():
     rng = np.random.default_rng(0)
     nuclei = np.zeros((64, 64), bool)
@@ -678,30 +719,30 @@ def test_augment_batch_applies_the_same_geometry_to_image_and_mask():
 # --------------------------------------------------------------------------------------------------
 def test_split_ids_is_deterministic_disjoint_and_complete():
     ids = [f"id{i:02d}" for i in range(40)]
-    train, val = core.split_ids(ids, 0.25, seed=1)
-    assert (train, val) == core.split_ids(ids, 0.25, seed=1)
-    assert (train, val) == core.split_ids(list(reversed(ids)), 0.25, seed=1), "input order must not matter"
+    train, val = training.split_ids(ids, 0.25, seed=1)
+    assert (train, val) == training.split_ids(ids, 0.25, seed=1)
+    assert (train, val) == training.split_ids(list(reversed(ids)), 0.25, seed=1), "input order must not matter"
     assert set(train) | set(val) == set(ids) and not set(train) & set(val)
     assert len(val) == 10 and len(train) == 30
-    assert core.split_ids(ids, 0.25, seed=2) != (train, val)
-    t7, v7 = core.split_ids(ids, 7, seed=1)  # a count
+    assert training.split_ids(ids, 0.25, seed=2) != (train, val)
+    t7, v7 = training.split_ids(ids, 7, seed=1)  # a count
     assert len(v7) == 7 and len(t7) == 33 and set(t7) | set(v7) == set(ids)
-    assert len(core.split_ids(ids, 1, seed=1)[1]) == 1
-    assert core.split_ids(ids, 0.001)[1] and core.split_ids(ids, 0.999)[0], "both parts stay non-empty"
+    assert len(training.split_ids(ids, 1, seed=1)[1]) == 1
+    assert training.split_ids(ids, 0.001)[1] and training.split_ids(ids, 0.999)[0], "both parts stay non-empty"
     with pytest.raises(core.DataError, match="only 40 images"):
-        core.split_ids(ids, 40)  # a count that leaves no training image is refused, not clamped
-    assert core.split_ids(["a", "b"], 0.5) in ((["a"], ["b"]), (["b"], ["a"]))
+        training.split_ids(ids, 40)  # a count that leaves no training image is refused, not clamped
+    assert training.split_ids(["a", "b"], 0.5) in ((["a"], ["b"]), (["b"], ["a"]))
 
 
 @pytest.mark.parametrize("ids", [[], ["only"]])
 def test_split_ids_needs_two_samples(ids):
     with pytest.raises(core.DataError, match="at least 2"):
-        core.split_ids(ids)
+        training.split_ids(ids)
 
 
 def test_split_ids_rejects_non_positive_val_size():
     with pytest.raises(ValueError):
-        core.split_ids(["a", "b", "c"], 0)
+        training.split_ids(["a", "b", "c"], 0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -757,15 +798,15 @@ def test_bad_samples_are_reported_with_reasons_and_good_ones_load(tmp_path):
     assert len(np.unique(loaded[0].labels)) == 3
 
     stream = io.StringIO()
-    core.report_problems(problems + load_problems, stream=stream)
+    cache.report_problems(problems + load_problems, stream=stream)
     text = stream.getvalue()
     for sample_id in ("nomasks", "emptymasks", "noimages", "garbage", "badmask", "mismatch"):
         assert f"- {sample_id}:" in text
     stream = io.StringIO()
-    core.report_problems(load_problems, stream=stream, limit=1)
+    cache.report_problems(load_problems, stream=stream, limit=1)
     assert "Skipped 3 entries" in stream.getvalue() and "and 2 more" in stream.getvalue()
     stream = io.StringIO()
-    core.report_problems([], stream=stream)
+    cache.report_problems([], stream=stream)
     assert stream.getvalue() == ""
 
     assert _snapshot(tmp_path) == before, "reading a dataset must not modify it"

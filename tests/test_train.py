@@ -103,6 +103,10 @@ def test_bad_flag_values_get_a_clear_message(tmp_path, monkeypatch):
     assert status == 2 and "--scale-range '0.5,big'" in err and "0.6,1.8" in err
     status, out, err = run_main(Train, "--quick", "--channels", "abc")
     assert status == 2 and "--channels 'abc'" in err
+    status, out, err = run_main(Train, "--quick", "--nucleus-diameter", "big")
+    assert status == 2 and "--nucleus-diameter 'big': expected a number of pixels" in err
+    status, out, err = run_main(Train, "--quick", "--nucleus-diameter", "-3")
+    assert status == 2 and "nucleus_diameter must be a positive number" in err
 
 
 def test_flags_reach_the_config():
@@ -117,6 +121,9 @@ def test_flags_reach_the_config():
     assert config.channels == (8, 16, 32) and config.num_classes == 1 and config.input_channels == 3
     config = Train.config_from_args(parser.parse_args(["--scale-range", "0.5,2"]), core)
     assert config.scale_range == (0.5, 2.0) and config.targets == "instance" and config.batch_norm
+    assert Train.config_from_args(parser.parse_args(["--nucleus-diameter", "22"]), core).nucleus_diameter == 22.0
+    for off in ("none", "0"):
+        assert Train.config_from_args(parser.parse_args(["--nucleus-diameter", off]), core).nucleus_diameter is None
 
 
 def test_help_documents_every_flag():
@@ -125,7 +132,7 @@ def test_help_documents_every_flag():
     for flag in ("--data", "--epochs", "--batch-size", "--image-size", "--sampling", "--val-size", "--lr", "--loss",
                  "--channels", "--padding", "--no-augment", "--seed", "--runs-dir", "--name", "--resume", "--quick",
                  "--mixed-precision", "--xla", "--cpu-devices", "--targets", "--preprocessing", "--scale-range",
-                 "--no-batch-norm", "--lr-schedule"):
+                 "--no-batch-norm", "--lr-schedule", "--nucleus-diameter"):
         assert flag in out, flag
 
 

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -165,3 +166,15 @@ def load_ids(data_dir, ids: Sequence[str], progress: bool = True, root="default"
     skipped = {p[0] for p in problems}
     missing = [(i, "not found or unreadable") for i in ids if i not in by_id and i not in skipped]
     return found, [p for p in problems if p[0] in set(ids)] + missing
+
+
+def report_problems(problems: Sequence[tuple[str, str]], stream=None, limit: int = 20) -> None:
+    """Print skipped samples, one line each (at most ``limit``), and their count."""
+    stream = stream or sys.stderr
+    if not problems:
+        return
+    print(f"Skipped {len(problems)} entr{'y' if len(problems) == 1 else 'ies'}:", file=stream)
+    for sample_id, reason in problems[:limit]:
+        print(f"  - {sample_id}: {reason}", file=stream)
+    if len(problems) > limit:
+        print(f"  ... and {len(problems) - limit} more", file=stream)

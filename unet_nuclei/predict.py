@@ -24,7 +24,7 @@ from unet_model_core import (NOT_A_SAMPLE_REASON, STRAY_REASON, Config, DataErro
 from unet_nuclei import files
 from unet_nuclei.instances import SCORE_KEYS, PostProcessing, Prediction, draw_outlines, mean_scores
 from unet_nuclei.measure import write_label_tiff
-from unet_nuclei.tiling import predict_probabilities
+from unet_nuclei.tiling import predict_at_nucleus_scale
 from unet_nuclei.training import DEFAULT_RUNS_DIR, MODEL_FILE, find_run, read_run_config, validation_samples
 
 
@@ -157,8 +157,8 @@ def predict_image(model: keras.Model, config: Config, image: np.ndarray, name: s
         bar.update(done - bar.n)
 
     # Float16 probabilities halve the largest buffer of a large image; the nuclei are the same.
-    output = predict_probabilities(model, image, config, tile_size=tile_size, batch_size=batch_size,
-                                   progress=on_progress, tta=config.tta if tta is None else tta, dtype=np.float16)
+    output = predict_at_nucleus_scale(model, image, config, tile_size=tile_size, batch_size=batch_size,
+                                      progress=on_progress, tta=config.tta if tta is None else tta, dtype=np.float16)
     bar.close()
     return Prediction.from_output(name, image, output, PostProcessing.of(config), truth)
 

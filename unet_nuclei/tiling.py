@@ -18,8 +18,9 @@ import keras
 import numpy as np
 from tqdm.auto import tqdm
 
-from unet_model_core import (Config, LoadedSample, check_input_size, preprocess_image, resize_image,
+from unet_model_core import (Config, LoadedSample, check_input_size, nucleus_scale, preprocess_image, resize_image,
                              unet_output_size)
+from unet_nuclei.instances import PostProcessing
 
 
 def tile_positions(length: int, output_size: int, overlap: int) -> list[int]:
@@ -389,6 +390,40 @@ def predict_probabilities(model: keras.Model, image: np.ndarray, config: Config,
     return total.astype(dtype, copy=False)
 
 
+# A first pass that finds the nuclei within this factor of ``Config.nucleus_diameter`` is kept as it is.
+RESCALE_TOLERANCE = 2 ** 0.25
+# The most pixels a rescaled image may have: a larger one is rescaled less, to fit.
+MAX_RESCALED_PIXELS = 2 ** 26
+
+
+def predict_at_nucleus_scale(model: keras.Model, image: np.ndarray, config: Config, tile_size: int | None = None,
+                             batch_size: int = 4, progress=None, tta: bool = False, dtype=np.float32) -> np.ndarray:
+    """``predict_probabilities`` at the scale a model trained with ``config.nucleus_diameter`` learned:
+    the image resized so that its nuclei's median diameter is that many pixels.  Other models predict at
+    the native scale.
+
+    A first pass at the native scale finds the nuclei (with the default ``PostProcessing``, so that the
+    scale does not depend on the post-processing chosen later) and ``nucleus_scale`` gives the factor
+    (0.5 to 2).  The image resized by it is predicted again, and the probabilities are resized back, so
+    the run's post-processing finds the nuclei at full resolution.  A factor within
+    ``RESCALE_TOLERANCE`` of 1 keeps the first pass (with ``tta``, predicted again in its 8 orientations)."""
+    height, width = image.shape[:2]
+    if config.nucleus_diameter:
+        first = predict_probabilities(model, image, config, tile_size, batch_size, dtype=np.float16)
+        factor = min(nucleus_scale(PostProcessing().nuclei(first), config.nucleus_diameter),
+                     math.sqrt(MAX_RESCALED_PIXELS / (height * width)))
+        if abs(math.log(factor)) >= math.log(RESCALE_TOLERANCE):
+            del first
+            size = (max(1, round(height * factor)), max(1, round(width * factor)))
+            output = predict_probabilities(model, resize_image(image, size), config, tile_size, batch_size,
+                                           progress=progress, tta=tta)
+            output = cv2.resize(output, (width, height), interpolation=cv2.INTER_AREA if factor > 1 else cv2.INTER_LINEAR)
+            return output.reshape(height, width, -1).astype(dtype, copy=False)
+        if not tta:
+            return first.astype(dtype, copy=False)
+    return predict_probabilities(model, image, config, tile_size, batch_size, progress=progress, tta=tta, dtype=dtype)
+
+
 def _predict_view(model: keras.Model, image: np.ndarray, config: Config, tile_size: int | None,
                   batch_size: int, overlap: int | None, progress=None, dtype=np.float32) -> np.ndarray:
     """``predict_probabilities`` of an image already preprocessed (one orientation)."""
@@ -427,6 +462,6 @@ def _predict_view(model: keras.Model, image: np.ndarray, config: Config, tile_si
 
 def predict_samples(model: keras.Model, samples: Sequence[LoadedSample], config: Config,
                     progress: bool = True) -> list[np.ndarray]:
-    """Full-resolution class probabilities of decoded samples, in order."""
-    return [predict_probabilities(model, s.image, config)
+    """Full-resolution class probabilities of decoded samples, in order, as ``Predict_mask.py`` predicts."""
+    return [predict_at_nucleus_scale(model, s.image, config)
             for s in tqdm(samples, desc="Predicting validation images", disable=not progress, unit="img")]

@@ -32,14 +32,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from unet_model_core import (DEFAULT_DATA_DIR, Config, DataError, LoadedSample, Sample,
-                             build_unet_from_config, compile_unet, find_samples, make_datasets,
-                             report_problems, split_ids)
+                             build_unet_from_config, compile_unet, find_samples, make_datasets)
 from unet_nuclei import cache, files, plots, synthetic
+from unet_nuclei.cache import report_problems
 from unet_nuclei.checkpoints import (CONFIG_FILE, CURVES_FILE, HISTORY_FILE, LAST_FILE, MODEL_FILE, STATE_FILE,
                                      VAL_FIGURE_FILE, HistoryLog, RunCheckpoint, StopOnNaN,
                                      export_inference_model, read_history_rows, read_json, saved_epoch)
@@ -175,6 +177,22 @@ def resolve_data_dir(data_dir: str | None, sample_images: int = Config.sample_im
     folder = synthetic.ensure_sample_dataset(sample_images, progress=progress)
     return folder, (f"using the built-in synthetic sample in {folder} ({DEFAULT_DATA_DIR} not found; "
                     f"see dataset.txt to get the real data)")
+
+
+def split_ids(ids: Sequence[str], val_size: float = 0.1, seed: int = 42) -> tuple[list[str], list[str]]:
+    """A deterministic train/validation split: the same ids and seed always give the same split.
+    ``val_size`` below 1 is a fraction of the samples, 1 or more a count.  Both parts are non-empty."""
+    ids = sorted(ids)
+    if len(ids) < 2:
+        raise DataError(f"need at least 2 samples to hold some out for validation, found {len(ids)}")
+    if val_size <= 0:
+        raise ValueError(f"val_size must be positive (a fraction below 1 or a count), got {val_size}")
+    if val_size >= len(ids):  # a count that leaves no training image is a mistake, not a request to clamp
+        raise DataError(f"val_size (--val-size) {val_size:g}: a count of validation images, but there are only "
+                        f"{len(ids)} images; give fewer, or a fraction below 1")
+    n_val = min(max(int(round(val_size * len(ids))) if val_size < 1 else int(val_size), 1), len(ids) - 1)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    return sorted(ids[i] for i in order[n_val:]), sorted(ids[i] for i in order[:n_val])  # train, validation
 
 
 def prepare_data(config: Config, progress: bool = True, verbose: int = 1, exclude_ids=()):
