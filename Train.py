@@ -44,10 +44,15 @@ def build_parser(defaults) -> argparse.ArgumentParser:
                       help=f"random patch scale, so the model meets smaller and larger nuclei; 'none' keeps "
                            f"the native scale (default: {','.join(map(str, d.scale_range)) if d.scale_range else 'none'})")
     data.add_argument("--nucleus-diameter", metavar="PX",
-                      help=f"rescale each image so that its nuclei's median diameter is PX pixels: training "
-                           f"patches from the annotations, predictions from a first pass (then --scale-range "
-                           f"jitters around that scale); 'none' keeps the native scale (default: "
+                      help=f"a second stage of training (--nucleus-epochs) with each image rescaled so that its "
+                           f"nuclei's median diameter is PX pixels (training patches from the annotations, "
+                           f"jittered 0.8-1.25 times); every prediction then rescales likewise, from the nuclei "
+                           f"of a first pass; 'none': native scale throughout (default: "
                            f"{d.nucleus_diameter or 'none'})")
+    data.add_argument("--nucleus-epochs", type=int, metavar="N",
+                      help=f"epochs of that second stage, after --epochs at native scale, its learning rate "
+                           f"starting again at a fifth of --lr; 0: no first stage, the whole run at "
+                           f"--nucleus-diameter, jittered by --scale-range (default: {d.nucleus_epochs})")
     data.add_argument("--area-power", type=float, metavar="P",
                       help=f"patches come from images drawn with probability proportional to their area to this "
                            f"power: 1 gives every pixel the same chance, 0 every image; in between, a few large "
@@ -70,7 +75,8 @@ def build_parser(defaults) -> argparse.ArgumentParser:
                        help=f"convolutional block per level: plain, or residual with a shortcut (default: {d.block})")
     model.add_argument("--dropout", type=float, metavar="P", help=f"dropout after each block (default: {d.dropout})")
     training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=int, metavar="N", help=f"number of epochs (default: {d.epochs})")
+    training.add_argument("--epochs", type=int, metavar="N",
+                          help=f"number of epochs (at native scale, before --nucleus-epochs) (default: {d.epochs})")
     training.add_argument("--steps-per-epoch", type=int, metavar="N",
                           help="batches per epoch (default: one pass over the training pixels)")
     training.add_argument("--batch-size", type=int, metavar="N", help=f"global batch size (default: {d.batch_size})")
@@ -91,6 +97,10 @@ def build_parser(defaults) -> argparse.ArgumentParser:
     training.add_argument("--cpu-devices", type=int, default=0, metavar="N",
                           help="split the CPU into N logical devices and train data-parallel over them "
                                "(tests the multi-device path without GPUs; several GPUs are used automatically)")
+    training.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                          help=f"test-time augmentation (the 8 flips and rotations averaged) when the post-processing "
+                               f"is chosen on the validation images, kept as the run's setting for Predict_mask.py "
+                               f"(default: {'on' if d.tta else 'off'})")
     run = parser.add_argument_group("run")
     run.add_argument("--runs-dir", default="runs", metavar="DIR", help="where run folders go (default: runs)")
     run.add_argument("--name", metavar="NAME", help="run folder name (default: the date and time); "
@@ -103,9 +113,9 @@ def build_parser(defaults) -> argparse.ArgumentParser:
     return parser
 
 
-FIELDS = ("data", "sample_images", "sampling", "image_size", "val_size", "augment", "area_power", "preprocessing",
-          "targets", "padding", "batch_norm", "block", "dropout", "epochs", "steps_per_epoch", "batch_size",
-          "learning_rate", "loss", "lr_schedule", "seed", "mixed_precision", "xla")
+FIELDS = ("data", "sample_images", "sampling", "image_size", "val_size", "augment", "area_power", "nucleus_epochs",
+          "preprocessing", "targets", "padding", "batch_norm", "block", "dropout", "epochs", "steps_per_epoch",
+          "batch_size", "learning_rate", "loss", "lr_schedule", "seed", "mixed_precision", "xla", "tta")
 
 
 def overrides_from_args(args) -> dict:

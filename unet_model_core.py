@@ -519,13 +519,13 @@ def make_datasets(train_samples: Sequence[LoadedSample], val_samples: Sequence[L
     # (preprocessed image, instance labels) of each sample: preprocessed once, before any random work.
     train_views, val_views = ([(preprocess_image(s.image, config.preprocessing), s.labels) for s in samples]
                               for samples in (train_samples, val_samples))
-    if config.nucleus_diameter:  # validation patches at the scale the model learns and predicts at
-        val_views = [rescale_view(image, labels, nucleus_scale(labels, config.nucleus_diameter))
-                     for image, labels in val_views]
+    diameter = None if config.nucleus_epochs else config.nucleus_diameter  # of two stages, the first's: native
+    if diameter:  # the validation patches at that nucleus size too
+        val_views = [rescale_view(image, labels, nucleus_scale(labels, diameter)) for image, labels in val_views]
 
     if config.sampling == "patch":
         sampler = PatchSampler(train_views, size, config.seed, config.targets, config.scale_range, config.area_power,
-                               config.nucleus_diameter)
+                               diameter)
         train = tf.data.Dataset.from_generator(sampler, output_signature=(image_spec, mask_spec))
         steps = config.steps_per_epoch or max(1, math.ceil(sampler.patches_per_epoch() / batch))
         val_images, val_masks = _patch_arrays(val_views, size, config.targets)
@@ -583,7 +583,8 @@ class Config:
     scale_range: tuple[float, float] | None = (0.6, 1.8)  # random patch scale (None: native scale only)
     preprocessing: str = "grey"  # "grey": grey, bright-on-dark, contrast-stretched; "rgb": as it is
     area_power: float = 0.5  # patches come from images drawn with probability ~ area ** this (1: per pixel)
-    nucleus_diameter: float | None = None  # px: each image rescaled so its nuclei's median diameter is this
+    nucleus_diameter: float | None = 20.0  # px: images rescaled so their nuclei's median diameter is this
+    nucleus_epochs: int = 3  # ...in a second stage of this many epochs after `epochs` (0: the whole run)
     # Model
     targets: str = "instance"  # "instance": background/interior/boundary classes; "binary": one mask
     channels: tuple[int, ...] = (16, 32, 64, 128, 256)  # per level; the last is the bottleneck
@@ -607,7 +608,7 @@ class Config:
     tile_overlap: int | None = None  # None: 1/8 of the output tile for padded models, 0 for unpadded
     min_nucleus_size: int = 15  # instances smaller than this many pixels are dropped
     min_confidence: float = 0.0  # nuclei whose mean nucleus probability is below this are dropped; chosen too
-    tta: bool = False  # average the 8 flips and rotations of each image at prediction (8x the time)
+    tta: bool = True  # average the 8 flips and rotations of each image at prediction (8x the time)
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
@@ -621,9 +622,11 @@ class Config:
             if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1] <= 10:
                 raise ValueError(f"scale_range must be two scales 0 < low <= high <= 10, or None, got "
                                  f"{self.scale_range}")
-        if self.nucleus_diameter is not None and not (self.nucleus_diameter > 0 and self.sampling == "patch"):
-            raise ValueError(f"nucleus_diameter must be a positive number of pixels (or None), with patch "
-                             f"sampling; got {self.nucleus_diameter} with {self.sampling!r} sampling")
+        if self.sampling == "resize":  # whole images resized to image_size: no nucleus size to bring them to
+            self.nucleus_diameter = None
+        if (self.nucleus_diameter is not None and not self.nucleus_diameter > 0) or int(self.nucleus_epochs) < 0:
+            raise ValueError(f"nucleus_diameter must be a positive number of pixels (or None) and nucleus_epochs 0 "
+                             f"or more; got {self.nucleus_diameter} and {self.nucleus_epochs}")
         if len(self.channels) < 2 or any(c < 1 for c in self.channels):
             raise ValueError(f"channels needs at least two positive counts (levels + bottleneck), got {self.channels}")
         for name in ("image_size", "batch_size", "epochs", "sample_images"):
@@ -673,8 +676,8 @@ class Config:
         values = {k: v for k, v in data.items() if k in names}
         if "num_classes" in data:
             values = {**LEGACY_DEFAULTS, **values}
-        if "area_power" not in data and {"targets", "num_classes"} & set(data):  # saved before it: per pixel
-            values["area_power"] = 1.0
+        if {"targets", "num_classes"} & set(data):  # a run's: later fields keep the way it trained then
+            values = {"area_power": 1.0, "nucleus_diameter": None, "nucleus_epochs": 0, **values}
         return cls(**values)
 
     def to_json(self, path=None, **extra) -> str:
@@ -692,7 +695,7 @@ class Config:
 def quick_config(**overrides) -> Config:
     """Settings for smoke runs and tests: a tiny sample, a small model, one short epoch."""
     values = dict(sample_images=8, image_size=64, channels=(8, 16, 32), epochs=1, steps_per_epoch=3,
-                  batch_size=4, val_size=0.25)
+                  batch_size=4, val_size=0.25, nucleus_epochs=1, tta=False)
     values.update(overrides)
     return Config(**values)
 
@@ -758,8 +761,7 @@ def up_block(x, skip, filters: int, name: str, padding: str = "same", batch_norm
     x = layers.UpSampling2D(size=2, name=f"{name}_upsample")(x)
     # The up-convolution always pads ("same"), so upsampling exactly doubles the size, as in the paper.
     x = layers.Conv2D(filters, 2, padding="same", kernel_initializer="he_normal", name=f"{name}_upconv")(x)
-    skip_h, skip_w = skip.shape[1], skip.shape[2]
-    x_h, x_w = x.shape[1], x.shape[2]
+    (skip_h, skip_w), (x_h, x_w) = skip.shape[1:3], x.shape[1:3]
     if padding == "valid" and skip_h is not None and (skip_h != x_h or skip_w != x_w):
         dh, dw = skip_h - x_h, skip_w - x_w
         skip = layers.Cropping2D(((dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2)), name=f"{name}_crop")(skip)
@@ -786,9 +788,7 @@ def unet_output_size(input_size: int, depth: int = 4, padding: str = "same") -> 
         if size <= 0 or size % 2:
             return None
         size //= 2
-    size -= 4
-    if size <= 0:
-        return None
+    size -= 4  # the bottleneck; a size at or below 0 here stays negative below
     for _ in range(depth):
         size = size * 2 - 4
     return size if size > 0 else None

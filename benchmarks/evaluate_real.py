@@ -87,7 +87,8 @@ def main(argv=None) -> int:
                 held_out = sorted(kinds)
             check_unseen(info, data_dir, held_out)
         else:
-            train_args = Train.build_parser(core.Config()).parse_args(rest + ["--data", str(data_dir)])
+            tta = [] if args.tta is None else ["--tta" if args.tta else "--no-tta"]  # the run's own setting too
+            train_args = Train.build_parser(core.Config()).parse_args(rest + tta + ["--data", str(data_dir)])
             config = Train.config_from_args(train_args, core)
             result = training.train(config, runs_root=train_args.runs_dir, run_name=train_args.name,
                                     resume=train_args.resume, exclude_ids=held_out,

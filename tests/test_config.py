@@ -64,14 +64,17 @@ def test_json_round_trip_keeps_every_field(tmp_path):
     ("min_confidence", 1.0, r"min_confidence must be in \[0, 1\)"),
     ("min_confidence", -0.1, "min_confidence must be in"),
     ("nucleus_diameter", 0.0, "nucleus_diameter must be a positive number of pixels"),
+    ("nucleus_epochs", -1, "nucleus_epochs 0 or more; got 20.0 and -1"),
 ])
 def test_bad_values_raise_clear_errors(field, value, message):
     with pytest.raises(ValueError, match=message):
         core.Config(**{field: value})
 
 
-def test_a_nucleus_diameter_needs_patch_sampling_and_survives_the_round_trip():
-    with pytest.raises(ValueError, match="with patch sampling; got 20 with 'resize' sampling"):
-        core.Config(nucleus_diameter=20, sampling="resize")
-    config = core.Config(nucleus_diameter=22.5)
+def test_a_nucleus_diameter_is_for_patches_and_survives_the_round_trip():
+    # Whole images resized to the input size have no nucleus size of their own: the original way stays
+    # one flag away (--sampling resize), its one stage at that size.
+    assert core.Config(sampling="resize").nucleus_diameter is None
+    assert core.Config(nucleus_diameter=20, sampling="resize").nucleus_diameter is None
+    config = core.Config(nucleus_diameter=22.5, nucleus_epochs=5)
     assert core.Config.from_dict(json.loads(config.to_json())) == config

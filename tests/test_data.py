@@ -635,6 +635,19 @@ def test_patches_at_a_nucleus_diameter_bring_every_image_to_it():
     assert min(widths[1]) >= 7 and max(widths[1]) <= 9, f"normalised sizes {sorted(set(widths[1]))}"
 
 
+def test_the_pipelines_of_a_two_stage_config_are_its_first_stage_s():
+    # 6-px squares (a disc of their area is 6.77 px across) in a 96-px image: brought to 12 px, the image
+    # grows 1.77 times to 170 px, and its validation grid of 32-px patches from 3 x 3 to 6 x 6.
+    image, labels = _square_nuclei(6, 12, size=96)
+    samples = [core.LoadedSample(name, image, labels) for name in ("a", "b")]
+    common = dict(image_size=32, channels=(4, 8), batch_size=64, augment=False, seed=1)
+    for config, patches in ((core.Config(nucleus_diameter=None, **common), 9),
+                            (core.Config(nucleus_diameter=12.0, **common), 9),  # two stages: the first, native
+                            (core.Config(nucleus_diameter=12.0, nucleus_epochs=0, **common), 36)):  # one size
+        _, val, _ = core.make_datasets(samples[:1], samples[1:], config)
+        assert sum(len(batch[0]) for batch in val) == patches, config
+
+
 def test_preprocessing_makes_every_kind_bright_on_dark_and_stretched():
     rng = np.random.default_rng(0)
     nuclei = np.zeros((64, 64), bool)

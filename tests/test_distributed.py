@@ -70,6 +70,9 @@ def test_two_workers_train_one_run_and_only_the_chief_writes_it(tmp_path, tiny_d
     # Both ran the same epochs in step, each naming itself.
     assert "Epoch 2/2 (worker 0 of 2): 3 steps" in chief.stdout
     assert "Epoch 2/2 (worker 1 of 2): 3 steps" in worker.stdout
+    # ... and the default's second stage, at one nucleus size, after them (--quick: one epoch).
+    assert "Second stage: epoch 3 with every image at 20-px nuclei" in chief.stdout
+    assert "Epoch 3/3 (worker 1 of 2): 3 steps" in worker.stdout
     assert "trained in step with the chief" in worker.stdout and "Predict with:" not in worker.stdout
     # The chief wrote one complete run; the other worker wrote nothing a user sees.
     assert sorted(p.name for p in runs.iterdir()) == ["latest", "together"]
@@ -79,11 +82,11 @@ def test_two_workers_train_one_run_and_only_the_chief_writes_it(tmp_path, tiny_d
     info = json.loads((run / "config.json").read_text())
     assert info["replicas"] == 2 and info["val_scores"]["dice"] >= 0
     rows = (run / "history.csv").read_text().splitlines()
-    assert rows[0].split(",")[:4] == ["epoch", "dice", "iou", "loss"] and len(rows) == 3
+    assert rows[0].split(",")[:4] == ["epoch", "dice", "iou", "loss"] and len(rows) == 1 + 3
     assert not list(tmp_path.glob("unet_worker_*"))
     # Both workers logged the same validation loss: they hold the same weights.
     last_val = [line.split("val_loss: ")[1].split()[0] for line in (chief.stdout, worker.stdout)
-                for line in line.splitlines() if line.startswith("Epoch 2/2")]
+                for line in line.splitlines() if line.startswith("Epoch 3/3")]
     assert len(last_val) == 2 and last_val[0] == last_val[1]
 
 

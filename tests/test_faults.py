@@ -41,7 +41,9 @@ def no_traceback(*texts):
 
 
 def train(tmp_path, data, *flags):
-    return run_main(Train, "--quick", "--data", str(data), "--runs-dir", str(tmp_path / "runs"), *flags)
+    # One stage at native scale: these tests are about faults, not stages (test_stages.py).
+    return run_main(Train, "--quick", "--data", str(data), "--runs-dir", str(tmp_path / "runs"),
+                    "--nucleus-diameter", "none", *flags)
 
 
 @pytest.fixture()
@@ -351,7 +353,7 @@ def test_a_damaged_model_file_is_called_damaged_not_missing(copied_run, images, 
 def test_a_damaged_resume_checkpoint_is_named_and_the_run_kept(copied_run):
     (copied_run / "last.keras").write_bytes(b"")
     before = sorted(p.name for p in copied_run.iterdir())
-    status, out, err = run_main(Train, "--resume", str(copied_run), "--epochs", "2")
+    status, out, err = run_main(Train, "--resume", str(copied_run))
     assert status == 1 and no_traceback(err), err
     assert "last.keras exists but cannot be loaded" in err and "damaged" in err and "new run" in err
     assert sorted(p.name for p in copied_run.iterdir()) == before

@@ -602,7 +602,7 @@ def test_prediction_at_a_nucleus_diameter_rescales_the_image_and_the_result_back
     assert calls == [((96, 96), False), ((96, 96), True)]
 
     calls.clear()  # a model trained at the native scale predicts once, as before
-    tiling.predict_at_nucleus_scale(None, image, Config(), tta=True)
+    tiling.predict_at_nucleus_scale(None, image, Config(nucleus_diameter=None), tta=True)
     assert calls == [((96, 96), True)]
 
     calls.clear()  # a large image is rescaled less, so the second pass fits the pixel budget

@@ -30,7 +30,9 @@ def test_a_run_directory_has_every_file_and_a_report(quick_run):
     assert set(config["val_scores"]) == {"dice", "iou", "dsb_score", "ap50"}
     assert config["targets"] == "instance" and 0 < config["marker_threshold"] < 1
     assert [row["id"] for row in config["val_scores_per_image"]] == config["val_ids"]
-    assert config["best_epoch"] == 1 and config["train_seconds"] > 0
+    # --quick keeps the default's two stages, an epoch each: the best is the second stage's own.
+    assert config["best_epoch"] == 2 and config["train_seconds"] > 0 and config["nucleus_diameter"] == 20.0
+    assert "2 epochs (1 + 1 at 20-px nuclei)" in out and "Second stage: epoch 2 with every image" in out
     assert "Configuration:" in out and "Data: using" in out  # resolved config and data source are shown
     assert "Dice" in out and "IoU" in out and "DSB score" in out and str(run) in out
 
@@ -54,7 +56,8 @@ def test_new_run_dir_never_reuses_an_existing_folder(tmp_path):
 
 def test_resume_continues_from_the_saved_epoch(tmp_path, tiny_dataset):
     runs = str(tmp_path / "runs")
-    status, out, err = run_main(Train, "--quick", "--data", str(tiny_dataset), "--name", "r", "--runs-dir", runs)
+    status, out, err = run_main(Train, "--quick", "--data", str(tiny_dataset), "--name", "r", "--runs-dir", runs,
+                                "--nucleus-diameter", "none")  # one stage; test_stages.py resumes two
     assert status == 0, out + err
     run = tmp_path / "runs" / "r"
     assert json.loads((run / "state.json").read_text())["epoch"] == 1
@@ -124,6 +127,9 @@ def test_flags_reach_the_config():
     assert Train.config_from_args(parser.parse_args(["--nucleus-diameter", "22"]), core).nucleus_diameter == 22.0
     for off in ("none", "0"):
         assert Train.config_from_args(parser.parse_args(["--nucleus-diameter", off]), core).nucleus_diameter is None
+    # TTA is on by default (the choice of post-processing and the run's setting); one flag turns it off.
+    assert Train.config_from_args(parser.parse_args([]), core).tta is True
+    assert Train.config_from_args(parser.parse_args(["--no-tta"]), core).tta is False
 
 
 def test_help_documents_every_flag():
@@ -132,7 +138,7 @@ def test_help_documents_every_flag():
     for flag in ("--data", "--epochs", "--batch-size", "--image-size", "--sampling", "--val-size", "--lr", "--loss",
                  "--channels", "--padding", "--no-augment", "--seed", "--runs-dir", "--name", "--resume", "--quick",
                  "--mixed-precision", "--xla", "--cpu-devices", "--targets", "--preprocessing", "--scale-range",
-                 "--no-batch-norm", "--lr-schedule", "--nucleus-diameter"):
+                 "--no-batch-norm", "--lr-schedule", "--nucleus-diameter", "--nucleus-epochs", "--tta"):
         assert flag in out, flag
 
 

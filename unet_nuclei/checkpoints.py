@@ -129,6 +129,12 @@ def read_history_rows(path) -> list[dict]:
         return [{k: float(v) for k, v in row.items() if k and v not in (None, "")} for row in csv.DictReader(handle)]
 
 
+def read_history(path) -> dict:
+    """history.csv as {column: [values...]} (floats), the epoch column included."""
+    rows = read_history_rows(path)
+    return {key: [row[key] for row in rows if key in row] for key in (rows[0] if rows else {})}
+
+
 class StopOnNaN(keras.callbacks.Callback):
     """Stop at the first NaN or infinite loss and remember where, so the user gets a message."""
 

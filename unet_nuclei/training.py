@@ -44,11 +44,12 @@ from unet_nuclei import cache, files, plots, synthetic
 from unet_nuclei.cache import report_problems
 from unet_nuclei.checkpoints import (CONFIG_FILE, CURVES_FILE, HISTORY_FILE, LAST_FILE, MODEL_FILE, STATE_FILE,
                                      VAL_FIGURE_FILE, HistoryLog, RunCheckpoint, StopOnNaN,
-                                     export_inference_model, read_history_rows, read_json, saved_epoch)
+                                     export_inference_model, read_history, read_json, saved_epoch)
 from unet_nuclei.devices import configure_devices, get_strategy, set_precision  # noqa: F401
 from unet_nuclei.multiworker import fit_distributed, is_chief
 from unet_nuclei.instances import (CONFIDENCE_GRID, MARKER_GRID, MIN_SIZE_GRID, THRESHOLD_GRID, Prediction,
                                    choose_post_processing)
+from unet_nuclei.stages import check_resume, describe, describe_stage, total_epochs, training_stages
 from unet_nuclei.tiling import predict_samples
 
 DEFAULT_RUNS_DIR = "runs"
@@ -248,12 +249,6 @@ def validation_samples(run_info: dict) -> tuple[list[Sample], list[tuple[str, st
     return found, [(m, f"validation image not found in {data_dir}") for m in missing]
 
 
-def read_history(path) -> dict:
-    """history.csv as {column: [values...]} (floats), the epoch column included."""
-    rows = read_history_rows(path)
-    return {key: [row[key] for row in rows if key in row] for key in (rows[0] if rows else {})}
-
-
 def _resume_point(run_dir: Path, config: Config, changes: dict, verbose: int):
     """The saved Config of a run to resume, with the ``changes`` it may take (``RESUME_CHANGES``), and
     the epoch and best validation loss it reached."""
@@ -272,9 +267,7 @@ def _resume_point(run_dir: Path, config: Config, changes: dict, verbose: int):
         _log(f"Note: {', '.join(ignored)} kept from the run: a resumed run changes only "
              f"{' and '.join(RESUME_CHANGES)}", verbose)
     config = dataclasses.replace(saved_config, **{k: changes[k] for k in RESUME_CHANGES if k in changes})
-    if config.epochs < initial_epoch:
-        raise ValueError(f"--epochs {config.epochs}: {run_dir} has already trained {initial_epoch} epochs; "
-                         f"give --epochs {initial_epoch} or more")
+    check_resume(saved_config, config, initial_epoch, run_dir)
     return config, saved_config, saved_info.get("held_out_ids", []), initial_epoch, best
 
 
@@ -306,16 +299,15 @@ def open_run(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = 
         config, saved, exclude_ids, initial_epoch, best = _resume_point(run_dir, config, changes or {}, verbose)
         restart_optimizer = config.learning_rate != saved.learning_rate
         files.check_writable(run_dir, f"--resume {resume}", create=False)
-        _log(f"Resuming {run_dir} after epoch {initial_epoch} of {config.epochs}"
+        _log(f"Resuming {run_dir} after epoch {initial_epoch} of {total_epochs(config)}"
              + (f", with a new optimizer at lr {config.learning_rate}" if restart_optimizer else ""), verbose)
     else:
         files.check_writable(runs_root, "--runs-dir")  # before the data, so a bad folder fails at once
 
     train_samples, val_samples, data_dir, why = prepare_data(config, progress, verbose, exclude_ids)
-    train_ds, val_ds, steps = make_datasets(train_samples, val_samples, config)
-    options = tf.data.Options()
-    # Generator-backed data cannot be sharded by file; shard by element across workers instead.
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    # The first stage's pipelines (``fit`` makes the second's); its pixels set the steps of every epoch.
+    train_ds, val_ds, steps = _datasets(train_samples, val_samples, training_stages(config)[0].config,
+                                        strategy.num_replicas_in_sync)
     policy = set_precision(config.mixed_precision)
     extra = dict(val_ids=[s.sample_id for s in val_samples], data_dir=str(data_dir), data_source=why,
                  steps_per_epoch_used=steps, replicas=strategy.num_replicas_in_sync, precision=policy)
@@ -330,13 +322,25 @@ def open_run(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = 
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
     _log(f"Run:  {run_dir}", verbose)
-    _log(f"      {config.epochs} epochs x {steps} steps of batch {config.batch_size}, "
+    _log(f"      {describe(config)} x {steps} steps of batch {config.batch_size}, "
          f"{config.image_size}px {config.sampling} sampling, loss {config.loss}, lr {config.learning_rate}, "
          f"{strategy.num_replicas_in_sync} device(s), {policy}" + (", XLA" if config.xla else ""), verbose)
     return OpenRun(run_dir, Path(runs_root), config, strategy, train_samples, val_samples,
-                   train_ds.with_options(options), val_ds.with_options(options), steps, extra,
+                   train_ds, val_ds, steps, extra,
                    resumed=resume is not None, initial_epoch=initial_epoch, best_val_loss=best, started=started,
                    restart_optimizer=restart_optimizer)
+
+
+def _datasets(train_samples, val_samples, config: Config, replicas: int = 1):
+    """``make_datasets``, sharded by element across machines (generator-backed data cannot be sharded by
+    file), less a last validation batch too small for a patch on each device (an empty one fails)."""
+    train_ds, val_ds, steps = make_datasets(train_samples, val_samples, config)
+    batches = int(val_ds.cardinality())
+    if replicas > 1 and batches > 1 and len(next(iter(val_ds.skip(batches - 1)))[0]) < replicas:
+        val_ds = val_ds.take(batches - 1)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return train_ds.with_options(options), val_ds.with_options(options), steps
 
 
 def what_is_kept(run: OpenRun) -> str:
@@ -346,7 +350,7 @@ def what_is_kept(run: OpenRun) -> str:
     if epoch is None and not run.resumed:
         shutil.rmtree(run.run_dir, ignore_errors=True)
         return f"no epoch had finished, so nothing was saved and {run.run_dir} was removed"
-    return (f"{run.run_dir} holds the last good epoch ({epoch} of {run.config.epochs}); continue with "
+    return (f"{run.run_dir} holds the last good epoch ({epoch} of {total_epochs(run.config)}); continue with "
             f"`python Train.py --resume {run.run_dir}`")
 
 
@@ -360,40 +364,48 @@ def _load_checkpoint(path: Path) -> keras.Model:
 
 
 def fit(run: OpenRun, verbose: int = 1) -> int | None:
-    """Step 2 of ``train``: train up to ``run.config.epochs`` epochs, checkpointing at every good epoch
-    end; then history.csv, training_curves.png and ``runs/latest``.  Returns the best epoch (None when no
-    epoch improved the validation loss in this call).  Raises ``TrainingError`` on a NaN loss (the NaN
-    epoch is never saved); a KeyboardInterrupt propagates after the last finished epoch has been saved."""
+    """Step 2 of ``train``: train the run's stages (``stages.training_stages``), checkpointing at every
+    good epoch end; then history.csv, training_curves.png and ``runs/latest``.  Returns the last stage's
+    best epoch (None when no epoch improved the validation loss in this call).  Raises ``TrainingError``
+    on a NaN loss (the NaN epoch is never saved); a KeyboardInterrupt propagates after the last finished
+    epoch has been saved."""
     config, run_dir = run.config, run.run_dir
+    checkpoint, nan_guard = RunCheckpoint(run_dir, config, run.best_val_loss), StopOnNaN()
     try:
         with run.strategy.scope():
-            if run.resumed:
-                model = _load_checkpoint(run_dir / LAST_FILE)
-                if run.restart_optimizer:
-                    # A new learning rate: a fresh optimizer, its schedule spread over the epochs left.
-                    compile_unet(model, config, total_steps=(config.epochs - run.initial_epoch) * run.steps)
-            else:
-                model = compile_unet(build_unet_from_config(config), config,
-                                     total_steps=config.epochs * run.steps)
+            model = _load_checkpoint(run_dir / LAST_FILE) if run.resumed else build_unet_from_config(config)
         _log(f"Model: {model.count_params():,} parameters, channels {list(config.channels)}, "
              f"padding={config.padding}", verbose)
-        checkpoint = RunCheckpoint(run_dir, config, run.best_val_loss)
-        nan_guard = StopOnNaN()
         callbacks = [checkpoint, nan_guard, HistoryLog(run_dir / HISTORY_FILE, run.initial_epoch)]
         if config.lr_schedule == "plateau":
-            callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=4,
-                                                               min_lr=1e-5))
+            callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=4, min_lr=1e-5))
         fit_verbose = (1 if sys.stdout.isatty() else 2) if verbose else 0
-        if run.initial_epoch >= config.epochs:
-            pass  # a resumed run that already has all its epochs
-        elif isinstance(run.strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            fit_distributed(model, run.strategy, run.train_ds, run.val_ds, config.epochs, run.initial_epoch,
-                            run.steps, callbacks, verbose)
-        else:
-            model.fit(run.train_ds, validation_data=run.val_ds, epochs=config.epochs,
-                      initial_epoch=run.initial_epoch, steps_per_epoch=run.steps, callbacks=callbacks,
-                      verbose=fit_verbose,
-                      shuffle=False)  # the pipeline already randomises; Keras cannot shuffle a tf.data stream
+        restart = run.restart_optimizer or not run.resumed
+        for stage in training_stages(config):
+            start = max(run.initial_epoch, stage.first)
+            if start >= stage.last:
+                continue  # done before a resume (a resumed run may have all its epochs)
+            if start == stage.first or restart:
+                # A new stage, or a resume with a new learning rate: a fresh optimizer, its schedule
+                # spread over the stage's epochs left.
+                with run.strategy.scope():
+                    compile_unet(model, stage.config, total_steps=(stage.last - start) * run.steps)
+            train_ds, val_ds = run.train_ds, run.val_ds
+            if stage.first:
+                if start == stage.first:  # it validates at its own scale: the first's losses do not compare
+                    checkpoint.best = math.inf
+                train_ds, val_ds, _ = _datasets(run.train_samples, run.val_samples,
+                                                dataclasses.replace(stage.config, steps_per_epoch=run.steps),
+                                                run.strategy.num_replicas_in_sync)
+                _log(describe_stage(stage), verbose)
+            if isinstance(run.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+                fit_distributed(model, run.strategy, train_ds, val_ds, stage.last, start, run.steps, callbacks, verbose)
+            else:
+                model.fit(train_ds, validation_data=val_ds, epochs=stage.last, initial_epoch=start,
+                          steps_per_epoch=run.steps, callbacks=callbacks, verbose=fit_verbose,
+                          shuffle=False)  # the pipeline already randomises; Keras cannot shuffle a tf.data stream
+            if nan_guard.where or checkpoint.bad_epoch:
+                break
     finally:
         keras.mixed_precision.set_global_policy("float32")
     where = nan_guard.where or (f"the end of epoch {checkpoint.bad_epoch}" if checkpoint.bad_epoch else None)
