@@ -578,6 +578,21 @@ def _bright_is_nucleus(calls):
     return predict
 
 
+def test_validation_images_are_predicted_as_the_run_predicts_with_or_without_tta(monkeypatch):
+    # finalize chooses the post-processing on these outputs, so they follow the run's TTA setting.
+    from unet_model_core import Config, LoadedSample
+    from unet_nuclei import tiling
+
+    calls = []
+    monkeypatch.setattr(tiling, "predict_probabilities", _bright_is_nucleus(calls))
+    image = _disc_image(radius=4)
+    sample = LoadedSample("discs", image, np.zeros(image.shape[:2], np.uint16))
+    for tta in (True, False):
+        calls.clear()
+        tiling.predict_samples(None, [sample], Config(nucleus_diameter=None, tta=tta), progress=False)
+        assert calls == [((96, 96), tta)]
+
+
 def test_prediction_at_a_nucleus_diameter_rescales_the_image_and_the_result_back(monkeypatch):
     from unet_model_core import Config
     from unet_nuclei import tiling

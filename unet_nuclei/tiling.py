@@ -463,5 +463,5 @@ def _predict_view(model: keras.Model, image: np.ndarray, config: Config, tile_si
 def predict_samples(model: keras.Model, samples: Sequence[LoadedSample], config: Config,
                     progress: bool = True) -> list[np.ndarray]:
     """Full-resolution class probabilities of decoded samples, in order, as ``Predict_mask.py`` predicts."""
-    return [predict_at_nucleus_scale(model, s.image, config)
+    return [predict_at_nucleus_scale(model, s.image, config, tta=config.tta)
             for s in tqdm(samples, desc="Predicting validation images", disable=not progress, unit="img")]
