@@ -315,10 +315,10 @@ def nucleus_scale(labels: np.ndarray, diameter: float | None) -> float:
     return float(np.clip(diameter / np.median(across), 1 / SCALE_LIMIT, SCALE_LIMIT)) if len(across) else 1.0
 
 
-def rescale_view(image: np.ndarray, labels: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
-    """An image (H x W x C) and its labels resized by ``factor``, the labels by nearest neighbour."""
+def rescale_view(image: np.ndarray, labels: np.ndarray | None, factor: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """An image (H x W x C) and its labels (or None) resized by ``factor``, the labels by nearest neighbour."""
     size = (max(1, int(round(image.shape[0] * factor))), max(1, int(round(image.shape[1] * factor))))
-    return resize_image(image, size).reshape(*size, -1), resize_mask(labels, size)
+    return resize_image(image, size).reshape(*size, -1), None if labels is None else resize_mask(labels, size)
 
 
 def grid_positions(length: int, size: int) -> list[int]:

@@ -136,7 +136,8 @@ def main(argv=None) -> int:
     todo = [(name, i) for name, ids in sets.items() for i in ids]
     for name, i in tqdm(todo, desc="Predicting and scoring", unit="img"):
         sample = by_id[i]
-        output = tiling.predict_at_nucleus_scale(model, sample.image, config, dtype=np.float16)  # as predicted
+        output = tiling.predict_at_nucleus_scale(model, sample.image, config, tta=config.tta,
+                                                 dtype=np.float16)  # as Predict_mask.py predicts it
         truth = sample.labels.astype(np.int32)
         for way, options in WAYS.items():
             options = dict(options)

@@ -18,8 +18,8 @@ import keras
 import numpy as np
 from tqdm.auto import tqdm
 
-from unet_model_core import (Config, LoadedSample, check_input_size, nucleus_scale, preprocess_image, resize_image,
-                             unet_output_size)
+from unet_model_core import (Config, LoadedSample, check_input_size, nucleus_scale, preprocess_image, rescale_view,
+                             resize_image, unet_output_size)
 from unet_nuclei.instances import PostProcessing
 
 
@@ -414,11 +414,9 @@ def predict_at_nucleus_scale(model: keras.Model, image: np.ndarray, config: Conf
                      math.sqrt(MAX_RESCALED_PIXELS / (height * width)))
         if abs(math.log(factor)) >= math.log(RESCALE_TOLERANCE):
             del first
-            size = (max(1, round(height * factor)), max(1, round(width * factor)))
-            output = predict_probabilities(model, resize_image(image, size), config, tile_size, batch_size,
+            output = predict_probabilities(model, rescale_view(image, None, factor)[0], config, tile_size, batch_size,
                                            progress=progress, tta=tta)
-            output = cv2.resize(output, (width, height), interpolation=cv2.INTER_AREA if factor > 1 else cv2.INTER_LINEAR)
-            return output.reshape(height, width, -1).astype(dtype, copy=False)
+            return resize_image(output, (height, width)).reshape(height, width, -1).astype(dtype, copy=False)
         if not tta:
             return first.astype(dtype, copy=False)
     return predict_probabilities(model, image, config, tile_size, batch_size, progress=progress, tta=tta, dtype=dtype)
