@@ -11,7 +11,11 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from unet_model_core import ONEDNN_CHOICE
 from unet_nuclei.multiworker import cluster_spec
+
+ONEDNN_CHOOSERS = {"user": "set by TF_ENABLE_ONEDNN_OPTS", "project": "turned on by this project",
+                   "tensorflow": "TensorFlow's default on this processor"}
 
 
 def configure_devices(cpu_devices: int = 0) -> None:
@@ -75,3 +79,22 @@ def set_precision(mixed: bool | None) -> str:
         policy = "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
     keras.mixed_precision.set_global_policy(policy)
     return policy
+
+
+def onednn_enabled() -> bool:
+    """Whether TensorFlow runs its oneDNN CPU kernels in this process."""
+    from tensorflow.python.util import _pywrap_util_port  # TensorFlow's own answer; no public API has it
+
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def cpu_kernels() -> dict:
+    """Which CPU kernels TensorFlow runs and who chose them, for config.json and the run's first lines."""
+    return {"onednn": onednn_enabled(), "chosen_by": ONEDNN_CHOICE}
+
+
+def describe_cpu_kernels(kernels: dict) -> str:
+    """One line for users: the kernels, who chose them, and how to choose otherwise."""
+    state = "on" if kernels["onednn"] else "off"
+    how = "TF_ENABLE_ONEDNN_OPTS=0 turns them off" if kernels["onednn"] else "TF_ENABLE_ONEDNN_OPTS=1 turns them on"
+    return f"oneDNN CPU kernels {state} ({ONEDNN_CHOOSERS[kernels['chosen_by']]}; {how})"

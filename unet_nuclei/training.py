@@ -40,7 +40,7 @@ import tensorflow as tf
 
 from unet_model_core import (DEFAULT_DATA_DIR, Config, DataError, LoadedSample, Sample,
                              build_unet_from_config, compile_unet, find_samples, make_datasets)
-from unet_nuclei import cache, files, plots, synthetic
+from unet_nuclei import cache, devices, files, plots, synthetic
 from unet_nuclei.cache import report_problems
 from unet_nuclei.checkpoints import (CONFIG_FILE, CURVES_FILE, HISTORY_FILE, LAST_FILE, MODEL_FILE, STATE_FILE,
                                      VAL_FIGURE_FILE, HistoryLog, RunCheckpoint, StopOnNaN,
@@ -310,7 +310,8 @@ def open_run(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = 
                                         strategy.num_replicas_in_sync)
     policy = set_precision(config.mixed_precision)
     extra = dict(val_ids=[s.sample_id for s in val_samples], data_dir=str(data_dir), data_source=why,
-                 steps_per_epoch_used=steps, replicas=strategy.num_replicas_in_sync, precision=policy)
+                 steps_per_epoch_used=steps, replicas=strategy.num_replicas_in_sync, precision=policy,
+                 cpu_kernels=devices.cpu_kernels())
     if exclude_ids:
         extra["held_out_ids"] = sorted(exclude_ids)
     if resume is None:
@@ -325,6 +326,7 @@ def open_run(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = 
     _log(f"      {describe(config)} x {steps} steps of batch {config.batch_size}, "
          f"{config.image_size}px {config.sampling} sampling, loss {config.loss}, lr {config.learning_rate}, "
          f"{strategy.num_replicas_in_sync} device(s), {policy}" + (", XLA" if config.xla else ""), verbose)
+    _log(f"      {devices.describe_cpu_kernels(extra['cpu_kernels'])}", verbose)
     return OpenRun(run_dir, Path(runs_root), config, strategy, train_samples, val_samples,
                    train_ds, val_ds, steps, extra,
                    resumed=resume is not None, initial_epoch=initial_epoch, best_val_loss=best, started=started,
