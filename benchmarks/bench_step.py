@@ -11,11 +11,16 @@ numeric setting, measured side by side in one process.
   4. prediction: full-resolution tiled prediction (``predict_probabilities``) of the largest images, in
      megapixels per second, per setting.
 
+The settings "onednn-off" and "onednn-on" are float32 with TensorFlow's oneDNN CPU kernels forced off or
+on (``TF_ENABLE_ONEDNN_OPTS``, read when TensorFlow loads, so each runs in a child process on the same
+data); "float32" runs with the project's choice (on for x86; see ``unet_model_core._choose_onednn``).
+
 The data is ``--data`` if given, else ``dataset/stage1_train`` when present, else a generated DSB-like
 folder (``unet_nuclei.synthetic`` in DSB-2018's size mix).  The last line is one JSON object.
 
     python benchmarks/bench_step.py                      # about 5 minutes on 2 CPU cores
     python benchmarks/bench_step.py --data DIR --steps 200 --settings float32,mixed+xla
+    python benchmarks/bench_step.py --settings onednn-off,onednn-on,mixed --steps 20 --warmup 5
 """
 from __future__ import annotations
 
@@ -34,7 +39,21 @@ for folder in (REPO, REPO / "benchmarks"):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-SETTINGS = ("float32", "mixed", "xla", "mixed+xla")
+SETTINGS = ("float32", "mixed", "xla", "mixed+xla", "onednn-off", "onednn-on")
+# float32 with TensorFlow's oneDNN CPU kernels forced off or on.  The kernels are chosen when TensorFlow
+# loads, so these settings are measured in a child process of this script with TF_ENABLE_ONEDNN_OPTS set.
+ONEDNN_SETTINGS = {"onednn-off": "0", "onednn-on": "1"}
+
+
+def cpu_flags() -> list[str]:
+    """The processor's vector-instruction flags that decide the kernels' speed (Linux), for the JSON line."""
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((entry for entry in text.splitlines() if entry.startswith("flags")), "")
+    return [flag for flag in wanted if flag in line.split()]
 
 
 def log(message: str) -> None:
@@ -80,6 +99,25 @@ def time_input(dataset, batches: int) -> float:
     return (time.perf_counter() - started) * 1000 / batches
 
 
+def time_in_child(setting: str, data_dir: Path, args) -> tuple[float | None, float | None]:
+    """``(ms per step, prediction Mpx/s)`` of float32 in a fresh process with oneDNN forced as ``setting``
+    says; ``(None, None)`` if that process failed (its error is shown)."""
+    import subprocess
+
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": ONEDNN_SETTINGS[setting]}
+    command = [sys.executable, __file__, "--data", str(data_dir), "--settings", "float32", "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--predict-images", str(args.predict_images), "--child"] + (["--smoke"] if args.smoke else [])
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        log(f"{setting:>10}: failed: {result.stderr.strip().splitlines()[-1:]}")
+        return None, None
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    if figures["cpu_kernels"]["onednn"] != (ONEDNN_SETTINGS[setting] == "1"):
+        log(f"{setting:>10}: TensorFlow did not take TF_ENABLE_ONEDNN_OPTS={ONEDNN_SETTINGS[setting]}; not measured")
+        return None, None
+    return figures["step_ms"]["float32"], figures["predict_mpx_per_s"].get("float32")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Loading, training-step and prediction cost per numeric "
                                                  "setting (float32, mixed precision, XLA); one JSON line last.")
@@ -95,12 +133,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="float32 and mixed only, 15 timed steps (about a minute after loading)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # seconds; for the tests
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one oneDNN setting's process
     args = parser.parse_args(argv)
     if args.quick or args.smoke:
         args.settings = "float32,mixed"
         args.steps, args.warmup = (2, 1) if args.smoke else (15, 5)
     if args.smoke:
         args.images, args.predict_images = 6, 1
+        args.settings = "float32" if args.child else "float32,mixed,onednn-off"
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown or args.steps < 1 or args.warmup < 1:
@@ -110,7 +150,9 @@ def main(argv=None) -> int:
     import tensorflow as tf
 
     import unet_model_core as core
-    from unet_nuclei import cache, tiling, training
+    from unet_nuclei import cache, devices, tiling, training
+
+    kernels = devices.cpu_kernels()
 
     data_dir, source = find_data(args)
     cold_root = Path(tempfile.mkdtemp(prefix="bench_step_cache_"))
@@ -135,6 +177,14 @@ def main(argv=None) -> int:
 
     step_ms, predict_mpx = {}, {}
     for setting in settings:
+        if setting in ONEDNN_SETTINGS:
+            ms, mpx = time_in_child(setting, data_dir, args)
+            if ms is not None:
+                step_ms[setting] = ms
+                if mpx is not None:
+                    predict_mpx[setting] = mpx
+                log(f"{setting:>10} (float32, separate process): {ms:8.1f} ms/step")
+            continue
         mixed, xla = "mixed" in setting, "xla" in setting
         policy = training.set_precision(mixed)
         try:
@@ -167,12 +217,13 @@ def main(argv=None) -> int:
               f"{predict_mpx.get(setting, float('nan')):14.2f}")
     print(f"input pipeline alone: {input_ms:.1f} ms/batch ({input_ms / step_ms[best]:.0%} of the best step); "
           f"{steps_per_epoch} steps per epoch; device: {device}")
+    print(f"this process: {devices.describe_cpu_kernels(kernels)}")
     figures = {"device": device, "data": source, "images": len(loaded), "load_cold_s": round(load_cold, 1),
                "load_cached_s": round(load_cached, 2), "steps_per_epoch": steps_per_epoch, "step_ms": step_ms,
                "step_ms_float32": step_ms.get("float32"), "step_ms_best": step_ms[best], "best_setting": best,
                "speedup_best_vs_float32": round(step_ms["float32"] / step_ms[best], 2) if "float32" in step_ms else None,
                "input_ms_per_batch": round(input_ms, 2), "input_share_of_best_step": round(input_ms / step_ms[best], 3),
-               "predict_mpx_per_s": predict_mpx}
+               "predict_mpx_per_s": predict_mpx, "cpu_kernels": kernels, "cpu_flags": cpu_flags()}
     flags = " ".join(argv if argv is not None else sys.argv[1:])
     print(f"Rerun with: python benchmarks/bench_step.py {flags}".rstrip())
     print(json.dumps(figures))
