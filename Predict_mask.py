@@ -7,7 +7,8 @@
     python Predict_mask.py                                 # the run's validation images, scored, as a figure
 
 The model, its preprocessing and its threshold come from a run folder written by Train.py (the newest
-one unless --model says otherwise); no architecture flag is ever retyped.  The work is in
+one unless --model says otherwise) or, before any training, from the pretrained model shipped in
+models/dsb2018; no architecture flag is ever retyped.  The work is in
 ``unet_nuclei.predict``; this script only parses flags and reports.
 """
 import argparse
@@ -28,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("images", nargs="*", metavar="IMAGE",
                         help="image files (PNG, JPEG, TIFF; grey, RGB, RGBA, 16-bit; any size) or folders "
                              "(plain, DSB layout <id>/images/<id>.png, or images/ + masks/)")
-    parser.add_argument("--model", metavar="RUN_OR_FILE",
-                        help="a run name, a run folder or its model.keras (default: the newest run in --runs-dir)")
+    parser.add_argument("--model", metavar="MODEL",
+                        help="a run name, a run folder or its model.keras, or the name of a shipped model "
+                             "(dsb2018: trained on the DSB-2018 images, in models/) (default: the newest run "
+                             "in --runs-dir, else the shipped dsb2018)")
     parser.add_argument("--runs-dir", default="runs", metavar="DIR", help="where Train.py saved runs (default: runs)")
     parser.add_argument("--out", default="predictions", metavar="DIR", help="output folder (default: predictions)")
     parser.add_argument("--overwrite", action="store_true",
@@ -102,7 +105,6 @@ def main(argv=None) -> int:
             inputs, problems = predict.collect_inputs(args.images, args.truth)
         else:
             inputs, problems = predict.validation_inputs(info)
-            print(f"No image given: predicting the {len(inputs)} validation images of {run_dir}")
         # Every output path is checked here, before the first image, so no work is lost at the end.
         tiling.check_tile_size(config, args.tile_size)
         if args.batch_size < 1:
@@ -123,8 +125,10 @@ def main(argv=None) -> int:
         return 2
     markers = f", markers {config.marker_threshold:.2f}" if config.targets == "instance" else ""
     unsure = f", confidence {config.min_confidence:.2f}+" if config.min_confidence else ""
-    print(f"Model: {run_dir} ({config.targets} targets, {config.sampling} sampling, threshold "
+    print(f"Model: {run_dir} ({info['chosen_because']}; {config.targets} targets, threshold "
           f"{config.threshold:.2f}{markers}{unsure}{', TTA' if config.tta else ''}); writing to {out}/")
+    if not args.images:
+        print(f"No image given: predicting the {len(inputs)} validation images of {run_dir}")
 
     results, rows = [], []
     # The next images decode in the background while the model works on this one.

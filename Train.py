@@ -4,6 +4,7 @@
     python Train.py --data my_data --epochs 40 --name my-run
     python Train.py --resume runs/20261123-101500
     python Train.py --quick              # a smoke run in seconds
+    python Train.py --data my_images --init dsb2018   # fine-tune the shipped model on your images
 
 Every flag's default comes from ``unet_model_core.Config``; ``python Train.py --help`` lists them.
 The work is ``unet_nuclei.training.train``; this script only parses flags and reports.
@@ -108,6 +109,13 @@ def build_parser(defaults) -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN", help="continue an interrupted run (its name or folder) from its "
                      "last good checkpoint; architecture and data come from the run, which keeps its own "
                      "epoch count unless --epochs is given; a new --lr restarts the optimizer at that rate")
+    run.add_argument("--init", metavar="MODEL",
+                     help="fine-tune: start from this model's weights instead of random ones; MODEL is a shipped "
+                          "model (dsb2018), a run name or folder, or a model.keras. Architecture, preprocessing "
+                          "and targets come from it (conflicting flags are refused); its patch size, nucleus "
+                          "scale and loss are the defaults; the schedule defaults to a fine-tuning one "
+                          "(--epochs 10, --nucleus-epochs 2, --lr 0.0002), with a fresh optimizer and the "
+                          "post-processing chosen again on your validation images")
     run.add_argument("--quick", action="store_true",
                      help="smoke run: tiny sample, small model, one short epoch (other flags still apply)")
     return parser
@@ -145,11 +153,29 @@ def overrides_from_args(args) -> dict:
     return overrides
 
 
-def config_from_args(args, core):
-    """The ``Config`` that parsed flags describe (flags left out keep the defaults); ValueError, naming
-    the flag, for a malformed list."""
+def config_from_args(args, core, init_config=None):
+    """The ``Config`` that parsed flags describe (flags left out keep the defaults, or with ``--init``
+    the fine-tuning defaults from ``init_config``); ValueError, naming the flag, for a malformed list
+    or a flag that would change the starting model's architecture."""
     overrides = overrides_from_args(args)
+    if init_config is not None:
+        from unet_nuclei.finetune import fine_tune_config
+
+        return fine_tune_config(init_config, overrides, args.init, quick=args.quick)
     return core.quick_config(**overrides) if args.quick else core.Config(**overrides)
+
+
+def resolve_init(args):
+    """``(model file, its run's Config)`` for ``--init``, or ``(None, None)``."""
+    if args.init is None:
+        return None, None
+    from unet_nuclei import pretrained, training
+
+    target, _ = pretrained.resolve_model(args.init, args.runs_dir)
+    run_dir, model_file = (target.parent, target) if target.is_file() else (target, target / training.MODEL_FILE)
+    if not model_file.is_file():
+        raise FileNotFoundError(f"--init {args.init}: {run_dir} holds no {training.MODEL_FILE} yet")
+    return model_file, training.read_run_config(run_dir)[0]
 
 
 def main(argv=None) -> int:
@@ -159,11 +185,13 @@ def main(argv=None) -> int:
 
     args = build_parser(core.Config()).parse_args(argv)
     try:
-        config = config_from_args(args, core)
+        init_model, init_config = resolve_init(args)
+        config = config_from_args(args, core, init_config)
         print("Configuration:", ", ".join(f"{k}={v}" for k, v in config.to_dict().items()), flush=True)
         # On resume only the flags given again count (a plain --resume keeps the run's own epochs).
         result = training.train(config, runs_root=args.runs_dir, run_name=args.name, resume=args.resume,
-                                cpu_devices=args.cpu_devices, progress=True, changes=overrides_from_args(args))
+                                cpu_devices=args.cpu_devices, progress=True, changes=overrides_from_args(args),
+                                init_model=init_model)
     except KeyboardInterrupt as error:
         # Exit status 1, as for any run that did not finish; the message says what exists.
         print(f"\nInterrupted: {error or 'before training started; nothing new was saved'}.", file=sys.stderr)

@@ -116,8 +116,12 @@ def is_stray(path: Path) -> bool:
 
 
 def mask_stem(path: Path) -> str:
-    """The image stem a mask file belongs to: ``a.png`` and ``a_mask.png`` both belong to image ``a``."""
-    return path.stem[:-5] if path.stem.endswith("_mask") else path.stem
+    """The image stem a mask file belongs to: ``a.png``, ``a_mask.png`` and ``a_labels.tif`` (a label image
+    that Predict_mask.py wrote, perhaps corrected by hand) all belong to image ``a``."""
+    for suffix in ("_mask", "_labels"):
+        if path.stem.endswith(suffix):
+            return path.stem[: -len(suffix)]
+    return path.stem
 
 
 def is_image_file(path: Path) -> bool:
@@ -216,18 +220,36 @@ def _binary(mask: np.ndarray) -> np.ndarray:  # a decoded mask (any depth and ch
     return mask > 0
 
 
+def _read_mask_file(path: Path) -> np.ndarray:
+    # Label images saved by Fiji, napari or Predict_mask.py --labels tif may be 32-bit, which OpenCV does
+    # not read: TIFFs go through tifffile (a one-page 2-D image), everything else through OpenCV.
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            raw = np.squeeze(tifffile.imread(path))
+        except Exception as error:  # tifffile raises many types for a damaged file
+            raise DataError(f"{path}: not a TIFF that can be read ({type(error).__name__})") from error
+        if raw.ndim == 2:
+            return raw
+    return _decode(path)
+
+
 def read_instance_labels(mask_paths: Sequence, shape: tuple[int, int], layout: str = "dsb") -> np.ndarray:
     """Merge one-mask-per-nucleus files into an H x W uint16 label image.  The "pairs" layout's one mask
     is a label image when 16-bit with several values (StarDist's and Cellpose's convention), else a binary
     mask split into its connected components, the best estimate there is without per-nucleus files."""
     labels = np.zeros(shape, dtype=np.uint16)
     if layout == "pairs":
-        raw = _decode(mask_paths[0])
+        raw = _read_mask_file(Path(mask_paths[0]))
         if raw.shape[:2] != tuple(shape):
             raise DataError(f"{mask_paths[0]}: mask is {raw.shape[1]}x{raw.shape[0]} but its image is "
                             f"{shape[1]}x{shape[0]}")
-        if raw.ndim == 2 and raw.dtype == np.uint16 and len(np.unique(raw)) > 2:
-            return raw
+        if raw.ndim == 2 and raw.dtype != np.uint8 and np.issubdtype(raw.dtype, np.integer) and len(np.unique(raw)) > 2:
+            if raw.min() < 0 or raw.max() > np.iinfo(np.uint16).max:
+                raise DataError(f"{mask_paths[0]}: a label image needs labels from 0 to 65,535, found "
+                                f"{raw.min()} to {raw.max()}")
+            return raw.astype(np.uint16)
         return cv2.connectedComponents(_binary(raw).astype(np.uint8), connectivity=8)[1].astype(np.uint16)
     for index, path in enumerate(mask_paths, start=1):
         mask = read_mask(path)

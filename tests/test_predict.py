@@ -105,7 +105,10 @@ def test_existing_outputs_are_not_overwritten(quick_run, tmp_path):
 
 
 def test_no_run_and_foreign_models_get_clear_errors(tmp_path, monkeypatch):
+    from unet_nuclei import pretrained
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pretrained, "SHIPPED_DIR", tmp_path / "no_models")  # a checkout without models/
     status, _, stderr = run_main(Predict_mask, "x.png")
     assert status == 2 and "python Train.py" in stderr
     import keras

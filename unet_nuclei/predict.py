@@ -24,8 +24,9 @@ from unet_model_core import (NOT_A_SAMPLE_REASON, STRAY_REASON, Config, DataErro
 from unet_nuclei import files
 from unet_nuclei.instances import SCORE_KEYS, PostProcessing, Prediction, draw_outlines, mean_scores
 from unet_nuclei.measure import write_label_tiff
+from unet_nuclei.pretrained import resolve_model
 from unet_nuclei.tiling import predict_at_nucleus_scale
-from unet_nuclei.training import DEFAULT_RUNS_DIR, MODEL_FILE, find_run, read_run_config, validation_samples
+from unet_nuclei.training import DEFAULT_RUNS_DIR, MODEL_FILE, read_run_config, validation_samples
 
 
 class ModelError(ValueError):
@@ -33,14 +34,17 @@ class ModelError(ValueError):
 
 
 def load_run(run_or_file=None, runs_root=DEFAULT_RUNS_DIR) -> tuple[keras.Model, Config, dict, Path]:
-    """Load a run's model and its config: the newest run by default, or a run name, folder or model file.
+    """Load a run's model and its config: a run name, folder or model file, or a shipped model's name;
+    by default the newest run, else the shipped model (``pretrained.resolve_model``, whose reason for
+    the choice is ``run_info["chosen_because"]``).
 
     Returns ``(model, config, run_info, run_dir)``; ``run_info`` is the whole config.json (threshold,
     validation ids, scores).  Architecture and preprocessing come from the run, never from flags.
     """
-    run_dir = find_run(run_or_file, runs_root)
-    model_path = Path(run_or_file) if run_or_file and Path(run_or_file).is_file() else run_dir / MODEL_FILE
+    target, why = resolve_model(run_or_file, runs_root)
+    run_dir, model_path = (target.parent, target) if target.is_file() else (target, target / MODEL_FILE)
     config, info = read_run_config(run_dir)
+    info["chosen_because"] = why
     model = load_unet(model_path)
     return model, config, info, run_dir
 

@@ -46,6 +46,8 @@ from unet_nuclei.checkpoints import (CONFIG_FILE, CURVES_FILE, HISTORY_FILE, LAS
                                      VAL_FIGURE_FILE, HistoryLog, RunCheckpoint, StopOnNaN,
                                      export_inference_model, read_history, read_json, saved_epoch)
 from unet_nuclei.devices import configure_devices, get_strategy, set_precision  # noqa: F401
+from unet_nuclei.finetune import copy_weights
+from unet_nuclei.pretrained import sha256
 from unet_nuclei.multiworker import fit_distributed, is_chief
 from unet_nuclei.instances import (CONFIDENCE_GRID, MARKER_GRID, MIN_SIZE_GRID, THRESHOLD_GRID, Prediction,
                                    choose_post_processing)
@@ -141,6 +143,7 @@ class OpenRun:
     best_val_loss: float = math.inf
     started: float = dataclasses.field(default_factory=time.time)
     restart_optimizer: bool = False  # a resume with a new learning rate
+    init_model: Path | None = None  # a new run's starting weights (fine-tuning), else random ones
 
 
 @dataclasses.dataclass
@@ -273,15 +276,18 @@ def _resume_point(run_dir: Path, config: Config, changes: dict, verbose: int):
 
 def open_run(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = None, resume=None,
              cpu_devices: int = 0, verbose: int = 1, progress: bool = True, exclude_ids=(),
-             changes: dict | None = None) -> OpenRun:
+             changes: dict | None = None, init_model=None) -> OpenRun:
     """Step 1 of ``train``: a new run folder (or, with ``resume``, an interrupted run), the data decoded
     and split, the tf.data pipelines, and config.json written, so even an interrupted run says what it
     was.  On resume, architecture and data come from the run; ``changes`` (the settings given again,
     for example from flags) may set its ``epochs`` and ``learning_rate``; without them the run keeps its
     own.  ``exclude_ids`` (a held-out test set) are never loaded; config.json lists them as
     ``held_out_ids``.  A new run's folder is made only once its data is ready, so a failure before that
-    leaves no empty folder behind."""
+    leaves no empty folder behind.  ``init_model`` (a model file of the same architecture) gives a new
+    run its starting weights (fine-tuning; ``unet_nuclei.finetune``)."""
     started = time.time()
+    if init_model is not None and resume is not None:
+        raise ValueError("--init starts a new run from a model's weights and --resume continues a run: give one")
     configure_devices(cpu_devices)
     # The strategy comes before any other TensorFlow op: multi-worker training requires it.
     strategy = get_strategy(cpu_devices)
@@ -314,6 +320,8 @@ def open_run(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = 
                  cpu_kernels=devices.cpu_kernels())
     if exclude_ids:
         extra["held_out_ids"] = sorted(exclude_ids)
+    if init_model is not None:
+        extra["init_model"] = {"path": str(init_model), "sha256": sha256(init_model)}
     if resume is None:
         # A resumed run's config.json keeps describing its checkpoint until fit has saved a new epoch.
         run_dir = new_run_dir(runs_root, run_name)
@@ -327,8 +335,10 @@ def open_run(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = 
          f"{config.image_size}px {config.sampling} sampling, loss {config.loss}, lr {config.learning_rate}, "
          f"{strategy.num_replicas_in_sync} device(s), {policy}" + (", XLA" if config.xla else ""), verbose)
     _log(f"      {devices.describe_cpu_kernels(extra['cpu_kernels'])}", verbose)
+    if init_model is not None:
+        _log(f"      starting from the weights of {init_model} (fine-tuning, fresh optimizer)", verbose)
     return OpenRun(run_dir, Path(runs_root), config, strategy, train_samples, val_samples,
-                   train_ds, val_ds, steps, extra,
+                   train_ds, val_ds, steps, extra, init_model=None if init_model is None else Path(init_model),
                    resumed=resume is not None, initial_epoch=initial_epoch, best_val_loss=best, started=started,
                    restart_optimizer=restart_optimizer)
 
@@ -376,6 +386,9 @@ def fit(run: OpenRun, verbose: int = 1) -> int | None:
     try:
         with run.strategy.scope():
             model = _load_checkpoint(run_dir / LAST_FILE) if run.resumed else build_unet_from_config(config)
+            if run.init_model is not None and not run.resumed:
+                start = keras.saving.load_model(run.init_model, compile=False)
+                copy_weights(start, model, str(run.init_model))
         _log(f"Model: {model.count_params():,} parameters, channels {list(config.channels)}, "
              f"padding={config.padding}", verbose)
         callbacks = [checkpoint, nan_guard, HistoryLog(run_dir / HISTORY_FILE, run.initial_epoch)]
@@ -471,7 +484,7 @@ def finalize(run_dir, val_samples: list[LoadedSample] | None = None, thresholds=
 
 def train(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = None, resume=None,
           cpu_devices: int = 0, verbose: int = 1, progress: bool = True, exclude_ids=(),
-          changes: dict | None = None) -> TrainResult:
+          changes: dict | None = None, init_model=None) -> TrainResult:
     """Train a U-Net as ``config`` says and save a complete run folder: ``open_run``, ``fit``, ``finalize``.
 
     ``resume`` (a run name or folder) continues that run from its last checkpoint, with the epoch count
@@ -479,8 +492,10 @@ def train(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = Non
     ``cpu_devices`` > 1 splits the CPU into that many logical devices and trains data-parallel over them
     (a way to test the multi-device path).  Ctrl-C raises ``TrainingInterrupted``, whose message says
     what was kept; a new run that fails or is stopped before its first epoch leaves no folder behind.
+    ``init_model``: a model file whose weights the run starts from (fine-tuning).
     """
-    run = open_run(config, runs_root, run_name, resume, cpu_devices, verbose, progress, exclude_ids, changes)
+    run = open_run(config, runs_root, run_name, resume, cpu_devices, verbose, progress, exclude_ids, changes,
+                   init_model)
     if not is_chief():
         try:
             fit(run, verbose)
