@@ -11,6 +11,7 @@ TP / (TP + FP + FN)), AP at IoU 0.5 and Dice, overall and per kind, ending with 
     python benchmarks/evaluate_real.py --run runs/NAME         # score a finished run
     python benchmarks/evaluate_real.py --run runs/NAME --tta   # ... with test-time augmentation
     python benchmarks/evaluate_real.py --run runs/synthetic --all   # every image, for a run that never saw them
+    python benchmarks/evaluate_real.py --init dsb2018 --train-kinds stained --name ft   # fine-tune on one kind
 
 ``--all`` scores every image of ``--data`` instead of the held-out fifth.  It is meant for a run trained on
 other data (the built-in synthetic sample, say), for which every real image is unseen, and is refused for a
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run", metavar="RUN", help="score this finished run instead of training one")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="test-time augmentation (default: the run's setting)")
+    parser.add_argument("--train-kinds", metavar="KIND[,KIND]",
+                        help="train only on the training images of these kinds (fluorescence, stained, "
+                             "brightfield), for example to fine-tune on one kind (--init); scored on every kind")
     parser.add_argument("--all", action="store_true",
                         help="score every image of --data, not only the held-out fifth; only for a finished "
                              "--run that trained on other data (the synthetic-to-real measure)")
@@ -89,10 +93,12 @@ def main(argv=None) -> int:
         else:
             tta = [] if args.tta is None else ["--tta" if args.tta else "--no-tta"]  # the run's own setting too
             train_args = Train.build_parser(core.Config()).parse_args(rest + tta + ["--data", str(data_dir)])
-            config = Train.config_from_args(train_args, core)
+            init_model, init_config = Train.resolve_init(train_args)
+            config = Train.config_from_args(train_args, core, init_config)
+            excluded = set(held_out) | left_out_kinds(kinds, args.train_kinds)
             result = training.train(config, runs_root=train_args.runs_dir, run_name=train_args.name,
-                                    resume=train_args.resume, exclude_ids=held_out,
-                                    changes=Train.overrides_from_args(train_args))
+                                    resume=train_args.resume, exclude_ids=sorted(excluded),
+                                    changes=Train.overrides_from_args(train_args), init_model=init_model)
             model, config, info, run_dir = predict.load_run(result.run_dir)
     except (core.DataError, predict.ModelError, training.TrainingError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -117,6 +123,18 @@ def main(argv=None) -> int:
                "predict_seconds": round(result.seconds, 1)}
     print(json.dumps(figures))
     return 0
+
+
+def left_out_kinds(kinds: dict, train_kinds: str | None) -> set:
+    """The ids of the images whose kind is not in ``train_kinds`` (comma-separated; None: every kind)."""
+    if not train_kinds:
+        return set()
+    wanted = {k.strip() for k in train_kinds.split(",") if k.strip()}
+    unknown = wanted - set(kinds.values())
+    if unknown:
+        raise ValueError(f"--train-kinds: no image of kind {sorted(unknown)[0]!r}; the kinds are "
+                         f"{', '.join(sorted(set(kinds.values())))}")
+    return {i for i, kind in kinds.items() if kind not in wanted}
 
 
 def _counts(kinds: dict, ids) -> dict:
