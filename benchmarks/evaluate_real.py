@@ -120,6 +120,7 @@ def main(argv=None) -> int:
                "n": summary["all"]["n"], "dsb_score": summary["all"]["dsb_score"], "ap50": summary["all"]["ap50"],
                "dice": summary["all"]["dice"],
                "per_kind": {k: v["dsb_score"] for k, v in summary.items() if k != "all"},
+               "per_size": {k: v["dsb_score"] for k, v in result.by_size().items()},
                "predict_seconds": round(result.seconds, 1)}
     print(json.dumps(figures))
     return 0

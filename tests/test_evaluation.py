@@ -2,6 +2,7 @@
 import json
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, run_main
@@ -48,6 +49,20 @@ def test_summary_and_table_give_means_per_kind():
     assert summary["fluorescence"]["dsb_score"] == 0.5 and summary["stained"]["n"] == 1
     assert "brightfield" not in summary
     assert "stained" in result.table() and result.rows()[1]["id"] == "b"
+
+
+def test_scores_by_nucleus_size():
+    from unet_nuclei.instances import Scores
+
+    labels = np.zeros((40, 40), np.int32)
+    labels[0:10, 0:10], labels[20:24, 20:24] = 1, 2  # areas 100 and 16: median 58 px, about 8.6 px across
+    assert evaluation.median_diameter(labels) == pytest.approx(2 * np.sqrt(58 / np.pi))
+    assert evaluation.median_diameter(np.zeros((4, 4), np.int32)) == 0.0
+    scores = [Scores(1, 1, 0.8, 1, 3, 3), Scores(1, 1, 0.2, 1, 3, 3), Scores(1, 1, 0.6, 1, 3, 3)]
+    result = evaluation.Evaluation(["a", "b", "c"], ["fluorescence"] * 3, scores, diameters=[8.6, 30.0, 50.0])
+    assert result.by_size() == {"< 12 px": {"n": 1, "dsb_score": 0.8}, "24-48 px": {"n": 1, "dsb_score": 0.2},
+                                ">= 48 px": {"n": 1, "dsb_score": 0.6}}
+    assert "24-48 px 0.200 (n=1)" in result.table() and result.rows()[2]["median_diameter"] == 50.0
 
 
 def test_a_run_that_saw_the_held_out_images_is_refused(quick_run, tiny_dataset):

@@ -10,6 +10,7 @@ that is four-fifths fluorescence hides how a model does on stained tissue.
 from __future__ import annotations
 
 import dataclasses
+import math
 import hashlib
 import time
 from typing import Mapping, Sequence
@@ -62,6 +63,10 @@ def holdout_split(kinds: Mapping[str, str], fraction: float = HOLDOUT_FRACTION,
     return sorted(i for i in kinds if i not in held_out_set), sorted(held_out)
 
 
+# Bands of an image's median nucleus diameter, in pixels, for scores by nucleus size.
+SIZE_BANDS = ((0, 12), (12, 24), (24, 48), (48, math.inf))
+
+
 @dataclasses.dataclass
 class Evaluation:
     """Per-image scores of a model on held-out images, with each image's kind."""
@@ -70,6 +75,19 @@ class Evaluation:
     kinds: list[str]
     scores: list[Scores]
     seconds: float = 0.0
+    diameters: list[float] = dataclasses.field(default_factory=list)  # each image's median nucleus diameter, px
+
+    def by_size(self) -> dict:
+        """Mean DSB score per band of the images' median annotated nucleus diameter (``SIZE_BANDS``):
+        ``{"< 12 px": {"n": ..., "dsb_score": ...}, ...}``, bands without images left out."""
+        bands = {}
+        for low, high in SIZE_BANDS:
+            members = [i for i, d in enumerate(self.diameters) if low <= d < high]
+            if members:
+                name = f"< {high} px" if low == 0 else f">= {low} px" if high == math.inf else f"{low}-{high} px"
+                bands[name] = {"n": len(members),
+                               "dsb_score": round(float(np.mean([self.scores[i].dsb_score for i in members])), 4)}
+        return bands
 
     def summary(self) -> dict:
         """Mean scores overall and per kind: ``{"all": {...}, "fluorescence": {...}, ...}``, each with
@@ -89,22 +107,37 @@ class Evaluation:
         lines = [f"{'images':<14}{'n':>5}" + "".join(f"{key:>11}" for key in SCORE_KEYS)]
         for name, row in self.summary().items():
             lines.append(f"{name:<14}{row['n']:>5}" + "".join(f"{row[key]:>11.4f}" for key in SCORE_KEYS))
+        sizes = self.by_size()
+        if sizes:
+            lines.append("by the images' median nucleus diameter (DSB score): "
+                         + ", ".join(f"{name} {row['dsb_score']:.3f} (n={row['n']})" for name, row in sizes.items()))
         return "\n".join(lines)
 
     def rows(self) -> list[dict]:
         """One JSON-ready dict per image."""
-        return [{"id": i, "kind": k, **s.rounded()} for i, k, s in zip(self.ids, self.kinds, self.scores)]
+        diameters = self.diameters or [None] * len(self.ids)
+        return [{"id": i, "kind": k, **s.rounded(), "median_diameter": None if d is None else round(d, 1)}
+                for i, k, s, d in zip(self.ids, self.kinds, self.scores, diameters)]
 
 
 def evaluate(model: keras.Model, config: Config, samples: Sequence[LoadedSample], tta: bool | None = None,
              progress: bool = True) -> Evaluation:
     """Predict each sample as ``Predict_mask.py`` does and score it against its instance labels."""
     started = time.time()
-    ids, kinds, scores = [], [], []
+    ids, kinds, scores, diameters = [], [], [], []
     for sample in tqdm(samples, desc="Scoring held-out images", unit="img", disable=not progress):
         prediction = predict_image(model, config, sample.image, sample.sample_id, sample.labels.astype(np.int32),
                                    tta=tta, progress=False)
         ids.append(sample.sample_id)
         kinds.append(image_kind(sample.image))
         scores.append(prediction.scores)
-    return Evaluation(ids, kinds, scores, time.time() - started)
+        diameters.append(median_diameter(sample.labels))
+    return Evaluation(ids, kinds, scores, time.time() - started, diameters)
+
+
+def median_diameter(labels: np.ndarray) -> float:
+    """The median equivalent diameter (of a disc of the same area) of an image's nuclei, in pixels; 0
+    for an image without nuclei."""
+    areas = np.bincount(np.asarray(labels).ravel())[1:]
+    areas = areas[areas > 0]
+    return float(2 * np.sqrt(np.median(areas) / np.pi)) if areas.size else 0.0
