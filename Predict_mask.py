@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write <stem>_labels.png (or with 'tif', <stem>_labels.tif), a 16-bit image "
                              "with one value per nucleus (touching nuclei split by a watershed); the TIFF "
                              "holds more than 65,535 nuclei and the pixel size")
+    parser.add_argument("--rois", action="store_true",
+                        help="also write <stem>_rois.zip, an ImageJ ROI set of the nucleus outlines (one ROI per "
+                             "nucleus, named by its label) that Fiji's ROI Manager opens")
+    parser.add_argument("--geojson", action="store_true",
+                        help="also write <stem>.geojson, the nucleus outlines as GeoJSON that QuPath imports as "
+                             "detection objects (label and area as properties)")
     parser.add_argument("--measure", action="store_true",
                         help="measure every nucleus: one row each in <out>/nuclei.csv (centroid, area, "
                              "diameter, perimeter, eccentricity, solidity, mean and max grey value at the "
@@ -89,12 +95,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(_labels_value_given(sys.argv[1:] if argv is None else list(argv)))
     if args.pixel_size is not None and not args.pixel_size > 0:
         parser.error(f"--pixel-size must be a positive number of micrometres per pixel, got {args.pixel_size}")
-    if args.pixel_size is not None and not args.measure and args.labels != "tif":
-        parser.error("--pixel-size is used by --measure and --labels tif; give one of them")
+    if args.pixel_size is not None and not args.measure and args.labels != "tif" and not args.geojson:
+        parser.error("--pixel-size is used by --measure, --labels tif and --geojson; give one of them")
     # These import TensorFlow: after argument parsing, so --help is quick.
     import unet_model_core as core
-    from unet_nuclei import cache, files, measure, plots, predict, tiling
+    from unet_nuclei import cache, files, measure, outlines, plots, predict, tiling
     from unet_nuclei.instances import rle_rows
+    outline_kinds = [kind for kind in outlines.OUTLINE_FILES if getattr(args, kind)]  # --rois, --geojson
 
     try:
         model, config, info, run_dir = predict.load_run(args.model, args.runs_dir)
@@ -110,6 +117,7 @@ def main(argv=None) -> int:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size}: give a positive number of tiles per batch")
         out = files.check_writable(args.out, "--out")
+        outlines.check_available(outline_kinds)
         if args.rle:
             if Path(args.rle).exists() and not args.overwrite:
                 raise FileExistsError(f"--rle {args.rle} exists; pass --overwrite to replace it")
@@ -137,7 +145,8 @@ def main(argv=None) -> int:
         try:
             result = predict.predict_input(model, config, item, out, labels=args.labels, overwrite=args.overwrite,
                                            tile_size=args.tile_size, batch_size=args.batch_size,
-                                           pixel_size=args.pixel_size, image=decoded.result())
+                                           pixel_size=args.pixel_size, image=decoded.result(),
+                                           outlines=outline_kinds)
             if measurements is not None:
                 measurements.add_file(item.name, result.labels, item.image_path)
         except KeyboardInterrupt:

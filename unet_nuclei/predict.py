@@ -24,6 +24,8 @@ from unet_model_core import (NOT_A_SAMPLE_REASON, STRAY_REASON, Config, DataErro
 from unet_nuclei import files
 from unet_nuclei.instances import SCORE_KEYS, PostProcessing, Prediction, draw_outlines, mean_scores
 from unet_nuclei.measure import write_label_tiff
+from unet_nuclei.outlines import output_path as outline_path
+from unet_nuclei.outlines import write_outlines
 from unet_nuclei.pretrained import resolve_model
 from unet_nuclei.tiling import predict_at_nucleus_scale
 from unet_nuclei.training import DEFAULT_RUNS_DIR, MODEL_FILE, read_run_config, validation_samples
@@ -186,11 +188,12 @@ def read_ahead(items: Sequence[PredictionInput], depth: int = 2):
 def predict_input(model: keras.Model, config: Config, item: PredictionInput, out_dir, labels: bool | str = False,
                   overwrite: bool = False, tile_size: int | None = None, batch_size: int = 4,
                   tta: bool | None = None, progress: bool = True, pixel_size: float | None = None,
-                  image: np.ndarray | None = None) -> Prediction:
+                  image: np.ndarray | None = None, outlines: Sequence[str] = ()) -> Prediction:
     """Predict one image file and write ``<name>_mask.png`` (the union of the nuclei) and
     ``<name>_overlay.png`` into ``out_dir``; with ``labels`` (True or "png") also ``<name>_labels.png``
     (16-bit), with ``labels="tif"`` ``<name>_labels.tif`` instead (16-bit, 32-bit beyond 65,535 nuclei,
-    with ``pixel_size`` in micrometres in its resolution tags).
+    with ``pixel_size`` in micrometres in its resolution tags); ``outlines`` adds the outline files named
+    (``"rois"``: ``<name>_rois.zip`` for Fiji, ``"geojson"``: ``<name>.geojson`` for QuPath; ``unet_nuclei.outlines``).
     Returns the ``Prediction``, scored when the input has ground truth.  Raises DataError for an
     unreadable image or truth, FileExistsError before writing anything when an output exists and
     ``overwrite`` is off.  ``image`` is the decoded image when the caller read it ahead (``read_ahead``)."""
@@ -201,6 +204,7 @@ def predict_input(model: keras.Model, config: Config, item: PredictionInput, out
         raise ValueError(f"labels must be png or tif, got {labels!r}")
     if label_format:
         targets["labels"] = out_dir / f"{item.name}_labels.{label_format}"
+    targets.update({kind: outline_path(out_dir, item.name, kind) for kind in outlines})
     for path in targets.values():
         if path.resolve() == Path(item.image_path).resolve():
             raise FileExistsError(f"{path} is the input image itself; choose another --out")
@@ -216,6 +220,8 @@ def predict_input(model: keras.Model, config: Config, item: PredictionInput, out
                "labels": (lambda path: files.write_png(path, prediction.labels.astype(np.uint16), overwrite))
                if label_format == "png" else
                (lambda path: write_label_tiff(path, prediction.labels, pixel_size, overwrite))}
+    outputs.update({kind: lambda path, kind=kind: write_outlines(kind, path, prediction.labels, pixel_size, overwrite)
+                    for kind in outlines})
     written = []
     try:
         for kind, path in targets.items():
