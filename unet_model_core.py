@@ -870,7 +870,7 @@ class Config:
                                  f"{self.scale_range}")
         if self.sampling == "resize":  # whole images resized to image_size: no nucleus size to bring them to
             self.nucleus_diameter = None
-        if (self.nucleus_diameter is not None and not self.nucleus_diameter > 0) or int(self.nucleus_epochs) < 0:
+        if (self.nucleus_diameter is not None and not 0 < self.nucleus_diameter < math.inf) or int(self.nucleus_epochs) < 0:
             raise ValueError(f"nucleus_diameter must be a positive number of pixels (or None) and nucleus_epochs 0 "
                              f"or more; got {self.nucleus_diameter} and {self.nucleus_epochs}")
         if len(self.channels) < 2 or any(c < 1 for c in self.channels):
@@ -878,7 +878,7 @@ class Config:
         for name in ("image_size", "batch_size", "epochs", "sample_images"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.val_size <= 0 or (self.val_size >= 1 and self.val_size != int(self.val_size)):
+        if not 0 < self.val_size < math.inf or (self.val_size >= 1 and self.val_size != int(self.val_size)):
             raise ValueError(f"val_size must be a fraction below 1 or a whole number of images, got {self.val_size}")
         if self.steps_per_epoch is not None and int(self.steps_per_epoch) < 1:
             raise ValueError(f"steps_per_epoch must be a positive integer (or None), got {self.steps_per_epoch}")
@@ -887,8 +887,13 @@ class Config:
             value = getattr(self, name)
             if not ((0 <= value if low == "[" else 0 < value) and (value <= 1 if high == "]" else value < 1)):
                 raise ValueError(f"{name} must be in {low}0, 1{high}, got {value}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        # NaN fails every comparison, so "not positive" is tested as "not (finite and > 0)".
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate (--lr) must be a positive number such as {Config.learning_rate}, "
+                             f"got {self.learning_rate}")
+        if int(self.min_nucleus_size) != self.min_nucleus_size or self.min_nucleus_size < 0:
+            raise ValueError(f"min_nucleus_size (Predict_mask.py --min-size) must be a whole number of pixels, 0 "
+                             f"or more, got {self.min_nucleus_size}")
         if self.channel is not None and (int(self.channel) != self.channel or self.channel < 0):
             raise ValueError(f"channel (--channel) must be a channel number, 0 for the first, got {self.channel}")
         # The size check gives the nearest sizes that work, so a user can fix the flag at once.
