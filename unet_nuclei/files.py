@@ -132,6 +132,9 @@ def check_writable(folder, what: str, create: bool = True) -> Path:
     """Make sure ``folder`` exists (created when ``create``) and a file can be written in it, before any
     long work; ``what`` names the flag or role in the message (for example ``"--out"``)."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(errno.ENOTDIR, f"{what} {folder}: this is a file, not a folder; give a folder for "
+                                         f"the outputs (a new one is created)")
     try:
         if create:
             folder.mkdir(parents=True, exist_ok=True)
@@ -143,6 +146,9 @@ def check_writable(folder, what: str, create: bool = True) -> Path:
         probe.unlink()
     except OutputError:
         raise
+    except (FileExistsError, NotADirectoryError) as error:  # a file where a folder of the path should be
+        raise OutputError(errno.ENOTDIR, f"{what}: cannot create {folder}/: part of that path is a file, not "
+                                         f"a folder ({error.strerror or error})") from error
     except OSError as error:
         cause = _ADVICE.get(error.errno, error.strerror or str(error))
         raise OutputError(error.errno, f"{what}: cannot write in {folder}/: {cause} "
