@@ -214,6 +214,7 @@ class DecodedImage:
     pixels: np.ndarray
     axes: str  # one letter per axis of ``pixels``, in the order: planes, C, Y, X, S
     channel_names: tuple[str, ...] = ()
+    other_series: int = 0  # image series of a TIFF after the first, which is the one read
 
     @property
     def plane_axes(self) -> str:
@@ -235,7 +236,7 @@ def _tiff_channel_names(tiff: tifffile.TiffFile) -> tuple[str, ...]:
     """The channel names an OME-TIFF records for its first image (ImageJ keeps none that are reliable)."""
     if not tiff.is_ome or not tiff.ome_metadata:
         return ()
-    import xml.etree.ElementTree as ElementTree
+    from xml.etree import ElementTree
 
     try:
         root = ElementTree.fromstring(tiff.ome_metadata)
@@ -265,7 +266,7 @@ def _decode_tiff(path: Path) -> DecodedImage | None:
     (not a TIFF after all; palette, YCbCr, CMYK or inverted grey pixels, which OpenCV converts)."""
     try:
         tiff = tifffile.TiffFile(path)
-    except (tifffile.TiffFileError, ValueError, OSError, IndexError):
+    except Exception:  # tifffile raises many types for a file it cannot parse; OpenCV then has its say
         return None
     with tiff:
         if not tiff.series:
@@ -279,10 +280,11 @@ def _decode_tiff(path: Path) -> DecodedImage | None:
             return None  # samples stored plane by plane (planar configuration 2): OpenCV interleaves them
         try:
             pixels, opencv_order = series.asarray(), False
-        except (ValueError, NotImplementedError, RuntimeError, OSError) as error:  # LZW without imagecodecs
+        except Exception as error:  # LZW without imagecodecs, or damage: OpenCV tries, else a DataError
             pixels, opencv_order = _tiff_pages_by_opencv(path, shape, axes, error), True
         names = _tiff_channel_names(tiff)
         extra = tuple(int(e) for e in page.extrasamples)
+        others = len(tiff.series) - 1
     pixels = pixels.reshape(shape)
     if "S" in axes:
         samples = shape[axes.index("S")]
@@ -297,7 +299,7 @@ def _decode_tiff(path: Path) -> DecodedImage | None:
     pixels, axes = np.transpose(pixels, order), "".join(axes[i] for i in order)
     keep = [i for i, a in enumerate(axes) if pixels.shape[i] > 1 or a in "YX"]
     return DecodedImage(pixels.reshape([pixels.shape[i] for i in keep]), "".join(axes[i] for i in keep),
-                        names if "C" in axes else ())
+                        names if "C" in axes else (), others)
 
 
 def decode_image(path) -> DecodedImage:
@@ -341,7 +343,8 @@ def choose_channel(image: DecodedImage, channel: int | None, name: str = "image"
         if channel >= count:
             raise DataError(f"{name}: --channel {channel} does not exist; the file has {count} channels "
                             f"({listing}), numbered from 0")
-        return DecodedImage(np.take(pixels, int(channel), axis=axes.index("C")), axes.replace("C", ""))
+        return DecodedImage(np.take(pixels, int(channel), axis=axes.index("C")), axes.replace("C", ""),
+                            other_series=image.other_series)
     if channel is None:
         return image
     if "S" in axes:
@@ -351,7 +354,7 @@ def choose_channel(image: DecodedImage, channel: int | None, name: str = "image"
             raise DataError(f"{name}: --channel {channel} does not exist; the colour image has {count} "
                             f"channels ({', '.join(f'{i} {c}' for i, c in enumerate(colours))})")
         stored = ([0, 1] if count == 2 else [2, 1, 0, 3])[int(channel)]  # OpenCV's order: blue first
-        return DecodedImage(np.ascontiguousarray(pixels[..., stored]), axes[:-1])
+        return DecodedImage(np.ascontiguousarray(pixels[..., stored]), axes[:-1], other_series=image.other_series)
     if channel != 0:
         raise DataError(f"{name} is a grey image with one channel, so --channel {channel} does not exist "
                         f"(use --channel 0, or leave it out)")
