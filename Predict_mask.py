@@ -4,6 +4,8 @@
     python Predict_mask.py folder/ more.tif --labels --rle submission.csv
     python Predict_mask.py folder/ --measure --pixel-size 0.65 --labels tif   # + nuclei.csv, images.csv, summary.png
     python Predict_mask.py dataset/stage1_test --model runs/my-run
+    python Predict_mask.py scans/ --recursive --channel 1  # every subfolder; channel 1 of multi-channel TIFFs
+    python Predict_mask.py stack.tif --project max         # the maximum-intensity projection of a z-stack
     python Predict_mask.py                                 # the run's validation images, scored, as a figure
 
 The model, its preprocessing and its threshold come from a run folder written by Train.py (the newest
@@ -23,12 +25,34 @@ def build_parser() -> argparse.ArgumentParser:
                     "<stem>_mask.png (0/255, the image's exact size) and <stem>_overlay.png (nucleus "
                     "outlines on the image) into --out, and prints the size, the nuclei found and the time.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="With no IMAGE, predicts the run's own validation images and saves a figure of image, "
-               "ground truth and prediction with their scores. Exit status: 0 when every image was "
-               "written, 1 when some were skipped, 2 for a usage error (no model, bad flags).")
+        epilog="Any bit depth is read: 8-bit images as they are, others (12/16-bit, float, signed) "
+               "stretched between their 0.5th and 99.8th percentiles. TIFFs are read with every page: a "
+               "z-stack, time series, ImageJ hyperstack or OME-TIFF is segmented plane by plane, and its "
+               "outputs are stacks with one page per plane in the file's order (<stem>_mask.tif, "
+               "<stem>_overlay.tif and, with --labels, <stem>_labels.tif, labels numbered from 1 in each "
+               "plane); --project max segments the maximum-intensity projection instead. With no IMAGE, "
+               "predicts the run's own validation images and saves a figure of image, ground truth and "
+               "prediction with their scores. Exit status: 0 when every image was written, 1 when some "
+               "were skipped (an image file that cannot be read, for one), 2 for a usage error (no model, "
+               "bad flags).")
     parser.add_argument("images", nargs="*", metavar="IMAGE",
-                        help="image files (PNG, JPEG, TIFF; grey, RGB, RGBA, 16-bit; any size) or folders "
-                             "(plain, DSB layout <id>/images/<id>.png, or images/ + masks/)")
+                        help="image files (PNG, JPEG, TIFF, BMP; grey, RGB, RGBA, multi-channel, z-stacks; any "
+                             "bit depth and size) or folders (plain, DSB layout <id>/images/<id>.png, or "
+                             "images/ + masks/; images beside those are predicted too). Files without an image "
+                             "extension in a folder are passed over")
+    parser.add_argument("--channel", type=int, metavar="N",
+                        help="the channel that shows the nuclei, 0-based along the file's channel axis (as "
+                             "ImageJ or OME-TIFF metadata name it; for an RGB image 0 red, 1 green, 2 blue). "
+                             "Needed for a file with several channels (default: the run's own for its "
+                             "validation images, else none: grey and colour images as they are)")
+    parser.add_argument("--project", choices=("max",),
+                        help="'max': segment the maximum-intensity projection of a z-stack (of all its planes "
+                             "when the file names no z axis; a time series keeps one projection per time "
+                             "point) instead of each plane")
+    parser.add_argument("--recursive", action="store_true",
+                        help="also predict the images in subfolders of a folder (each read like the folder), "
+                             "their outputs in the same subfolders of --out (default: images in subfolders "
+                             "are counted and named, not predicted)")
     parser.add_argument("--model", metavar="MODEL",
                         help="a run name, a run folder or its model.keras, or the name of a shipped model "
                              "(dsb2018: trained on the DSB-2018 images, in models/) (default: the newest run "
@@ -61,15 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "input's own bit depth, border flag), one row per image in <out>/images.csv, "
                              "and <out>/summary.png when there are several images")
     parser.add_argument("--pixel-size", type=float, metavar="UM",
-                        help="micrometres per pixel: --measure also reports areas and lengths in um "
-                             "(columns *_um2, *_um), and --labels tif records it")
+                        help="micrometres per pixel, for every image: --measure also reports areas and lengths "
+                             "in um (columns *_um2, *_um), and --labels tif records it (default: each TIFF's "
+                             "own, from its ImageJ or OME metadata or resolution tags; images.csv says where "
+                             "each came from)")
     parser.add_argument("--min-size", type=int, metavar="PX",
                         help="drop nuclei smaller than this many pixels (default: from the run's config)")
     parser.add_argument("--min-confidence", type=float, metavar="P",
                         help="drop nuclei whose mean nucleus probability is below P; 0 keeps every one "
                              "(default: the one chosen on validation, stored in the run)")
     parser.add_argument("--rle", metavar="FILE",
-                        help="write a DSB-2018 submission CSV (ImageId,EncodedPixels; one row per nucleus)")
+                        help="write a DSB-2018 submission CSV (ImageId,EncodedPixels; one row per nucleus; "
+                             "the planes of a stack as <stem>_plane<N>, from 0)")
     parser.add_argument("--truth", metavar="DIR",
                         help="ground truth to score against: DSB layout, images/ + masks/, or <stem>.png / "
                              "<stem>_mask.png masks (DSB-layout inputs with masks/ are scored automatically)")
@@ -89,34 +116,58 @@ def _labels_value_given(argv: list[str]) -> list[str]:
             else arg for i, arg in enumerate(argv)]
 
 
-def main(argv=None) -> int:
-    """Run the script with ``argv`` (default: the command line); returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(_labels_value_given(sys.argv[1:] if argv is None else list(argv)))
+def check_flags(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse flags that cannot work (exit status 2, the flag named), before anything is loaded."""
+    import math
+
+    for flag, value in (("--pixel-size", args.pixel_size), ("--threshold", args.threshold),
+                        ("--marker-threshold", args.marker_threshold), ("--min-confidence", args.min_confidence)):
+        if value is not None and not math.isfinite(value):
+            parser.error(f"{flag} {value}: give a number")
     if args.pixel_size is not None and not args.pixel_size > 0:
         parser.error(f"--pixel-size must be a positive number of micrometres per pixel, got {args.pixel_size}")
     if args.pixel_size is not None and not args.measure and args.labels != "tif" and not args.geojson:
         parser.error("--pixel-size is used by --measure, --labels tif and --geojson; give one of them")
+    # (--tile-size is checked against the run's model before it loads: the smallest size depends on it.)
+    for flag, value, least in (("--min-size", args.min_size, 0), ("--batch-size", args.batch_size, 1),
+                               ("--channel", args.channel, 0)):
+        if value is not None and value < least:
+            parser.error(f"{flag} {value}: give a whole number, {least} or more")
+
+
+def main(argv=None) -> int:
+    """Run the script with ``argv`` (default: the command line); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(_labels_value_given(sys.argv[1:] if argv is None else list(argv)))
+    check_flags(parser, args)
     # These import TensorFlow: after argument parsing, so --help is quick.
+    import functools
+
     import unet_model_core as core
-    from unet_nuclei import cache, files, measure, outlines, plots, predict, tiling
+    from unet_nuclei import cache, files, image_files, measure, outlines, plots, predict, tiling
     from unet_nuclei.instances import rle_rows
     outline_kinds = [kind for kind in outlines.OUTLINE_FILES if getattr(args, kind)]  # --rois, --geojson
 
+    left_out, passed_over = [], []
     try:
-        model, config, info, run_dir = predict.load_run(args.model, args.runs_dir)
+        # Everything that can be checked is checked before the model loads and before the first image,
+        # so no work is lost to a bad flag or an output that cannot be written.
+        config, info, run_dir, model_path = predict.open_run(args.model, args.runs_dir)
         overrides = {"threshold": args.threshold, "marker_threshold": args.marker_threshold,
                      "min_nucleus_size": args.min_size, "min_confidence": args.min_confidence, "tta": args.tta}
         config = core.Config.from_dict({**config.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
+        tiling.check_tile_size(config, args.tile_size)
+        out = files.check_writable(args.out, "--out")
+        channel = args.channel
         if args.images:
-            inputs, problems = predict.collect_inputs(args.images, args.truth)
+            found = predict.collect_inputs(args.images, args.truth, recursive=args.recursive, exclude=[out])
+            inputs, problems = found.items, found.problems
+            left_out, passed_over = found.left_out, found.passed_over
         else:
             inputs, problems = predict.validation_inputs(info)
-        # Every output path is checked here, before the first image, so no work is lost at the end.
-        tiling.check_tile_size(config, args.tile_size)
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size {args.batch_size}: give a positive number of tiles per batch")
-        out = files.check_writable(args.out, "--out")
+            channel = config.channel if channel is None else channel
+        for subfolder in sorted({item.subfolder for item in inputs if item.subfolder}):
+            files.check_writable(out / subfolder, "--out")
         outlines.check_available(outline_kinds)
         if args.rle:
             if Path(args.rle).exists() and not args.overwrite:
@@ -125,9 +176,13 @@ def main(argv=None) -> int:
         if any(item.truth is not None for item in inputs) and (out / "scores.csv").exists() and not args.overwrite:
             raise FileExistsError(f"{out / 'scores.csv'} exists (the scores of an earlier run); pass "
                                   f"--overwrite to replace it, or choose another --out")
-        measurements = measure.Measurements(args.pixel_size) if args.measure else None
+        measurements = measure.Measurements() if args.measure else None
         if measurements is not None:  # before predicting, so a refusal costs nothing
             files.refuse_existing(measure.output_paths(out, len(inputs)), args.overwrite)
+        warning = predict.unfinished_warning(run_dir, config, info)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+        model = predict.load_unet(model_path)
     except (predict.ModelError, core.DataError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -139,34 +194,53 @@ def main(argv=None) -> int:
         print(f"No image given: predicting the {len(inputs)} validation images of {run_dir}")
 
     results, rows = [], []
+    reader = functools.partial(image_files.open_image, channel=channel, project=args.project,
+                               pixel_size=args.pixel_size)
+    wants_pixel_size = args.measure or args.labels == "tif" or args.geojson
     # The next images decode in the background while the model works on this one.
-    for done, (item, decoded) in enumerate(predict.read_ahead(inputs)):
+    for done, (item, decoded) in enumerate(predict.read_ahead(inputs, reader=reader)):
         started = time.time()
         try:
-            result = predict.predict_input(model, config, item, out, labels=args.labels, overwrite=args.overwrite,
+            image = decoded.result()
+            if image.notes:  # the first line for a file that was more than one 2-D image: what was done
+                outputs = "; outputs as TIFF stacks, one page per plane" if image.is_stack else ""
+                print(f"{item.label}: {'; '.join(image.notes)}{outputs}", flush=True)
+            if image.is_stack and item.truth is not None:
+                print(f"{item.label}: not scored: its ground truth is one plane", file=sys.stderr)
+            planes = predict.predict_input(model, config, item, out, labels=args.labels, overwrite=args.overwrite,
                                            tile_size=args.tile_size, batch_size=args.batch_size,
-                                           pixel_size=args.pixel_size, image=decoded.result(),
-                                           outlines=outline_kinds)
+                                           pixel_size=args.pixel_size, image=image, outlines=outline_kinds)
             if measurements is not None:
-                measurements.add_file(item.name, result.labels, item.image_path)
+                for index, result in enumerate(planes):
+                    measurements.add(item.label, result.labels, measure.to_grey(image.planes[index]),
+                                     index if image.is_stack else None, image.pixel_size, image.pixel_size_source)
         except KeyboardInterrupt:
             print(f"\nInterrupted after {done} of {len(inputs)} images: their files in {out}/ are complete, "
-                  f"{item.name}'s were not written; no scores or --rle file were written.", file=sys.stderr)
+                  f"{item.label}'s were not written; no scores or --rle file were written.", file=sys.stderr)
             return 1
         except files.OutputError as error:
             # A full disk or a lost permission fails every image after this one too: stop here.
-            print(f"error: {item.name}: {error}. Stopped after {done} of {len(inputs)} images; their files "
-                  f"are complete, {item.name}'s were not written.", file=sys.stderr)
+            print(f"error: {item.label}: {error}. Stopped after {done} of {len(inputs)} images; their files "
+                  f"are complete, {item.label}'s were not written.", file=sys.stderr)
             return 1
         except (core.DataError, FileExistsError, OSError) as error:
-            problems.append((item.name, str(error)))
-            print(f"{item.name}: skipped: {error}", file=sys.stderr)
+            problems.append((item.label, str(error)))
+            print(f"{item.label}: skipped: {error}", file=sys.stderr)
             continue
         if args.rle:
-            rows.extend(rle_rows(item.name, result.labels))
+            for index, result in enumerate(planes):
+                rows.extend(rle_rows(f"{item.label}_plane{index}" if image.is_stack else item.label, result.labels))
         # Keep the arrays only for the validation figure; a folder of big images adds up.
-        results.append(result.summary() if args.images else result)
-        line = f"{item.name}: {result.width}x{result.height}, {result.count} nuclei, {time.time() - started:.2f}s"
+        results.extend(result.summary() if args.images else result for result in planes)
+        result = planes[0]
+        if image.is_stack:
+            counts = [p.count for p in planes]
+            line = (f"{item.label}: {result.width}x{result.height}, {len(planes)} planes, {sum(counts)} nuclei "
+                    f"({min(counts)}-{max(counts)} a plane), {time.time() - started:.2f}s")
+        else:
+            line = f"{item.label}: {result.width}x{result.height}, {result.count} nuclei, {time.time() - started:.2f}s"
+        if wants_pixel_size and image.pixel_size is not None:
+            line += f", {image.pixel_size_text()}"
         if result.scores is not None:
             line += f"  Dice {result.scores.dice:.3f}  IoU {result.scores.iou:.3f}  DSB {result.scores.dsb_score:.3f}"
         print(line, flush=True)
@@ -182,8 +256,9 @@ def main(argv=None) -> int:
             print(f"Run-length encoding of {len(rows)} rows written to {args.rle}")
         if measurements is not None and measurements.images:
             written = measurements.write(out, overwrite=args.overwrite)
-            print(f"Measurements of {len(measurements.nuclei)} nuclei in {len(measurements.images)} images: "
-                  f"{', '.join(str(p) for p in written)}")
+            planes_note = f" ({len(measurements.images)} planes)" if measurements.has_planes else ""
+            print(f"Measurements of {len(measurements.nuclei)} nuclei in {len(measurements.names)} "
+                  f"images{planes_note}: {', '.join(str(p) for p in written)}")
         if not args.images and results:
             figure = predict.unique_path(out / "validation_predictions.png")
             plots.save(plots.prediction_grid(results), figure, dpi=80)
@@ -191,10 +266,22 @@ def main(argv=None) -> int:
     except OSError as error:  # FileExistsError too: a table that appeared meanwhile
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if passed_over:
+        print(f"Passed over {_some(passed_over)} that {'is' if len(passed_over) == 1 else 'are'} not an image "
+              f"(by the extension)")
+    if left_out:
+        print(f"Left out {_some(left_out, 'image')} in subfolders; pass --recursive to predict them too (their "
+              f"outputs go to the same subfolders of {out}/)")
     if problems:
         cache.report_problems(problems)
         return 1
     return 0
+
+
+def _some(paths, noun: str = "file", shown: int = 5) -> str:
+    """"3 files (a.txt, b.csv, c.txt)": a count and the first few names."""
+    names = ", ".join(str(p) for p in paths[:shown]) + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+    return f"{len(paths)} {noun}{'s' if len(paths) != 1 else ''} ({names})"
 
 
 if __name__ == "__main__":

@@ -10,14 +10,38 @@ Every flag's default comes from ``unet_model_core.Config``; ``python Train.py --
 The work is ``unet_nuclei.training.train``; this script only parses flags and reports.
 """
 import argparse
+import ast
 import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+CORE_FILE = Path(__file__).resolve().with_name("unet_model_core.py")
+CHOICE_LISTS = ("SAMPLING_MODES", "PREPROCESSING", "TARGETS", "PADDINGS", "BLOCKS", "LOSSES", "LR_SCHEDULES")
 
 
-def build_parser(defaults) -> argparse.ArgumentParser:
-    # The choices are the core's own lists (already imported by every caller, which passes its Config).
-    import unet_model_core as core
+def core_settings() -> tuple[SimpleNamespace, SimpleNamespace]:
+    """``Config``'s defaults and the core's lists of choices, as written in the core's source: read, not
+    imported, because importing the core imports TensorFlow, and ``--help`` should not wait many seconds
+    for that.  They are the literal values of the file, so they cannot drift from the imported ones
+    (tests/test_train.py compares them)."""
+    tree = ast.parse(CORE_FILE.read_text(encoding="utf-8"))
+    choices, defaults = {}, {}
+    for node in tree.body:
+        names = [getattr(target, "id", None) for target in getattr(node, "targets", [])]
+        if isinstance(node, ast.Assign) and len(names) == 1 and names[0] in CHOICE_LISTS:
+            choices[names[0]] = ast.literal_eval(node.value)
+        elif isinstance(node, ast.ClassDef) and node.name == "Config":
+            for field in node.body:
+                if isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name) and field.value is not None:
+                    defaults[field.target.id] = ast.literal_eval(field.value)
+    return SimpleNamespace(**defaults), SimpleNamespace(**choices)
 
-    d = defaults
+
+def build_parser(defaults=None) -> argparse.ArgumentParser:
+    """The flags, their help showing ``defaults`` (a ``Config``; by default the core's own, read without
+    importing TensorFlow)."""
+    source_defaults, core = core_settings()
+    d = source_defaults if defaults is None else defaults
     parser = argparse.ArgumentParser(
         description="Train a U-Net to segment cell nuclei. With no flags, trains on dataset/stage1_train "
                     "(the DSB-2018 data) when it exists, otherwise on a built-in synthetic sample, and "
@@ -31,6 +55,11 @@ def build_parser(defaults) -> argparse.ArgumentParser:
                       "else the built-in synthetic sample)")
     data.add_argument("--sample-images", type=int, metavar="N",
                       help=f"number of images in the built-in synthetic sample (default: {d.sample_images})")
+    data.add_argument("--channel", type=int, metavar="N",
+                      help="for multi-channel training images (ImageJ or OME-TIFF, one stain per channel): the "
+                           "channel that shows the nuclei, 0-based; for RGB images 0 red, 1 green, 2 blue "
+                           "(default: none; grey and colour images are read as they are, and a multi-channel "
+                           "image is refused)")
     data.add_argument("--sampling", choices=core.SAMPLING_MODES,
                       help=f"'patch': random crops at native resolution, prediction at full resolution; "
                            f"'resize': whole images resized to --image-size, the original way "
@@ -121,8 +150,8 @@ def build_parser(defaults) -> argparse.ArgumentParser:
     return parser
 
 
-FIELDS = ("data", "sample_images", "sampling", "image_size", "val_size", "augment", "area_power", "nucleus_epochs",
-          "preprocessing", "targets", "padding", "batch_norm", "block", "dropout", "epochs", "steps_per_epoch",
+FIELDS = ("data", "sample_images", "channel", "sampling", "image_size", "val_size", "augment", "area_power",
+          "nucleus_epochs", "preprocessing", "targets", "padding", "batch_norm", "block", "dropout", "epochs", "steps_per_epoch",
           "batch_size", "learning_rate", "loss", "lr_schedule", "seed", "mixed_precision", "xla", "tta")
 
 
@@ -147,9 +176,12 @@ def overrides_from_args(args) -> dict:
     text = getattr(args, "nucleus_diameter", None)
     if text is not None:
         try:
-            overrides["nucleus_diameter"] = None if text.strip().lower() in ("none", "0") else float(text)
+            overrides["nucleus_diameter"] = None if text.strip().lower() == "none" else float(text)
         except ValueError:
             raise ValueError(f"--nucleus-diameter {text!r}: expected a number of pixels, or 'none'") from None
+        if overrides["nucleus_diameter"] == 0:  # once read as "none": say what each means instead
+            raise ValueError("--nucleus-diameter 0: give the nuclei's median diameter in pixels (a positive "
+                             "number, such as 20), or 'none' to train at the images' own scale")
     return overrides
 
 
@@ -180,10 +212,10 @@ def resolve_init(args):
 
 def main(argv=None) -> int:
     """Run the script with ``argv`` (default: the command line); returns the exit status."""
-    import unet_model_core as core  # imports TensorFlow, so after the cheap checks in Python itself
+    args = build_parser().parse_args(argv)
+    import unet_model_core as core  # imports TensorFlow, so after the flags are parsed (--help is quick)
     from unet_nuclei import files, training
 
-    args = build_parser(core.Config()).parse_args(argv)
     try:
         init_model, init_config = resolve_init(args)
         config = config_from_args(args, core, init_config)

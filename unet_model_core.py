@@ -53,6 +53,7 @@ import cv2
 import keras
 import numpy as np
 import tensorflow as tf
+import tifffile
 from keras import layers, ops
 from scipy import ndimage
 from skimage import segmentation
@@ -65,6 +66,7 @@ KERAS_PACKAGE = "unet_nuclei"
 DEFAULT_DATA_DIR = os.path.join("dataset", "stage1_train")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+TIFF_EXTENSIONS = (".tif", ".tiff")  # read with tifffile: every page, the axes and the metadata
 # Files that operating systems and tools drop into folders.  They are skipped and listed in the report
 # (so a user sees why a count is what it is), never read as samples.
 STRAY_FILES = {".ds_store", "thumbs.db", "desktop.ini", ".gitkeep", ".ipynb_checkpoints"}
@@ -201,9 +203,185 @@ def _decode(path: Path) -> np.ndarray:
     return image
 
 
-def read_image(path) -> np.ndarray:
-    """Read any image file (PNG, JPEG, TIFF, BMP; grey, RGB, RGBA, 16-bit) as H x W x 3 uint8 RGB."""
-    return to_rgb_uint8(_decode(path), name=str(path))
+# --- Microscope files: channels and planes ----------------------------------------------------------
+# A decoded file names each axis of its array with tifffile's letters: Y and X span a plane; S holds the
+# colour samples of a pixel (in OpenCV's order: blue, green, red, alpha; or grey, alpha); C the channels
+# of a multi-channel file (stains recorded one by one); every other letter (Z depth, T time, Q or I for
+# pages the file does not name) numbers planes.  Axes of length 1 are dropped.
+
+
+@dataclasses.dataclass
+class DecodedImage:
+    """A decoded image file: its values as stored (any dtype), what each axis is, and the names of its
+    channels when the file records them (OME-TIFF)."""
+
+    pixels: np.ndarray
+    axes: str  # one letter per axis of ``pixels``, in the order: planes, C, Y, X, S
+    channel_names: tuple[str, ...] = ()
+    other_series: int = 0  # image series of a TIFF after the first, which is the one read
+
+    @property
+    def plane_axes(self) -> str:
+        """The axes that number planes ("" for a single 2-D image)."""
+        return "".join(a for a in self.axes if a not in "CYXS")
+
+    @property
+    def plane_count(self) -> int:
+        return int(np.prod([self.pixels.shape[i] for i, a in enumerate(self.axes) if a in self.plane_axes]))
+
+    def planes(self) -> np.ndarray:
+        """The planes one after another: P x H x W, or P x H x W x S for colour (C must be resolved)."""
+        if "C" in self.axes:
+            raise ValueError("choose a channel (choose_channel) before taking the planes")
+        return self.pixels.reshape(self.plane_count, *self.pixels.shape[len(self.plane_axes):])
+
+
+def _tiff_channel_names(tiff: tifffile.TiffFile) -> tuple[str, ...]:
+    """The channel names an OME-TIFF records for its first image (ImageJ keeps none that are reliable)."""
+    if not tiff.is_ome or not tiff.ome_metadata:
+        return ()
+    from xml.etree import ElementTree
+
+    try:
+        root = ElementTree.fromstring(tiff.ome_metadata)
+    except ElementTree.ParseError:
+        return ()
+    pixels = next((e for e in root.iter() if e.tag.endswith("}Pixels") or e.tag == "Pixels"), None)
+    channels = [] if pixels is None else [c for c in pixels if c.tag.endswith("Channel")]
+    return tuple(c.get("Name", "") for c in channels)
+
+
+def _tiff_pages_by_opencv(path: Path, shape: tuple[int, ...], axes: str, error: Exception) -> np.ndarray:
+    """A TIFF series' pixels decoded page by page with OpenCV, for compressions that tifffile decodes only
+    with the optional imagecodecs package (LZW, which OpenCV itself writes, JPEG).  Colour samples come
+    in OpenCV's order (blue first).  ``error`` is tifffile's, for the message when OpenCV fails too."""
+    ok, pages = cv2.imreadmulti(str(path), flags=cv2.IMREAD_UNCHANGED)
+    page_shape = tuple(shape[axes.index("Y"):])
+    count = int(np.prod(shape[:axes.index("Y")]))
+    if not ok or len(pages) < count or any(p.shape != page_shape for p in pages[:count]):
+        hint = (" (pip install imagecodecs reads it)" if "imagecodecs" in str(error)
+                else ": the file may be damaged or cut short")
+        raise DataError(f"{path}: this TIFF could not be decoded ({error}){hint}")
+    return np.stack(pages[:count]).reshape(shape)
+
+
+def _decode_tiff(path: Path) -> DecodedImage | None:
+    """A TIFF's first series, every page of it, with its axes; None for a file that OpenCV reads as before
+    (not a TIFF after all; palette, YCbCr, CMYK or inverted grey pixels, which OpenCV converts)."""
+    try:
+        tiff = tifffile.TiffFile(path)
+    except Exception:  # tifffile raises many types for a file it cannot parse; OpenCV then has its say
+        return None
+    with tiff:
+        if not tiff.series:
+            return None
+        series = tiff.series[0]
+        page = series.keyframe
+        if page.photometric not in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB):
+            return None
+        axes, shape = series.axes, tuple(series.shape)
+        if "Y" not in axes or "X" not in axes or ("S" in axes and axes.index("S") < axes.index("X")):
+            return None  # samples stored plane by plane (planar configuration 2): OpenCV interleaves them
+        try:
+            pixels, opencv_order = series.asarray(), False
+        except Exception as error:  # LZW without imagecodecs, or damage: OpenCV tries, else a DataError
+            pixels, opencv_order = _tiff_pages_by_opencv(path, shape, axes, error), True
+        names = _tiff_channel_names(tiff)
+        extra = tuple(int(e) for e in page.extrasamples)
+        others = len(tiff.series) - 1
+    pixels = pixels.reshape(shape)
+    if "S" in axes:
+        samples = shape[axes.index("S")]
+        colour = (page.photometric == tifffile.PHOTOMETRIC.RGB and samples in (3, 4)) or (
+            samples == 2 and extra[:1] in ((1,), (2,)))  # grey + alpha
+        if not colour:
+            axes = axes.replace("S", "C")  # extra samples that are not colour: channels, chosen by --channel
+        elif samples >= 3 and not opencv_order:
+            pixels = pixels[..., [2, 1, 0, 3][:samples]]  # RGB(A) -> OpenCV's BGR(A), as for every format
+    # Move C right before Y and X, drop the axes of length 1, keep the order of the plane axes.
+    order = [i for i, a in enumerate(axes) if a not in "CYXS"] + [i for a in "CYXS" for i, b in enumerate(axes) if a == b]
+    pixels, axes = np.transpose(pixels, order), "".join(axes[i] for i in order)
+    keep = [i for i, a in enumerate(axes) if pixels.shape[i] > 1 or a in "YX"]
+    return DecodedImage(pixels.reshape([pixels.shape[i] for i in keep]), "".join(axes[i] for i in keep),
+                        names if "C" in axes else (), others)
+
+
+def decode_image(path) -> DecodedImage:
+    """Decode an image file with every page and the name of each axis: TIFFs with tifffile (the first
+    series: a z-stack, a time series, an ImageJ hyperstack or an OME-TIFF, all pages), other formats and
+    TIFFs tifffile leaves to it with OpenCV (one plane, grey or colour)."""
+    path = Path(path)
+    if path.suffix.lower() in TIFF_EXTENSIONS and path.is_file():
+        decoded = _decode_tiff(path)
+        if decoded is not None:
+            return decoded
+    pixels = _decode(path)
+    return DecodedImage(pixels, "YX" if pixels.ndim == 2 else "YXS")
+
+
+def _channel_list(names: Sequence[str], count: int) -> str:
+    return ", ".join(f"{i}" + (f" '{names[i]}'" if i < len(names) and names[i] else "") for i in range(count))
+
+
+def choose_channel(image: DecodedImage, channel: int | None, name: str = "image") -> DecodedImage:
+    """The image with one channel where it has several: ``channel`` (0-based) along its channel axis.
+
+    A file whose metadata names a channel axis (ImageJ, OME) holds one stain per channel, so without
+    ``channel`` it is refused, with a message that lists its channels: averaging a nuclear stain with
+    the others would segment the wrong thing.  Colour images (RGB, RGBA, grey + alpha) are kept as they
+    are, or give one colour (0 red, 1 green, 2 blue) when ``channel`` is given.  A file of unnamed pages
+    (plain multi-page TIFF) counts its pages as channels only when ``channel`` is given; otherwise they
+    are planes.  A grey image has one channel, 0."""
+    axes, pixels = image.axes, image.pixels
+    if channel is not None and (int(channel) != channel or channel < 0):
+        raise DataError(f"--channel {channel}: give a channel number, 0 for the first")
+    if "C" not in axes and channel is not None and "S" not in axes and len(image.plane_axes) == 1 \
+            and image.plane_axes in "QI":
+        axes = axes.replace(image.plane_axes, "C")  # unnamed pages, taken as channels since one is asked for
+    if "C" in axes:
+        count = pixels.shape[axes.index("C")]
+        listing = _channel_list(image.channel_names, count)
+        if channel is None:
+            raise DataError(f"{name} has {count} channels ({listing}); the model segments one nuclear stain "
+                            f"at a time: choose it with --channel N (0-based, 0 to {count - 1})")
+        if channel >= count:
+            raise DataError(f"{name}: --channel {channel} does not exist; the file has {count} channels "
+                            f"({listing}), numbered from 0")
+        return DecodedImage(np.take(pixels, int(channel), axis=axes.index("C")), axes.replace("C", ""),
+                            other_series=image.other_series)
+    if channel is None:
+        return image
+    if "S" in axes:
+        count = pixels.shape[-1]
+        colours = ("grey", "alpha") if count == 2 else ("red", "green", "blue", "alpha")[:count]
+        if channel >= count:
+            raise DataError(f"{name}: --channel {channel} does not exist; the colour image has {count} "
+                            f"channels ({', '.join(f'{i} {c}' for i, c in enumerate(colours))})")
+        stored = ([0, 1] if count == 2 else [2, 1, 0, 3])[int(channel)]  # OpenCV's order: blue first
+        return DecodedImage(np.ascontiguousarray(pixels[..., stored]), axes[:-1], other_series=image.other_series)
+    if channel != 0:
+        raise DataError(f"{name} is a grey image with one channel, so --channel {channel} does not exist "
+                        f"(use --channel 0, or leave it out)")
+    return image
+
+
+def describe_axes(axes: str, sizes: Sequence[int]) -> str:
+    """Plane axes for a user: "5 z-planes", "3 time points x 5 z-planes", "4 pages"."""
+    words = {"Z": "z-plane", "T": "time point"}
+    return " x ".join(f"{n} {words.get(a, 'page')}{'s' if n != 1 else ''}" for a, n in zip(axes, sizes))
+
+
+def read_image(path, channel: int | None = None) -> np.ndarray:
+    """Read an image file of one plane (PNG, JPEG, TIFF, BMP; grey, RGB, RGBA, multi-channel; any depth)
+    as H x W x 3 uint8 RGB; ``channel`` chooses one channel of a multi-channel file (``choose_channel``).
+    A file of several planes is refused here: ``Predict_mask.py`` segments them one by one."""
+    image = choose_channel(decode_image(path), channel, str(path))
+    if image.plane_axes:
+        sizes = [image.pixels.shape[image.axes.index(a)] for a in image.plane_axes]
+        raise DataError(f"{path} holds {describe_axes(image.plane_axes, sizes)}; one plane per image is read "
+                        f"here (Predict_mask.py segments each plane, or with --project max their projection): "
+                        f"save the plane you want as an image of its own")
+    return to_rgb_uint8(image.pixels, name=str(path))
 
 
 def read_mask(path) -> np.ndarray:
@@ -326,8 +504,8 @@ def find_samples(data_dir, require_masks: bool = True) -> tuple[list[Sample], li
     return samples, problems
 
 
-def _load_one(sample: Sample) -> LoadedSample:
-    image = read_image(sample.image_path)
+def _load_one(sample: Sample, channel: int | None = None) -> LoadedSample:
+    image = read_image(sample.image_path, channel)
     if sample.mask_paths:
         labels = read_instance_labels(sample.mask_paths, image.shape[:2], sample.layout)
     else:
@@ -336,13 +514,14 @@ def _load_one(sample: Sample) -> LoadedSample:
 
 
 def load_samples(samples: Sequence[Sample], progress: bool = True, workers: int | None = None,
-                 desc: str = "Decoding images and masks") -> tuple[list[LoadedSample], list[tuple[str, str]]]:
+                 desc: str = "Decoding images and masks",
+                 channel: int | None = None) -> tuple[list[LoadedSample], list[tuple[str, str]]]:
     """Decode images and merge their masks once, in parallel: ``(loaded, problems)`` in the order of
-    ``samples``; bad samples are skipped and reported."""
+    ``samples``; bad samples are skipped and reported.  ``channel``: see ``read_image``."""
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
     loaded, problems = [], []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(_load_one, s) for s in samples]
+        futures = [pool.submit(_load_one, s, channel) for s in samples]
         for sample, future in tqdm(zip(samples, futures), total=len(samples), desc=desc,
                                    disable=not progress, unit="img"):
             try:
@@ -665,6 +844,9 @@ class Config:
     # Data
     data_dir: str | None = None  # None: dataset/stage1_train if present, else the built-in synthetic sample
     sample_images: int = 128  # size of the built-in synthetic sample
+    # Multi-channel training images (ImageJ or OME-TIFF, one stain per channel): the channel, 0-based,
+    # that shows the nuclei.  None: grey and colour images only (a multi-channel one is refused).
+    channel: int | None = None
     sampling: str = "patch"  # "patch": random crops at native scale; "resize": whole images resized
     image_size: int = 128  # patch side (or resize target), the model's training input size
     val_size: float = 0.1  # fraction (<1) or number (>=1) of images held out for validation
@@ -713,7 +895,7 @@ class Config:
                                  f"{self.scale_range}")
         if self.sampling == "resize":  # whole images resized to image_size: no nucleus size to bring them to
             self.nucleus_diameter = None
-        if (self.nucleus_diameter is not None and not self.nucleus_diameter > 0) or int(self.nucleus_epochs) < 0:
+        if (self.nucleus_diameter is not None and not 0 < self.nucleus_diameter < math.inf) or int(self.nucleus_epochs) < 0:
             raise ValueError(f"nucleus_diameter must be a positive number of pixels (or None) and nucleus_epochs 0 "
                              f"or more; got {self.nucleus_diameter} and {self.nucleus_epochs}")
         if len(self.channels) < 2 or any(c < 1 for c in self.channels):
@@ -721,7 +903,7 @@ class Config:
         for name in ("image_size", "batch_size", "epochs", "sample_images"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.val_size <= 0 or (self.val_size >= 1 and self.val_size != int(self.val_size)):
+        if not 0 < self.val_size < math.inf or (self.val_size >= 1 and self.val_size != int(self.val_size)):
             raise ValueError(f"val_size must be a fraction below 1 or a whole number of images, got {self.val_size}")
         if self.steps_per_epoch is not None and int(self.steps_per_epoch) < 1:
             raise ValueError(f"steps_per_epoch must be a positive integer (or None), got {self.steps_per_epoch}")
@@ -730,8 +912,15 @@ class Config:
             value = getattr(self, name)
             if not ((0 <= value if low == "[" else 0 < value) and (value <= 1 if high == "]" else value < 1)):
                 raise ValueError(f"{name} must be in {low}0, 1{high}, got {value}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        # NaN fails every comparison, so "not positive" is tested as "not (finite and > 0)".
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate (--lr) must be a positive number such as {Config.learning_rate}, "
+                             f"got {self.learning_rate}")
+        if int(self.min_nucleus_size) != self.min_nucleus_size or self.min_nucleus_size < 0:
+            raise ValueError(f"min_nucleus_size (Predict_mask.py --min-size) must be a whole number of pixels, 0 "
+                             f"or more, got {self.min_nucleus_size}")
+        if self.channel is not None and (int(self.channel) != self.channel or self.channel < 0):
+            raise ValueError(f"channel (--channel) must be a channel number, 0 for the first, got {self.channel}")
         # The size check gives the nearest sizes that work, so a user can fix the flag at once.
         check_input_size(self.image_size, len(self.channels) - 1, self.padding)
 

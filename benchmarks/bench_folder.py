@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_folder_") as work:
         folder = Path(work) / "images"
         synthetic.write_synthetic_dataset(folder, num_images=args.images, seed=7, sizes=sizes, progress=False)
-        inputs, _ = predict.collect_inputs([str(folder)])
+        inputs = predict.collect_inputs([str(folder)]).items
         inputs = [predict.PredictionInput(i.name, i.image_path) for i in inputs]  # no scoring: prediction only
         images = [core.read_image(i.image_path) for i in inputs]
         pixels = sum(image.shape[0] * image.shape[1] for image in images)

@@ -1,6 +1,7 @@
 """Tests of the built-in synthetic nuclei dataset generator (unet_nuclei/synthetic.py)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +128,40 @@ def test_empty_existing_folder_is_filled(tmp_path):
     (tmp_path / "empty").mkdir()
     ids = write_synthetic_dataset(tmp_path / "empty", num_images=2, sizes=[(40, 40)], progress=False)
     assert sorted(os.listdir(tmp_path / "empty")) == ids
+
+
+def test_a_sample_finished_meanwhile_by_another_process_is_used_not_a_raw_error(tmp_path, monkeypatch):
+    # Two first runs at once: the other process renames its complete copy into place while this one is
+    # still writing.  Staged deterministically: the other's copy lands before this one's first file.
+    other = tmp_path / "other"
+    write_synthetic_dataset(other, num_images=2, seed=0, sizes=[(40, 40)], progress=False)
+    folder = synthetic.sample_dataset_dir(2, 0, tmp_path / "dataset")
+    original = synthetic._write_png
+
+    def the_other_process_finishes_first(path, array):
+        if not folder.exists():
+            shutil.copytree(other, folder)
+        original(path, array)
+
+    monkeypatch.setattr(synthetic, "_write_png", the_other_process_finishes_first)
+    monkeypatch.setattr(synthetic, "DEFAULT_SIZES", [(40, 40)])
+    assert synthetic.ensure_sample_dataset(2, 0, root=tmp_path / "dataset", progress=False) == folder
+    assert _tree(folder) == _tree(other)  # theirs, whole; and no temporary folder left behind
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
+
+
+@pytest.mark.slow
+def test_two_processes_generating_the_sample_at_once_both_succeed(tmp_path):
+    code = ("import sys; from unet_nuclei import synthetic; "
+            "print(synthetic.ensure_sample_dataset(6, 0, root=sys.argv[1], progress=False))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    runs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [run.communicate(timeout=300) + (run.returncode,) for run in runs]
+    assert all(status == 0 for _, _, status in results), results
+    folder = synthetic.sample_dataset_dir(6, 0, tmp_path)
+    assert {out.strip() for out, _, _ in results} == {str(folder)}
+    assert len(os.listdir(folder)) == 6 and sorted(os.listdir(tmp_path)) == [folder.name]
 
 
 @pytest.mark.parametrize(

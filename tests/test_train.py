@@ -110,6 +110,16 @@ def test_bad_flag_values_get_a_clear_message(tmp_path, monkeypatch):
     assert status == 2 and "--nucleus-diameter 'big': expected a number of pixels" in err
     status, out, err = run_main(Train, "--quick", "--nucleus-diameter", "-3")
     assert status == 2 and "nucleus_diameter must be a positive number" in err
+    # Once silently read as 'none'; now each value says what it means (issue 33).
+    status, out, err = run_main(Train, "--quick", "--nucleus-diameter", "0")
+    assert status == 2 and "--nucleus-diameter 0" in err and "'none'" in err and "Traceback" not in err
+    for rate in ("nan", "inf", "-1"):  # NaN passed every check and diverged
+        status, out, err = run_main(Train, "--quick", "--lr", rate)
+        assert status == 2 and "learning_rate (--lr) must be a positive number" in err, rate
+    status, out, err = run_main(Train, "--quick", "--val-size", "nan")
+    assert status == 2 and "val_size must be" in err
+    status, out, err = run_main(Train, "--quick", "--channel", "-2")
+    assert status == 2 and "--channel" in err
 
 
 def test_flags_reach_the_config():
@@ -125,8 +135,9 @@ def test_flags_reach_the_config():
     config = Train.config_from_args(parser.parse_args(["--scale-range", "0.5,2"]), core)
     assert config.scale_range == (0.5, 2.0) and config.targets == "instance" and config.batch_norm
     assert Train.config_from_args(parser.parse_args(["--nucleus-diameter", "22"]), core).nucleus_diameter == 22.0
-    for off in ("none", "0"):
-        assert Train.config_from_args(parser.parse_args(["--nucleus-diameter", off]), core).nucleus_diameter is None
+    assert Train.config_from_args(parser.parse_args(["--nucleus-diameter", "none"]), core).nucleus_diameter is None
+    assert Train.config_from_args(parser.parse_args(["--channel", "1"]), core).channel == 1
+    assert Train.config_from_args(parser.parse_args([]), core).channel is None
     # TTA is on by default (the choice of post-processing and the run's setting); one flag turns it off.
     assert Train.config_from_args(parser.parse_args([]), core).tta is True
     assert Train.config_from_args(parser.parse_args(["--no-tta"]), core).tta is False
@@ -140,6 +151,34 @@ def test_help_documents_every_flag():
                  "--mixed-precision", "--xla", "--cpu-devices", "--targets", "--preprocessing", "--scale-range",
                  "--no-batch-norm", "--lr-schedule", "--nucleus-diameter", "--nucleus-epochs", "--tta"):
         assert flag in out, flag
+
+
+def test_the_flags_defaults_and_choices_read_from_the_source_are_the_core_s():
+    import dataclasses
+
+    import unet_model_core as core
+
+    defaults, choices = Train.core_settings()
+    assert vars(defaults) == {field.name: field.default for field in dataclasses.fields(core.Config)}
+    assert vars(choices) == {name: getattr(core, name) for name in Train.CHOICE_LISTS}
+
+
+def test_help_answers_without_importing_tensorflow(tmp_path):
+    # A fresh process: this one imported TensorFlow long ago.  Both scripts' --help, run as __main__.
+    code = ("import runpy, sys\n"
+            "for script in ('Train.py', 'Predict_mask.py'):\n"
+            "    sys.argv = [script, '--help']\n"
+            "    try:\n"
+            "        runpy.run_path(script, run_name='__main__')\n"
+            "    except SystemExit as done:\n"
+            "        assert done.code == 0\n"
+            "print('tensorflow' in sys.modules, 'keras' in sys.modules, file=sys.stderr)\n")
+    from conftest import ROOT
+
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "False False"
+    assert "--channel" in result.stdout and "--recursive" in result.stdout and "--project" in result.stdout
 
 
 @pytest.mark.slow

@@ -6,6 +6,8 @@
     instances  probability -> labelled nuclei, the DSB-2018 score, Dice/IoU, run-length rows, outlines
     label_images  label-image steps lean enough for very large images (sizes, relabelling, banded watershed)
     predict    prediction on files: load a run, predict one input, write its outputs and scores
+    image_files  microscope files for prediction: the planes to segment (or their projection), the
+               channel, the pixel size from the file's metadata
     plots      every figure, drawn on ``matplotlib.figure.Figure`` (no pyplot state)
     synthetic  the built-in synthetic nuclei sample in the DSB-2018 layout
     synthetic_render  the sample's renderers per kind of microscopy, with randomised nuisances

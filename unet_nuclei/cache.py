@@ -49,9 +49,12 @@ def cache_root() -> Path | None:
     return Path(base) / "unet_nuclei"
 
 
-def dataset_key(samples: Sequence[Sample]) -> str:
-    """A short hash of every file the samples are made from: path, size and modification time."""
+def dataset_key(samples: Sequence[Sample], channel: int | None = None) -> str:
+    """A short hash of every file the samples are made from (path, size and modification time) and of
+    the channel read from multi-channel images."""
     digest = hashlib.sha256(f"unet_nuclei cache v{FORMAT_VERSION}".encode())
+    if channel is not None:  # (None leaves the keys of earlier versions as they were)
+        digest.update(f"\0channel {int(channel)}".encode())
     for sample in sorted(samples, key=lambda s: s.sample_id):
         digest.update(f"\0{sample.sample_id}\0{sample.layout}".encode())
         for path in (sample.image_path, *sample.mask_paths):
@@ -118,21 +121,23 @@ def _read_entry(entry: Path) -> tuple[list[LoadedSample], list[tuple[str, str]]]
 
 
 def load_folder(data_dir, progress: bool = True, root: Path | None | str = "default",
-                desc: str = "Decoding images and masks") -> tuple[list[LoadedSample], list[tuple[str, str]], str]:
+                desc: str = "Decoding images and masks",
+                channel: int | None = None) -> tuple[list[LoadedSample], list[tuple[str, str]], str]:
     """Every sample of a dataset folder, decoded: from the cache when it holds this exact folder, else
     decoded now (in parallel) and stored for the next run.
 
     Returns ``(loaded, problems, how)``: the samples in ``find_samples`` order, the entries skipped and
     why (found and decoding problems together), and a sentence saying where the arrays came from.
-    ``root`` is the cache folder ("default": ``cache_root()``; None: no cache, decode every time).
+    ``root`` is the cache folder ("default": ``cache_root()``; None: no cache, decode every time);
+    ``channel`` the channel of multi-channel images (``unet_model_core.read_image``).
     """
     data_dir = Path(data_dir)
     root = cache_root() if root == "default" else (Path(root) if root is not None else None)
     samples, problems = find_samples(data_dir)
     if root is None:
-        loaded, load_problems = load_samples(samples, progress=progress, desc=desc)
+        loaded, load_problems = load_samples(samples, progress=progress, desc=desc, channel=channel)
         return loaded, problems + load_problems, "decoded (cache off)"
-    entry = root / f"{_entry_prefix(data_dir)}{dataset_key(samples)}"
+    entry = root / f"{_entry_prefix(data_dir)}{dataset_key(samples, channel)}"
     if (entry / "index.json").is_file():
         try:
             loaded, load_problems = _read_entry(entry)
@@ -143,7 +148,7 @@ def load_folder(data_dir, progress: bool = True, root: Path | None | str = "defa
             shutil.rmtree(entry, ignore_errors=True)
     else:
         how = f"decoded and cached in {entry}"
-    loaded, load_problems = load_samples(samples, progress=progress, desc=desc)
+    loaded, load_problems = load_samples(samples, progress=progress, desc=desc, channel=channel)
     if not loaded:  # nothing readable: nothing worth caching (and an empty file cannot be memory-mapped)
         return loaded, problems + load_problems, "decoded; nothing readable to cache"
     try:
@@ -157,10 +162,10 @@ def load_folder(data_dir, progress: bool = True, root: Path | None | str = "defa
     return loaded, problems + load_problems, how
 
 
-def load_ids(data_dir, ids: Sequence[str], progress: bool = True, root="default"):
+def load_ids(data_dir, ids: Sequence[str], progress: bool = True, root="default", channel: int | None = None):
     """The samples of ``data_dir`` with the given ids, in that order, through the cache; ids that could
     not be read are returned as problems.  Returns ``(loaded, problems)``."""
-    loaded, problems, _ = load_folder(data_dir, progress=progress, root=root)
+    loaded, problems, _ = load_folder(data_dir, progress=progress, root=root, channel=channel)
     by_id = {s.sample_id: s for s in loaded}
     found = [by_id[i] for i in ids if i in by_id]
     skipped = {p[0] for p in problems}

@@ -120,6 +120,36 @@ def write_png(path, image: np.ndarray, overwrite: bool = True) -> Path:
     return write_bytes(path, encoded.tobytes(), overwrite)
 
 
+def write_tiff(path, image: np.ndarray, overwrite: bool = True, axes: str | None = None,
+               pixel_size: float | None = None) -> Path:
+    """Write an image or a stack as a TIFF that Fiji and napari open as it is, whole or not at all.
+
+    8- and 16-bit data (8-bit RGB too) become ImageJ TIFFs: ``axes`` names the dimensions in ImageJ's
+    letters ("ZYX" for a z-stack, "TZYX", "ZYXS" for a stack of RGB images; ImageJ's default without
+    it), and ``pixel_size`` (micrometres per pixel) goes into the resolution tags in micrometres.  Other
+    types (32-bit labels, which ImageJ's format cannot hold) become plain TIFFs, the pixel size in
+    pixels per centimetre, the finest unit plain TIFF has."""
+    import tifffile  # only when a TIFF is asked for
+
+    image = np.asarray(image)
+
+    def write(temporary: Path) -> None:
+        options: dict = {}
+        if image.dtype in (np.uint8, np.uint16):
+            metadata = {"axes": axes} if axes else {}
+            if pixel_size is not None:
+                options["resolution"] = (1 / pixel_size, 1 / pixel_size)
+                metadata["unit"] = "um"
+            options.update(imagej=True, metadata=metadata)
+            if axes and axes.endswith("S"):
+                options["photometric"] = "rgb"
+        elif pixel_size is not None:
+            options.update(resolution=(1e4 / pixel_size, 1e4 / pixel_size), resolutionunit="CENTIMETER")
+        tifffile.imwrite(temporary, image, **options)
+
+    return write_with(path, write, overwrite)
+
+
 def write_with(path, save: Callable[[Path], object], overwrite: bool = True) -> Path:
     """Let ``save(temporary_path)`` write the file (``model.save``, ``figure.savefig``), then rename it
     into place; whole or not at all."""
@@ -132,6 +162,9 @@ def check_writable(folder, what: str, create: bool = True) -> Path:
     """Make sure ``folder`` exists (created when ``create``) and a file can be written in it, before any
     long work; ``what`` names the flag or role in the message (for example ``"--out"``)."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(errno.ENOTDIR, f"{what} {folder}: this is a file, not a folder; give a folder for "
+                                         f"the outputs (a new one is created)")
     try:
         if create:
             folder.mkdir(parents=True, exist_ok=True)
@@ -143,6 +176,9 @@ def check_writable(folder, what: str, create: bool = True) -> Path:
         probe.unlink()
     except OutputError:
         raise
+    except (FileExistsError, NotADirectoryError) as error:  # a file where a folder of the path should be
+        raise OutputError(errno.ENOTDIR, f"{what}: cannot create {folder}/: part of that path is a file, not "
+                                         f"a folder ({error.strerror or error})") from error
     except OSError as error:
         cause = _ADVICE.get(error.errno, error.strerror or str(error))
         raise OutputError(error.errno, f"{what}: cannot write in {folder}/: {cause} "

@@ -12,18 +12,22 @@ Intensities are grey values in the input file's own units: a 16-bit image is mea
 as the unweighted mean of its red, green and blue channels (what Fiji's "8-bit" conversion does by
 default), so an 8-bit RGB image is measured in 0-255; an alpha channel is ignored.
 
+The planes of a stack are measured one by one, each a row of images.csv, with a ``plane`` column (from
+0, the page of the label stack) in both tables.  Each image has its own pixel size, the file's or the one
+the user gives; images.csv says which (``pixel_size_um``, ``pixel_size_from``).
+
 Every file is written whole or not at all (a temporary file in the same folder, then a rename), and no
 existing file is replaced unless ``overwrite`` is set.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-import cv2
 import numpy as np
 from skimage import measure as skmeasure
 
-from unet_model_core import DataError
+from unet_model_core import DataError, decode_image
 from unet_nuclei import files
 
 NUCLEI_FILE = "nuclei.csv"
@@ -40,6 +44,7 @@ NUCLEUS_COLUMNS = ("image", "label", "centroid_y", "centroid_x", "area_px", "equ
 NUCLEUS_UM_COLUMNS = ("area_um2", "equivalent_diameter_um", "perimeter_um")
 IMAGE_COLUMNS = ("image", "width", "height", "count", "mean_area_px", "median_area_px", "coverage")
 IMAGE_UM_COLUMNS = ("mean_area_um2", "median_area_um2")
+PIXEL_SIZE_COLUMNS = ("pixel_size_um", "pixel_size_from")  # the image's pixel size, and where it was found
 
 
 def to_grey(image: np.ndarray, name: str = "image") -> np.ndarray:
@@ -57,18 +62,15 @@ def to_grey(image: np.ndarray, name: str = "image") -> np.ndarray:
 
 
 def read_grey(path) -> np.ndarray:
-    """Read an image file at its own bit depth as H x W grey values (see ``to_grey``).
+    """Read an image file of one plane at its own bit depth as H x W grey values (see ``to_grey``).
 
-    It is decoded the way the prediction decodes it (OpenCV, unchanged), so its size is the size of the
-    predicted labels; only the conversion to 8 bits is left out."""
-    path = Path(path)
-    data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else None
-    if data is None:
-        raise DataError(f"{path}: file not found")
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if image is None:
-        raise DataError(f"{path}: not an image that OpenCV can decode (corrupt, empty or another format)")
-    return to_grey(image, str(path))
+    It is decoded the way the prediction decodes it (``unet_model_core.decode_image``), so its size is
+    the size of the predicted labels; only the conversion to 8 bits is left out."""
+    image = decode_image(path)
+    if image.plane_axes or "C" in image.axes:
+        raise DataError(f"{path}: holds several planes or channels; measure it through "
+                        f"unet_nuclei.image_files.open_image, which chooses them")
+    return to_grey(image.pixels, str(path))
 
 
 def _check_pixel_size(pixel_size) -> float | None:
@@ -137,29 +139,52 @@ def _format(value) -> str:
 
 
 class Measurements:
-    """The measurements of a set of predicted images, collected one image at a time, then written.
+    """The measurements of a set of predicted images, collected one image (or plane) at a time, then
+    written.
 
-    Only the rows are kept, never the images, so a large folder costs a few numbers per nucleus."""
+    Each image may have its own pixel size, with where it came from (the file's metadata, or the one
+    given to the constructor, which ``Predict_mask.py --pixel-size`` sets); the micrometre columns and
+    the pixel size columns appear when any image has one, empty for those without.  A plane column
+    appears when any image is a plane of a stack.  Only the rows are kept, never the images, so a large
+    folder costs a few numbers per nucleus."""
 
     def __init__(self, pixel_size: float | None = None):
         self.pixel_size = _check_pixel_size(pixel_size)
-        self.nucleus_columns = NUCLEUS_COLUMNS + (NUCLEUS_UM_COLUMNS if self.pixel_size else ())
-        self.image_columns = IMAGE_COLUMNS + (IMAGE_UM_COLUMNS if self.pixel_size else ())
-        self.nuclei: list[list[str]] = []
-        self.images: list[list[str]] = []
+        self.nuclei: list[dict[str, str]] = []
+        self.images: list[dict[str, str]] = []
         self.counts: dict[str, int] = {}
-        self.areas: list[float] = []  # every nucleus's area, in um^2 with a pixel size, else in pixels
+        self.areas_px: list[float] = []  # every nucleus's area in pixels ...
+        self.areas_um2: list[float] = []  # ... and in um^2 (NaN without a pixel size)
+        self.names: dict[str, None] = {}  # the images measured, in order (a stack once)
 
-    def add(self, name: str, labels: np.ndarray, intensity: np.ndarray) -> int:
-        """Measure one image's nuclei (``labels``) on its grey values (``intensity``); returns the count."""
-        columns = measure_nuclei(labels, intensity, self.pixel_size)
-        names = self.nucleus_columns[1:]
+    @property
+    def has_planes(self) -> bool:
+        return any("plane" in row for row in self.images)
+
+    @property
+    def has_pixel_size(self) -> bool:
+        return any(row["pixel_size_um"] for row in self.images)
+
+    def add(self, name: str, labels: np.ndarray, intensity: np.ndarray, plane: int | None = None,
+            pixel_size: float | None = None, source: str = "") -> int:
+        """Measure one image's nuclei (``labels``) on its grey values (``intensity``); returns the count.
+        ``plane`` numbers the plane of a stack (from 0, as the pages of its label TIFF); ``pixel_size``
+        (micrometres per pixel) is this image's, found in ``source``; None: the constructor's."""
+        if pixel_size is None and self.pixel_size is not None:
+            pixel_size, source = self.pixel_size, source or "given"
+        pixel_size = _check_pixel_size(pixel_size)
+        columns = measure_nuclei(labels, intensity, pixel_size)
+        first = {"image": name, **({"plane": str(plane)} if plane is not None else {})}
         for index in range(len(columns["label"])):
-            self.nuclei.append([name, *(_format(columns[c][index]) for c in names)])
-        summary = summarize_image(labels, columns["area_px"], self.pixel_size)
-        self.images.append([name, *(_format(summary[c]) for c in self.image_columns[1:])])
-        self.counts[name] = summary["count"]
-        self.areas.extend(columns["area_um2" if self.pixel_size else "area_px"].tolist())
+            self.nuclei.append({**first, **{c: _format(v[index]) for c, v in columns.items()}})
+        summary = summarize_image(labels, columns["area_px"], pixel_size)
+        self.images.append({**first, **{c: _format(v) for c, v in summary.items()},
+                            "pixel_size_um": f"{pixel_size:.6g}" if pixel_size else "",
+                            "pixel_size_from": source if pixel_size else ""})
+        self.counts[name if plane is None else f"{name} [{plane}]"] = summary["count"]
+        self.names[name] = None
+        self.areas_px.extend(columns["area_px"].tolist())
+        self.areas_um2.extend(columns["area_um2"].tolist() if pixel_size else [math.nan] * summary["count"])
         return summary["count"]
 
     def add_file(self, name: str, labels: np.ndarray, image_path) -> int:
@@ -170,19 +195,31 @@ class Measurements:
                             f"labels are {np.shape(labels)[1]}x{np.shape(labels)[0]}")
         return self.add(name, labels, intensity)
 
+    def columns(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The columns of nuclei.csv and of images.csv for what was measured."""
+        first = ("image", "plane") if self.has_planes else ("image",)
+        nuclei = first + NUCLEUS_COLUMNS[1:] + (NUCLEUS_UM_COLUMNS if self.has_pixel_size else ())
+        images = first + IMAGE_COLUMNS[1:] + (IMAGE_UM_COLUMNS + PIXEL_SIZE_COLUMNS if self.has_pixel_size else ())
+        return nuclei, images
+
     def write(self, out_dir, overwrite: bool = False) -> list[Path]:
-        """Write ``nuclei.csv``, ``images.csv`` and, for more than one image, ``summary.png`` into
-        ``out_dir``; returns the paths written.  Raises FileExistsError, before writing anything, when
-        one exists and ``overwrite`` is off."""
+        """Write ``nuclei.csv``, ``images.csv`` and, for more than one image or plane, ``summary.png``
+        into ``out_dir``; returns the paths written.  Raises FileExistsError, before writing anything,
+        when one exists and ``overwrite`` is off."""
         from unet_nuclei import plots  # matplotlib only when a figure is drawn
 
         paths = output_paths(out_dir, len(self.images))
         files.refuse_existing(paths, overwrite)
-        files.write_csv(paths[0], [self.nucleus_columns, *self.nuclei], overwrite)
-        files.write_csv(paths[1], [self.image_columns, *self.images], overwrite)
+        nucleus_columns, image_columns = self.columns()
+        files.write_csv(paths[0], [nucleus_columns, *([r.get(c, "") for c in nucleus_columns] for r in self.nuclei)],
+                        overwrite)
+        files.write_csv(paths[1], [image_columns, *([r.get(c, "") for c in image_columns] for r in self.images)],
+                        overwrite)
         if len(paths) > 2:
-            unit = "um^2" if self.pixel_size else "px"
-            figure = plots.measurement_summary(self.counts, self.areas, area_unit=unit)
+            # Areas in um^2 only when every image has a pixel size: one histogram holds one unit.
+            in_um = all(row["pixel_size_um"] for row in self.images)
+            figure = plots.measurement_summary(self.counts, self.areas_um2 if in_um else self.areas_px,
+                                               area_unit="um^2" if in_um else "px")
             files.write_with(paths[2], lambda temporary: plots.save(figure, temporary, dpi=80), overwrite)
         return paths
 
@@ -194,30 +231,19 @@ def output_paths(out_dir, images: int) -> list[Path]:
     return [out_dir / name for name in names]
 
 
-def write_label_tiff(path, labels: np.ndarray, pixel_size: float | None = None, overwrite: bool = False) -> Path:
-    """Write instance labels as a TIFF that Fiji and napari open as they are, written whole.
+def write_label_tiff(path, labels: np.ndarray, pixel_size: float | None = None, overwrite: bool = False,
+                     axes: str | None = None) -> Path:
+    """Write instance labels (H x W, or a stack of planes, P x H x W, each numbered from 1 on its own)
+    as a TIFF that Fiji and napari open as labels, written whole.
 
-    Up to 65,535 nuclei it is an ImageJ-flavoured 16-bit TIFF (Fiji reads its pixel size in micrometres);
-    beyond that a plain 32-bit TIFF, which ImageJ's own format cannot hold, so that no label wraps
-    around.  With ``pixel_size`` the resolution tags carry the micrometres per pixel."""
-    import tifffile  # only when a TIFF is asked for
-
+    Up to 65,535 nuclei in a plane it is an ImageJ-flavoured 16-bit TIFF (Fiji reads its pixel size in
+    micrometres, and ``axes``, ImageJ's letters such as "ZYX", for a stack); beyond that a plain 32-bit
+    TIFF, which ImageJ's own format cannot hold, so that no label wraps around.  With ``pixel_size`` the
+    resolution tags carry the micrometres per pixel."""
     pixel_size = _check_pixel_size(pixel_size)
     labels = np.asarray(labels)
     if labels.size and labels.min() < 0:
         raise ValueError("instance labels must not be negative")
     peak = int(labels.max()) if labels.size else 0
-
-    def write(temporary: Path) -> None:
-        if peak <= np.iinfo(np.uint16).max:
-            options = {"imagej": True}
-            if pixel_size is not None:
-                options.update(resolution=(1 / pixel_size, 1 / pixel_size), metadata={"unit": "um"})
-            tifffile.imwrite(temporary, labels.astype(np.uint16), **options)
-        else:
-            options = {}
-            if pixel_size is not None:  # pixels per centimetre: the finest unit plain TIFF has
-                options.update(resolution=(1e4 / pixel_size, 1e4 / pixel_size), resolutionunit="CENTIMETER")
-            tifffile.imwrite(temporary, labels.astype(np.uint32), **options)
-
-    return files.write_with(path, write, overwrite)
+    dtype = np.uint16 if peak <= np.iinfo(np.uint16).max else np.uint32
+    return files.write_tiff(path, labels.astype(dtype), overwrite, axes, pixel_size)

@@ -3,7 +3,10 @@ outputs, and the scores table.  This is what ``Predict_mask.py`` and the noteboo
 
 For each input ``<stem>.<ext>`` the outputs are ``<stem>_mask.png`` (uint8 0/255, the input's exact
 height and width), ``<stem>_overlay.png`` (outlines on the image) and, on request, ``<stem>_labels.png``
-or ``<stem>_labels.tif`` (16-bit instances).  No existing file is replaced unless ``overwrite`` is set, and
+or ``<stem>_labels.tif`` (16-bit instances).  A file of several planes (a z-stack, a time series; see
+``unet_nuclei.image_files``) is segmented plane by plane, and its outputs are stacks with one page per
+plane, in the file's order: ``<stem>_mask.tif``, ``<stem>_overlay.tif`` and ``<stem>_labels.tif`` (the
+labels numbered from 1 in each plane).  No existing file is replaced unless ``overwrite`` is set, and
 every file is written whole or not at all (``unet_nuclei.files``).
 """
 from __future__ import annotations
@@ -19,36 +22,64 @@ import keras
 import numpy as np
 from tqdm.auto import tqdm
 
-from unet_model_core import (NOT_A_SAMPLE_REASON, STRAY_REASON, Config, DataError, Sample, find_samples,
-                             is_image_file, is_stray, mask_stem, read_image, read_instance_labels)
+from unet_model_core import (IMAGE_EXTENSIONS, Config, DataError, Sample, find_samples, is_image_file, is_stray,
+                             mask_stem, read_image, read_instance_labels)
 from unet_nuclei import files
+from unet_nuclei.checkpoints import STATE_FILE, read_json
+from unet_nuclei.image_files import ImageFile, open_image
 from unet_nuclei.instances import SCORE_KEYS, PostProcessing, Prediction, draw_outlines, mean_scores
 from unet_nuclei.measure import write_label_tiff
 from unet_nuclei.outlines import output_path as outline_path
 from unet_nuclei.outlines import write_outlines
 from unet_nuclei.pretrained import resolve_model
+from unet_nuclei.stages import total_epochs
 from unet_nuclei.tiling import predict_at_nucleus_scale
 from unet_nuclei.training import DEFAULT_RUNS_DIR, MODEL_FILE, read_run_config, validation_samples
+
+NOT_AN_IMAGE_REASON = "not an image file (skipped)"  # find_samples' reason for such a file in images/
 
 
 class ModelError(ValueError):
     """A model file that cannot be used for prediction (unreadable, or not a U-Net of this project)."""
 
 
-def load_run(run_or_file=None, runs_root=DEFAULT_RUNS_DIR) -> tuple[keras.Model, Config, dict, Path]:
-    """Load a run's model and its config: a run name, folder or model file, or a shipped model's name;
-    by default the newest run, else the shipped model (``pretrained.resolve_model``, whose reason for
-    the choice is ``run_info["chosen_because"]``).
-
-    Returns ``(model, config, run_info, run_dir)``; ``run_info`` is the whole config.json (threshold,
-    validation ids, scores).  Architecture and preprocessing come from the run, never from flags.
-    """
+def open_run(run_or_file=None, runs_root=DEFAULT_RUNS_DIR) -> tuple[Config, dict, Path, Path]:
+    """A run's config without its model (quick: no Keras file is read): a run name, folder or model
+    file, or a shipped model's name; by default the newest run, else the shipped model
+    (``pretrained.resolve_model``, whose reason for the choice is ``run_info["chosen_because"]``).
+    Returns ``(config, run_info, run_dir, model_path)``; ``run_info`` is the whole config.json
+    (threshold, validation ids, scores)."""
     target, why = resolve_model(run_or_file, runs_root)
     run_dir, model_path = (target.parent, target) if target.is_file() else (target, target / MODEL_FILE)
     config, info = read_run_config(run_dir)
     info["chosen_because"] = why
-    model = load_unet(model_path)
-    return model, config, info, run_dir
+    return config, info, run_dir, model_path
+
+
+def load_run(run_or_file=None, runs_root=DEFAULT_RUNS_DIR) -> tuple[keras.Model, Config, dict, Path]:
+    """Load a run's model and its config (``open_run``: a run, a model file or a shipped model).
+
+    Returns ``(model, config, run_info, run_dir)``; ``run_info`` is the whole config.json (threshold,
+    validation ids, scores).  Architecture and preprocessing come from the run, never from flags.
+    """
+    config, info, run_dir, model_path = open_run(run_or_file, runs_root)
+    return load_unet(model_path), config, info, run_dir
+
+
+def unfinished_warning(run_dir, config: Config, run_info: dict) -> str | None:
+    """A warning when a run's post-processing was not chosen on its validation images yet (it is still
+    training, or stopped before the end), so its thresholds are the untuned defaults; None otherwise."""
+    if "val_scores" in run_info:
+        return None
+    run_dir = Path(run_dir)
+    try:
+        epoch = int(read_json(run_dir / STATE_FILE)["epoch"])
+        last = f"its last saved epoch is {epoch} of {total_epochs(config)}"
+    except (OSError, ValueError, KeyError, TypeError):
+        last = "no epoch of it is recorded"
+    return (f"{run_dir} has not finished: its post-processing was never chosen on the validation images "
+            f"({last}), so the thresholds are untuned defaults. Wait for the run to finish, or finish it "
+            f"with `python Train.py --resume {run_dir}`")
 
 
 def load_unet(path) -> keras.Model:
@@ -79,43 +110,97 @@ class PredictionInput:
     name: str  # the output stem
     image_path: Path
     truth: Sample | None = None
+    subfolder: str = ""  # where its outputs go under the output folder ("a/b"; "" for the folder itself)
+
+    @property
+    def label(self) -> str:
+        """The input's name in messages and tables: its subfolder and output stem."""
+        return f"{self.subfolder}/{self.name}" if self.subfolder else self.name
 
 
-def collect_inputs(paths: Sequence, truth_dir=None) -> tuple[list[PredictionInput], list[tuple[str, str]]]:
+@dataclasses.dataclass
+class Inputs:
+    """What ``collect_inputs`` found: the images to predict; problems (paths that do not exist, folders
+    without an image); images in subfolders left out (``recursive`` off); and files passed over because
+    their extension is not an image's."""
+
+    items: list[PredictionInput] = dataclasses.field(default_factory=list)
+    problems: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    left_out: list[Path] = dataclasses.field(default_factory=list)
+    passed_over: list[Path] = dataclasses.field(default_factory=list)
+
+
+def collect_inputs(paths: Sequence, truth_dir=None, recursive: bool = False, exclude: Sequence = ()) -> Inputs:
     """Expand image files and folders into the images to predict.
 
     A folder may be plain (its image files), in the DSB layout (``<id>/images/<id>.png``, with ``masks/``
-    used as ground truth), or hold ``images/`` and ``masks/``.  ``truth_dir`` adds ground truth by name:
-    the DSB layout, ``images``/``masks`` pairs, or a flat folder of ``<stem>.png`` / ``<stem>_mask.png``.
-    Returns ``(inputs, problems)``; paths that do not exist are problems, not exceptions."""
-    inputs, problems = [], []
+    used as ground truth), or hold ``images/`` and ``masks/``; image files beside those layouts are
+    predicted too.  Other subfolders are read the same way when ``recursive`` is set, their outputs going
+    to the same subfolders of the output folder; otherwise their images are counted in ``left_out``.
+    Files whose extension is not an image's are passed over; ``exclude`` (the output folder) is never
+    read.  ``truth_dir`` adds ground truth by name: the DSB layout, ``images``/``masks`` pairs, or a flat
+    folder of ``<stem>.png`` / ``<stem>_mask.png``.  A path that does not exist is a problem, not an
+    exception."""
+    found = Inputs()
+    excluded = {Path(p).resolve() for p in exclude}
     for raw in paths:
         path = Path(raw)
         if path.is_file():
-            inputs.append(PredictionInput(path.stem, path))
+            found.items.append(PredictionInput(path.stem, path))
         elif path.is_dir():
-            try:
-                samples, skipped = find_samples(path, require_masks=False)
-                inputs.extend(PredictionInput(s.sample_id, s.image_path, s if s.mask_paths else None) for s in samples)
-                problems.extend(p for p in skipped if p[1] not in (STRAY_REASON, NOT_A_SAMPLE_REASON))
-            except DataError:
-                files = [p for p in sorted(path.iterdir()) if p.is_file() and not is_stray(p)]
-                if not files:
-                    problems.append((str(path), "folder holds no image"))
-                inputs.extend(PredictionInput(p.stem, p) for p in files)
+            before, left_before = len(found.items), len(found.left_out)
+            _collect_folder(path, found, recursive, "", excluded)
+            if len(found.items) == before:
+                left = len(found.left_out) - left_before
+                found.problems.append((str(path), "folder holds no image" + (
+                    f" of its own, and {left} in its subfolders: pass --recursive to predict those" if left else "")))
         else:
-            problems.append((str(path), "no such file or folder"))
+            found.problems.append((str(path), "no such file or folder"))
     if truth_dir is not None:
         truth = _truth_index(Path(truth_dir))
-        inputs = [dataclasses.replace(item, truth=truth.get(item.name, item.truth)) for item in inputs]
-    # Two inputs with the same stem would write the same output files: number the later ones.
-    seen: dict[str, int] = {}
-    for index, item in enumerate(inputs):
-        count = seen.get(item.name, 0)
-        seen[item.name] = count + 1
+        found.items = [dataclasses.replace(item, truth=truth.get(item.name, item.truth)) for item in found.items]
+    # Two inputs with the same stem in one output folder would write the same files: number the later ones.
+    seen: dict[tuple[str, str], int] = {}
+    for index, item in enumerate(found.items):
+        count = seen.get((item.subfolder, item.name), 0)
+        seen[(item.subfolder, item.name)] = count + 1
         if count:
-            inputs[index] = dataclasses.replace(item, name=f"{item.name}-{count + 1}")
-    return inputs, problems
+            found.items[index] = dataclasses.replace(item, name=f"{item.name}-{count + 1}")
+    return found
+
+
+def _collect_folder(folder: Path, found: Inputs, recursive: bool, subfolder: str, excluded: set) -> None:
+    try:
+        samples, skipped = find_samples(folder, require_masks=False)
+    except DataError:
+        samples, skipped = [], []
+    if samples and samples[0].layout == "pairs":
+        layout = {folder / "images", folder / "masks"}
+    else:  # DSB sample folders: those with an images/ folder
+        layout = {child for child in folder.iterdir() if child.is_dir() and (child / "images").is_dir()}
+    found.items.extend(PredictionInput(s.sample_id, s.image_path, s if s.mask_paths else None, subfolder)
+                       for s in samples)
+    for name, reason in skipped:
+        if reason == NOT_AN_IMAGE_REASON:
+            found.passed_over.append(folder / "images" / name)
+        elif (folder / name) in layout:  # a sample folder whose images/ holds no image
+            found.problems.append((str(folder / name), reason))
+    for entry in sorted(folder.iterdir()):
+        if is_stray(entry) or entry in layout or entry.resolve() in excluded:
+            continue
+        if entry.is_file():
+            if entry.suffix.lower() in IMAGE_EXTENSIONS:
+                found.items.append(PredictionInput(entry.stem, entry, None, subfolder))
+            else:
+                found.passed_over.append(entry)
+        elif entry.is_dir():
+            inner = f"{subfolder}/{entry.name}" if subfolder else entry.name
+            if recursive:
+                _collect_folder(entry, found, True, inner, excluded)
+            else:
+                nested = Inputs()
+                _collect_folder(entry, nested, True, inner, excluded)
+                found.left_out.extend(item.image_path for item in nested.items)
 
 
 def _truth_index(folder: Path) -> dict[str, Sample]:
@@ -169,58 +254,106 @@ def predict_image(model: keras.Model, config: Config, image: np.ndarray, name: s
     return Prediction.from_output(name, image, output, PostProcessing.of(config), truth)
 
 
-def read_ahead(items: Sequence[PredictionInput], depth: int = 2):
-    """Yield ``(item, future)`` in order, ``future.result()`` being the decoded image (or raising its
-    DataError), while the next ``depth`` images decode in background threads: OpenCV releases the GIL,
+def read_ahead(items: Sequence[PredictionInput], depth: int = 2, reader=read_image):
+    """Yield ``(item, future)`` in order, ``future.result()`` being ``reader(item.image_path)`` (by
+    default the decoded RGB image; ``image_files.open_image`` for every plane) or raising its DataError,
+    while the next ``depth`` images decode in background threads: OpenCV and tifffile release the GIL,
     so a folder's decoding overlaps the model and the model does not wait for the disk between images."""
     with ThreadPoolExecutor(max_workers=depth) as pool:
         upcoming = iter(items)
-        pending = collections.deque((item, pool.submit(read_image, item.image_path))
+        pending = collections.deque((item, pool.submit(reader, item.image_path))
                                     for item in itertools.islice(upcoming, depth + 1))
         while pending:
             item, future = pending.popleft()
             following = next(upcoming, None)
             if following is not None:
-                pending.append((following, pool.submit(read_image, following.image_path)))
+                pending.append((following, pool.submit(reader, following.image_path)))
             yield item, future
+
+
+def output_paths(item: PredictionInput, out_dir, labels: bool | str = False, stack: bool = False,
+                 outlines: Sequence[str] = ()) -> dict[str, Path]:
+    """The files ``predict_input`` writes for ``item``: mask, overlay and, with ``labels`` ("png" or
+    "tif"), labels; TIFF stacks for a file of several planes (``stack``), whatever ``labels`` says; and
+    the outline files of ``outlines`` ("rois", "geojson")."""
+    folder = Path(out_dir) / item.subfolder
+    kind = "tif" if stack else "png"
+    targets = {"mask": folder / f"{item.name}_mask.{kind}", "overlay": folder / f"{item.name}_overlay.{kind}"}
+    if labels:
+        targets["labels"] = folder / f"{item.name}_labels.{'tif' if stack else labels}"
+    targets.update({kind: outline_path(folder, item.name, kind) for kind in outlines})
+    return targets
+
+
+def imagej_axes(plane_axes: str, plane_sizes: Sequence[int]) -> tuple[tuple[int, ...], str]:
+    """The shape and ImageJ axes of a stack's planes: its own time and z axes where ImageJ has them
+    (T before Z), else one run of pages that ImageJ shows as slices ("Z")."""
+    if plane_axes in ("Z", "T", "TZ"):
+        return tuple(plane_sizes), plane_axes
+    return (int(np.prod(plane_sizes)),), "Z"
 
 
 def predict_input(model: keras.Model, config: Config, item: PredictionInput, out_dir, labels: bool | str = False,
                   overwrite: bool = False, tile_size: int | None = None, batch_size: int = 4,
                   tta: bool | None = None, progress: bool = True, pixel_size: float | None = None,
-                  image: np.ndarray | None = None, outlines: Sequence[str] = ()) -> Prediction:
+                  image: np.ndarray | ImageFile | None = None, outlines: Sequence[str] = ()) -> list[Prediction]:
     """Predict one image file and write ``<name>_mask.png`` (the union of the nuclei) and
-    ``<name>_overlay.png`` into ``out_dir``; with ``labels`` (True or "png") also ``<name>_labels.png``
-    (16-bit), with ``labels="tif"`` ``<name>_labels.tif`` instead (16-bit, 32-bit beyond 65,535 nuclei,
-    with ``pixel_size`` in micrometres in its resolution tags); ``outlines`` adds the outline files named
-    (``"rois"``: ``<name>_rois.zip`` for Fiji, ``"geojson"``: ``<name>.geojson`` for QuPath; ``unet_nuclei.outlines``).
-    Returns the ``Prediction``, scored when the input has ground truth.  Raises DataError for an
-    unreadable image or truth, FileExistsError before writing anything when an output exists and
-    ``overwrite`` is off.  ``image`` is the decoded image when the caller read it ahead (``read_ahead``)."""
-    out_dir = Path(out_dir)
-    targets = {"mask": out_dir / f"{item.name}_mask.png", "overlay": out_dir / f"{item.name}_overlay.png"}
+    ``<name>_overlay.png`` into ``out_dir`` (in ``item.subfolder``); with ``labels`` (True or "png") also
+    ``<name>_labels.png`` (16-bit), with ``labels="tif"`` ``<name>_labels.tif`` instead (16-bit, 32-bit
+    beyond 65,535 nuclei, with the pixel size in micrometres in its resolution tags: ``pixel_size``, else
+    the file's own); ``outlines`` adds the outline files named (``"rois"``: ``<name>_rois.zip`` for Fiji,
+    ``"geojson"``: ``<name>.geojson`` for QuPath; ``unet_nuclei.outlines``, one set per plane for a stack).
+    A file of several planes is predicted plane by plane and its outputs are TIFF
+    stacks (``output_paths``); it is not scored.
+    Returns one ``Prediction`` per plane (one for a 2-D image), scored when the input has ground truth.
+    Raises DataError for an unreadable image or truth, FileExistsError before writing anything when an
+    output exists and ``overwrite`` is off.  ``image`` is the file read ahead by the caller
+    (``image_files.open_image``), or its decoded RGB image (``read_image``); None: read here."""
     label_format = "png" if labels is True else labels
     if label_format not in (False, None, "png", "tif"):
         raise ValueError(f"labels must be png or tif, got {labels!r}")
-    if label_format:
-        targets["labels"] = out_dir / f"{item.name}_labels.{label_format}"
-    targets.update({kind: outline_path(out_dir, item.name, kind) for kind in outlines})
+    image = open_image(item.image_path) if image is None else image
+    planes = [image] if isinstance(image, np.ndarray) else None  # an RGB image decoded by the caller
+    stack = planes is None and image.is_stack
+    targets = output_paths(item, out_dir, label_format, stack, outlines)
     for path in targets.values():
         if path.resolve() == Path(item.image_path).resolve():
             raise FileExistsError(f"{path} is the input image itself; choose another --out")
         files.refuse_existing([path], overwrite)  # before the prediction, so a refused image costs nothing
-    image = read_image(item.image_path) if image is None else image
-    truth = truth_labels(item.truth, image.shape[:2]) if item.truth is not None else None
-    prediction = predict_image(model, config, image, item.name, truth, tile_size, batch_size, tta, progress)
-    if label_format == "png" and prediction.labels.max(initial=0) > np.iinfo(np.uint16).max:
-        # A 16-bit PNG would wrap label 65,536 round to 0 and merge nuclei; say so before writing anything.
-        raise DataError(f"{item.name}: {prediction.count} nuclei do not fit a 16-bit label PNG; use --labels tif")
-    outputs = {"mask": lambda path: files.write_png(path, (prediction.labels > 0).astype(np.uint8) * 255, overwrite),
-               "overlay": lambda path: files.write_png(path, draw_outlines(image, prediction.labels), overwrite),
-               "labels": (lambda path: files.write_png(path, prediction.labels.astype(np.uint16), overwrite))
-               if label_format == "png" else
-               (lambda path: write_label_tiff(path, prediction.labels, pixel_size, overwrite))}
-    outputs.update({kind: lambda path, kind=kind: write_outlines(kind, path, prediction.labels, pixel_size, overwrite)
+    if planes is None and pixel_size is None:
+        pixel_size = image.pixel_size
+    predictions, overlays = [], []
+    for index in range(1 if planes is not None else len(image)):
+        rgb = planes[0] if planes is not None else image.rgb(index)
+        truth = truth_labels(item.truth, rgb.shape[:2]) if item.truth is not None and not stack else None
+        name = f"{item.name} [{index}]" if stack else item.name
+        prediction = predict_image(model, config, rgb, name, truth, tile_size, batch_size, tta, progress)
+        if stack:  # keep what the outputs need, not every plane's image and probabilities
+            overlays.append(draw_outlines(rgb, prediction.labels))
+            prediction = dataclasses.replace(prediction, image=None, probability=None)
+        predictions.append(prediction)
+    if stack:
+        shape, axes = imagej_axes(image.plane_axes, image.plane_sizes)
+        found = np.stack([p.labels for p in predictions]).reshape(*shape, image.height, image.width)
+        outputs = {
+            "mask": lambda path: files.write_tiff(path, (found > 0).astype(np.uint8) * 255, overwrite,
+                                                  f"{axes}YX", pixel_size),
+            "overlay": lambda path: files.write_tiff(path, np.stack(overlays).reshape(*found.shape, 3), overwrite,
+                                                     f"{axes}YXS", pixel_size),
+            "labels": lambda path: write_label_tiff(path, found, pixel_size, overwrite, f"{axes}YX")}
+    else:
+        prediction = predictions[0]
+        if label_format == "png" and prediction.labels.max(initial=0) > np.iinfo(np.uint16).max:
+            # A 16-bit PNG would wrap label 65,536 round to 0 and merge nuclei; say so before writing anything.
+            raise DataError(f"{item.name}: {prediction.count} nuclei do not fit a 16-bit label PNG; use --labels tif")
+        outputs = {"mask": lambda path: files.write_png(path, (prediction.labels > 0).astype(np.uint8) * 255,
+                                                        overwrite),
+                   "overlay": lambda path: files.write_png(path, draw_outlines(rgb, prediction.labels), overwrite),
+                   "labels": (lambda path: files.write_png(path, prediction.labels.astype(np.uint16), overwrite))
+                   if label_format == "png" else
+                   (lambda path: write_label_tiff(path, prediction.labels, pixel_size, overwrite))}
+    found_labels = found if stack else predictions[0].labels
+    outputs.update({kind: lambda path, kind=kind: write_outlines(kind, path, found_labels, pixel_size, overwrite)
                     for kind in outlines})
     written = []
     try:
@@ -233,7 +366,7 @@ def predict_input(model: keras.Model, config: Config, item: PredictionInput, out
         for path in written:
             path.unlink(missing_ok=True)
         raise
-    return prediction
+    return predictions
 
 
 def write_scores(predictions: Sequence[Prediction], path, overwrite: bool = True) -> dict:

@@ -328,7 +328,14 @@ def write_synthetic_dataset(
                 mask_path = os.path.join(tmp_dir, sample_id, "masks", f"{sample_id}_{k:03d}.png")
                 _write_png(mask_path, mask.reshape(labels.shape))
             ids.append(sample_id)
-        os.replace(tmp_dir, out_dir)
+        try:
+            os.replace(tmp_dir, out_dir)
+        except OSError:
+            if not (os.path.isdir(out_dir) and os.listdir(out_dir)):
+                raise
+            # Another process finished the same folder first (two first runs at once): keep theirs.
+            raise OutputExistsError(f"{out_dir} was written by another process meanwhile; this copy was "
+                                    f"discarded") from None
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -347,5 +354,11 @@ def ensure_sample_dataset(num_images: int = 64, seed: int = 0, root="dataset", p
     if folder.is_dir() and any(folder.iterdir()):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    write_synthetic_dataset(folder, num_images=num_images, seed=seed, progress=progress)
+    try:
+        write_synthetic_dataset(folder, num_images=num_images, seed=seed, progress=progress)
+    except OutputExistsError:
+        # Another process generated it at the same time.  The folder appears whole (renamed into place)
+        # and holds the same sample (same size, seed and generator), so it is used as it is.
+        if not (folder.is_dir() and any(folder.iterdir())):
+            raise
     return folder

@@ -206,7 +206,7 @@ def prepare_data(config: Config, progress: bool = True, verbose: int = 1, exclud
     Returns ``(train_samples, val_samples, data_dir, why)``."""
     data_dir, why = resolve_data_dir(config.data_dir, config.sample_images, progress=progress)
     _log(f"Data: {why}", verbose)
-    loaded, problems, how = cache.load_folder(data_dir, progress=progress)
+    loaded, problems, how = cache.load_folder(data_dir, progress=progress, channel=config.channel)
     _log(f"      images and masks {how}", verbose)
     if exclude_ids:
         excluded = set(exclude_ids)
@@ -455,7 +455,8 @@ def finalize(run_dir, val_samples: list[LoadedSample] | None = None, thresholds=
     config, info = read_run_config(run_dir)
     if val_samples is None:
         samples, problems = validation_samples(info)
-        val_samples, load_problems = cache.load_ids(info["data_dir"], [s.sample_id for s in samples], progress)
+        val_samples, load_problems = cache.load_ids(info["data_dir"], [s.sample_id for s in samples], progress,
+                                                    channel=config.channel)
         report_problems(problems + load_problems)
         if not val_samples:
             raise DataError(f"none of the validation images of {run_dir} could be read")
