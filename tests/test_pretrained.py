@@ -22,7 +22,7 @@ def test_the_shipped_model_loads_in_safe_mode_and_matches_its_card():
     assert pretrained.shipped_names() == [pretrained.DEFAULT_MODEL]
     model = keras.saving.load_model(SHIPPED / "model.keras", safe_mode=True)  # no custom objects
     assert model.count_params() > 100_000 and all(w.dtype == "float32" for w in model.weights)
-    assert not model.optimizer  # saved without the training state
+    assert getattr(model, "optimizer", None) is None  # saved uncompiled, without the training state
     assert pretrained.card_sha256(SHIPPED) == pretrained.sha256(SHIPPED / "model.keras")
     info = json.loads((SHIPPED / "config.json").read_text())
     assert "val_scores" in info and 0 < info["threshold"] < 1  # its chosen post-processing
