@@ -33,7 +33,9 @@ import numpy as np
 from unet_model_core import LoadedSample, Sample, find_samples, load_samples
 
 # Bump when the stored arrays change meaning, so entries of an older version are never read.
-FORMAT_VERSION = 1
+# 2: images of other depths than 8 bits stretched between percentiles (not by their maximum), TIFFs read
+#    with tifffile (so a multi-page file is seen whole, and refused for training).
+FORMAT_VERSION = 2
 CACHE_ENV = "UNET_NUCLEI_CACHE"
 OFF_VALUES = ("off", "none", "0", "false", "no")
 
