@@ -400,15 +400,19 @@ def _binary(mask: np.ndarray) -> np.ndarray:  # a decoded mask (any depth and ch
 
 def _read_mask_file(path: Path) -> np.ndarray:
     # Label images saved by Fiji, napari or Predict_mask.py --labels tif may be 32-bit, which OpenCV does
-    # not read: TIFFs go through tifffile (a one-page 2-D image), everything else through OpenCV.
+    # not read: TIFFs go through tifffile (a one-page 2-D image), everything else, and a TIFF tifffile
+    # cannot decode (LZW without imagecodecs, say), through OpenCV.  Fiji's 32-bit float label images
+    # hold whole numbers: they are labels too.
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile
 
         try:
             raw = np.squeeze(tifffile.imread(path))
-        except Exception as error:  # tifffile raises many types for a damaged file
-            raise DataError(f"{path}: not a TIFF that can be read ({type(error).__name__})") from error
-        if raw.ndim == 2:
+        except Exception:  # tifffile raises many types for a file it cannot decode
+            raw = None
+        if raw is not None and raw.ndim == 2:
+            if np.issubdtype(raw.dtype, np.floating) and np.isfinite(raw).all() and np.array_equal(raw, np.round(raw)):
+                raw = raw.astype(np.int64)
             return raw
     return _decode(path)
 
@@ -450,10 +454,12 @@ def find_samples(data_dir, require_masks: bool = True) -> tuple[list[Sample], li
     is_pairs = images_dir.is_dir() and not any(
         (child / "images").is_dir() for child in root.iterdir() if child.is_dir())
     if is_pairs:
-        masks = {}
+        masks, duplicates = {}, {}
         if masks_dir.is_dir():
             for path in sorted(masks_dir.iterdir()):
                 if is_image_file(path):
+                    if mask_stem(path) in masks:
+                        duplicates.setdefault(mask_stem(path), [masks[mask_stem(path)].name]).append(path.name)
                     masks.setdefault(mask_stem(path), path)
         for path in sorted(images_dir.iterdir()):
             if is_stray(path):
@@ -463,6 +469,9 @@ def find_samples(data_dir, require_masks: bool = True) -> tuple[list[Sample], li
                 continue
             if not is_image_file(path):
                 problems.append((path.name, "not an image file (skipped)"))
+            elif path.stem in duplicates:
+                problems.append((path.stem, f"several masks in {masks_dir} ({', '.join(duplicates[path.stem])}): "
+                                            f"keep one, so it is clear which is right"))
             elif path.stem in masks:
                 samples.append(Sample(path.stem, path, (masks[path.stem],), "pairs"))
             elif require_masks:

@@ -83,8 +83,8 @@ def main(argv=None) -> int:
         if args.all and not args.run:
             raise ValueError("--all scores a finished run trained on other data; give it with --run")
         if args.run:
-            if rest:
-                raise ValueError(f"unrecognised arguments with --run: {' '.join(rest)}")
+            if rest or args.train_kinds:
+                raise ValueError(f"unrecognised arguments with --run: {' '.join(rest) or '--train-kinds'}")
             model, config, info, run_dir = predict.load_run(args.run)
             if args.all:
                 check_other_data(info, data_dir)
@@ -94,6 +94,8 @@ def main(argv=None) -> int:
             tta = [] if args.tta is None else ["--tta" if args.tta else "--no-tta"]  # the run's own setting too
             train_args = Train.build_parser(core.Config()).parse_args(rest + tta + ["--data", str(data_dir)])
             init_model, init_config = Train.resolve_init(train_args)
+            if init_model is not None:  # a starting model that saw the held-out images would leak them
+                check_unseen(training.read_run_config(init_model.parent)[1], data_dir, held_out)
             config = Train.config_from_args(train_args, core, init_config)
             excluded = set(held_out) | left_out_kinds(kinds, args.train_kinds)
             result = training.train(config, runs_root=train_args.runs_dir, run_name=train_args.name,

@@ -51,6 +51,11 @@ def test_the_run_records_and_shows_the_kernels(quick_run):
     work, run, out = quick_run
     from unet_nuclei import devices
 
+    import unet_model_core as core
+
     recorded = json.loads((run / "config.json").read_text())["cpu_kernels"]
-    assert recorded == devices.cpu_kernels()
+    assert recorded["chosen_by"] == core.ONEDNN_CHOICE
+    assert recorded["onednn"] == devices.onednn_enabled() is not None  # TensorFlow's own answer, recorded
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS") in ("0", "1"):  # whoever chose, the setting took effect
+        assert recorded["onednn"] == (os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1")
     assert "oneDNN CPU kernels" in out and "TF_ENABLE_ONEDNN_OPTS" in out

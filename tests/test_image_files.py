@@ -382,6 +382,24 @@ def test_a_z_stack_gives_stacks_with_one_page_per_plane_and_a_plane_column(run, 
         assert [(row["image"], row["plane"]) for row in csv.DictReader(handle)] == [("stack", "0"), ("stack", "1")]
 
 
+def test_a_time_and_z_hyperstack_gives_outline_files_on_each_plane_s_z_and_time(run, tmp_path, scene):
+    roifile = pytest.importorskip("roifile")
+    image, truth = scene
+    values, _ = stack_of(image, truth, planes=2)
+    tifffile.imwrite(tmp_path / "tz.tif", np.stack([values, values]), imagej=True, metadata={"axes": "TZYX"})
+    status, stdout, stderr = predict(run, tmp_path / "out", str(tmp_path / "tz.tif"), "--labels", "tif",
+                                     "--rois", "--geojson")
+    assert status == 0, stderr
+    labels = tifffile.imread(tmp_path / "out" / "tz_labels.tif")  # T=2, Z=2
+    features = json.loads((tmp_path / "out" / "tz.geojson").read_text())["features"]
+    rois = roifile.roiread(tmp_path / "out" / "tz_rois.zip")
+    for t in range(2):
+        for z in range(2):
+            count = len(np.unique(labels[t, z])) - 1
+            assert count and count == sum(f["geometry"]["plane"] == {"c": -1, "z": z, "t": t} for f in features)
+            assert count == sum((r.z_position, r.t_position) == (z + 1, t + 1) for r in rois)
+
+
 @pytest.mark.slow
 def test_each_page_is_the_plane_s_own_prediction_and_the_projection_the_projection_s(run, tmp_path, scene):
     image, truth = scene

@@ -131,6 +131,10 @@ def test_a_stack_gives_one_set_per_plane(tmp_path):
     features = outlines.geojson_collection(stack)["features"]
     assert [f["properties"]["plane"] for f in features] == [0] * 6 + [2] * 6
     assert features[-1]["geometry"]["plane"] == {"c": -1, "z": 2, "t": 0}
+    # A time series: the planes are time points, not z slices.
+    features = outlines.geojson_collection(stack, plane_axes="T", plane_shape=(3,))["features"]
+    assert features[-1]["geometry"]["plane"] == {"c": -1, "z": 0, "t": 2}
+    assert outlines.plane_position(5, "TZ", (2, 3)) == {"z": 2, "t": 1}
 
 
 def test_empty_images_and_bad_labels():

@@ -34,7 +34,7 @@ def test_the_shipped_model_finds_the_nuclei_of_a_synthetic_image(tmp_path):
 
     image, labels = synthetic.generate_sample(np.random.default_rng(11), 192, 256, "fluorescence")
     model, config, info, run_dir = predict.load_run(pretrained.DEFAULT_MODEL, tmp_path / "runs")
-    assert run_dir == SHIPPED and "shipped" in info["chosen_because"]
+    assert run_dir.resolve() == SHIPPED.resolve() and "shipped" in info["chosen_because"]
     found = predict.predict_image(model, config, image)
     scores = instances.score_image(labels, found.labels)
     assert found.count > 0.5 * scores.nuclei_true and scores.ap50 > 0.5, scores
@@ -143,10 +143,15 @@ def test_round_trip_predicted_label_tiffs_corrected_then_fine_tuned(quick_run, t
     masks.mkdir()
     from unet_nuclei import measure
 
+    import unet_model_core as core
+
     for stem, labels in truths.items():
         predicted = tmp_path / "predicted" / f"{stem}_labels.tif"
         assert predicted.is_file()
         measure.write_label_tiff(masks / predicted.name, labels)
+        # Read back as the training labels, touching nuclei still apart: one value per nucleus.
+        read = core.read_instance_labels([masks / predicted.name], labels.shape, "pairs")
+        np.testing.assert_array_equal(read, labels)
     status, out, err = run_main(Train, "--quick", "--data", str(tmp_path / "mine"), "--init", str(run),
                                 "--runs-dir", str(tmp_path / "runs"), "--name", "corrected", "--val-size", "1")
     assert status == 0, out + err
@@ -155,3 +160,27 @@ def test_round_trip_predicted_label_tiffs_corrected_then_fine_tuned(quick_run, t
     info = json.loads((tuned / "config.json").read_text())
     assert info["init_model"]["path"] == str(run / "model.keras") and "val_scores" in info
     assert (tuned / "model.keras").is_file()
+
+
+def test_label_images_as_users_save_them_are_read_as_labels(tmp_path):
+    import tifffile
+
+    import unet_model_core as core
+
+    labels = np.zeros((20, 30), np.int32)
+    labels[2:10, 2:10], labels[2:10, 10:18], labels[12:18, 20:28] = 1, 2, 3  # 1 and 2 touch
+    tifffile.imwrite(tmp_path / "a_labels.tif", labels.astype(np.uint32))  # 32-bit, which OpenCV cannot read
+    tifffile.imwrite(tmp_path / "b.tif", labels.astype(np.float32))  # Fiji's "32-bit" label image
+    for name in ("a_labels.tif", "b.tif"):
+        read = core.read_instance_labels([tmp_path / name], labels.shape, "pairs")
+        np.testing.assert_array_equal(read, labels)
+    # Two masks for one image: refused for that image, naming both, rather than one chosen silently.
+    for folder in ("images", "masks"):
+        (tmp_path / "set" / folder).mkdir(parents=True)
+    for stem in ("a", "c"):
+        cv2.imwrite(str(tmp_path / "set" / "images" / f"{stem}.png"), np.zeros((20, 30), np.uint8))
+    for name in ("a.tif", "a_labels.tif", "c_labels.tif"):
+        tifffile.imwrite(tmp_path / "set" / "masks" / name, labels.astype(np.uint16))
+    samples, problems = core.find_samples(tmp_path / "set")
+    assert [s.sample_id for s in samples] == ["c"]
+    assert problems[0][0] == "a" and "a.tif" in problems[0][1] and "a_labels.tif" in problems[0][1]

@@ -81,10 +81,13 @@ def set_precision(mixed: bool | None) -> str:
     return policy
 
 
-def onednn_enabled() -> bool:
-    """Whether TensorFlow runs its oneDNN CPU kernels in this process."""
-    from tensorflow.python.util import _pywrap_util_port  # TensorFlow's own answer; no public API has it
-
+def onednn_enabled() -> bool | None:
+    """Whether TensorFlow runs its oneDNN CPU kernels in this process (None where this TensorFlow does
+    not say: the answer comes from a private module, as no public API has it)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:
+        return None
     return bool(_pywrap_util_port.IsMklEnabled())
 
 
@@ -95,6 +98,8 @@ def cpu_kernels() -> dict:
 
 def describe_cpu_kernels(kernels: dict) -> str:
     """One line for users: the kernels, who chose them, and how to choose otherwise."""
+    if kernels["onednn"] is None:
+        return "oneDNN CPU kernels: this TensorFlow does not say whether they run"
     state = "on" if kernels["onednn"] else "off"
     how = "TF_ENABLE_ONEDNN_OPTS=0 turns them off" if kernels["onednn"] else "TF_ENABLE_ONEDNN_OPTS=1 turns them on"
     return f"oneDNN CPU kernels {state} ({ONEDNN_CHOOSERS[kernels['chosen_by']]}; {how})"

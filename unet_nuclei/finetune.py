@@ -54,7 +54,9 @@ def fine_tune_config(base: Config, overrides: dict, init_name: str, quick: bool 
     two_stages = bool(base.nucleus_diameter) and base.nucleus_epochs > 0
     schedule = {"epochs": FINE_TUNE_EPOCHS, "learning_rate": FINE_TUNE_LR,
                 "nucleus_epochs": FINE_TUNE_NUCLEUS_EPOCHS if two_stages else base.nucleus_epochs}
-    if not quick:
+    if quick:
+        values["tta"] = False  # a smoke run chooses its post-processing quickly, as --quick does
+    else:
         values.update(schedule)
     values.update(overrides)
     return quick_config(**values) if quick else Config(**values)

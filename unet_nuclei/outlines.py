@@ -69,13 +69,23 @@ def check_available(kinds) -> None:
 
 
 def write_outlines(kind: str, path, labels: np.ndarray, pixel_size: float | None = None,
-                   overwrite: bool = False) -> Path:
-    """Write the outline file ``kind`` ("rois" or "geojson") of ``labels`` to ``path``."""
+                   overwrite: bool = False, plane_axes: str = "Z", plane_shape: tuple | None = None) -> Path:
+    """Write the outline file ``kind`` ("rois" or "geojson") of ``labels`` to ``path``.  For a stack
+    (planes x height x width) ``plane_axes`` ("Z", "T" or "TZ") and ``plane_shape`` (their sizes) say
+    which z and time point each plane is (default: every plane a z slice)."""
     if kind == "rois":
-        return write_imagej_rois(path, labels, overwrite)
+        return write_imagej_rois(path, labels, overwrite, plane_axes, plane_shape)
     if kind == "geojson":
-        return write_geojson(path, labels, pixel_size, overwrite)
+        return write_geojson(path, labels, pixel_size, overwrite, plane_axes, plane_shape)
     raise ValueError(f"outline file kind must be one of {sorted(OUTLINE_FILES)}, got {kind!r}")
+
+
+def plane_position(plane: int, plane_axes: str = "Z", plane_shape: tuple | None = None) -> dict[str, int]:
+    """The 0-based z slice and time point of plane ``plane`` of a stack whose planes run along
+    ``plane_axes`` ("Z", "T" or "TZ", time outermost) with sizes ``plane_shape``."""
+    shape = tuple(plane_shape) if plane_shape else (plane + 1,)
+    index = dict(zip(plane_axes, (int(i) for i in np.unravel_index(plane, shape))))
+    return {"z": index.get("Z", 0), "t": index.get("T", 0)}
 
 
 def _planes(labels) -> list[tuple[int | None, np.ndarray]]:
@@ -224,19 +234,32 @@ def ring_area(vertices: np.ndarray) -> float:
 _MOVETO, _LINETO, _CLOSE = 0, 1, 4
 
 
-def _roi_name(outline: Outline) -> str:
-    return str(outline.label) if outline.plane is None else f"{outline.label}-z{outline.plane + 1}"
+def _roi_name(outline: Outline, plane_axes: str = "Z", plane_shape: tuple | None = None) -> str:
+    if outline.plane is None:
+        return str(outline.label)
+    where = plane_position(outline.plane, plane_axes, plane_shape)
+    return f"{outline.label}" + "".join(f"-{axis.lower()}{where[axis.lower()] + 1}" for axis in plane_axes)
 
 
-def imagej_roi(outline: Outline):
+def _place(roi, outline: Outline, plane_axes: str, plane_shape: tuple | None) -> None:
+    # The stack position ImageJ reads for a plain stack, and the hyperstack's own z and t positions.
+    if outline.plane is None:
+        return
+    roi.position = outline.plane + 1
+    if plane_axes != "Z":
+        where = plane_position(outline.plane, plane_axes, plane_shape)
+        roi.z_position, roi.t_position = where["z"] + 1, where["t"] + 1
+
+
+def imagej_roi(outline: Outline, plane_axes: str = "Z", plane_shape: tuple | None = None):
     """The ImageJ ROI of one outline (``roifile.ImagejRoi``): a traced polygon, or a composite ROI where
-    the nucleus has a hole or several parts; named by its label, on its slice in a stack."""
+    the nucleus has a hole or several parts; named by its label, on its slice (and time point) in a stack."""
     import roifile
 
     rings = [ring for part in outline.parts for ring in part]
     if len(rings) == 1:
-        roi = roifile.ImagejRoi.frompoints(rings[0], name=_roi_name(outline),
-                                           position=outline.plane)
+        roi = roifile.ImagejRoi.frompoints(rings[0], name=_roi_name(outline, plane_axes, plane_shape))
+        _place(roi, outline, plane_axes, plane_shape)
         # "Traced" is what ImageJ's wand makes: integer corners, area counted in pixels; its bounds end at
         # the last corner (roifile's end one pixel further, as for pixel-centre points).
         roi.roitype = roifile.ROI_TYPE.TRACED
@@ -249,22 +272,22 @@ def imagej_roi(outline: Outline):
             path += [_LINETO, x, y]
         path.append(_CLOSE)
     every = np.concatenate(rings)
-    roi = roifile.ImagejRoi(roitype=roifile.ROI_TYPE.RECT, name=_roi_name(outline))
+    roi = roifile.ImagejRoi(roitype=roifile.ROI_TYPE.RECT, name=_roi_name(outline, plane_axes, plane_shape))
     roi.multi_coordinates = np.asarray(path, np.float32)
     roi.shape_roi_size = len(path)
     roi.left, roi.top = (int(v) for v in every.min(axis=0))
     roi.right, roi.bottom = (int(v) for v in every.max(axis=0))
-    if outline.plane is not None:
-        roi.position = outline.plane + 1
+    _place(roi, outline, plane_axes, plane_shape)
     return roi
 
 
-def write_imagej_rois(path, labels: np.ndarray, overwrite: bool = False) -> Path:
+def write_imagej_rois(path, labels: np.ndarray, overwrite: bool = False, plane_axes: str = "Z",
+                      plane_shape: tuple | None = None) -> Path:
     """Write ``labels``' outlines as an ImageJ ROI set (a .zip of .roi files) for Fiji's ROI Manager,
     one ROI per nucleus (per plane in a stack); an image without nuclei gives an empty set."""
     import roifile  # only when a ROI set is asked for
 
-    rois = [imagej_roi(outline) for outline in trace_outlines(labels)]
+    rois = [imagej_roi(outline, plane_axes, plane_shape) for outline in trace_outlines(labels)]
 
     # An image without nuclei gives an empty zip file, which the ROI Manager opens as an empty set.
     return files.write_with(path, lambda temporary: roifile.roiwrite(temporary, rois, mode="w"), overwrite)
@@ -277,7 +300,8 @@ def _closed(ring: np.ndarray) -> list[list[int]]:
     return [[int(x), int(y)] for x, y in ring] + [[int(ring[0][0]), int(ring[0][1])]]
 
 
-def geojson_feature(outline: Outline, pixel_size: float | None = None) -> dict:
+def geojson_feature(outline: Outline, pixel_size: float | None = None, plane_axes: str = "Z",
+                    plane_shape: tuple | None = None) -> dict:
     """The GeoJSON Feature of one outline, as QuPath reads a detection object: the polygon in pixel
     coordinates, and the label and area (in pixels, and in um^2 with ``pixel_size``) as properties and
     as QuPath measurements."""
@@ -290,18 +314,21 @@ def geojson_feature(outline: Outline, pixel_size: float | None = None) -> dict:
     properties = {"objectType": QUPATH_OBJECT_TYPE, "name": str(outline.label), "classification": QUPATH_CLASS,
                   "label": outline.label, "area": outline.area, "measurements": measurements}
     if outline.plane is not None:
-        geometry["plane"] = {"c": -1, "z": outline.plane, "t": 0}  # QuPath's image plane of the ROI
+        geometry["plane"] = {"c": -1, **plane_position(outline.plane, plane_axes, plane_shape)}  # QuPath's plane
         properties["plane"] = outline.plane
     return {"type": "Feature", "geometry": geometry, "properties": properties}
 
 
-def geojson_collection(labels: np.ndarray, pixel_size: float | None = None) -> dict:
+def geojson_collection(labels: np.ndarray, pixel_size: float | None = None, plane_axes: str = "Z",
+                       plane_shape: tuple | None = None) -> dict:
     """The GeoJSON FeatureCollection of every nucleus of ``labels``."""
     return {"type": "FeatureCollection",
-            "features": [geojson_feature(outline, pixel_size) for outline in trace_outlines(labels)]}
+            "features": [geojson_feature(outline, pixel_size, plane_axes, plane_shape)
+                         for outline in trace_outlines(labels)]}
 
 
-def write_geojson(path, labels: np.ndarray, pixel_size: float | None = None, overwrite: bool = False) -> Path:
+def write_geojson(path, labels: np.ndarray, pixel_size: float | None = None, overwrite: bool = False,
+                  plane_axes: str = "Z", plane_shape: tuple | None = None) -> Path:
     """Write ``labels``' outlines as a GeoJSON FeatureCollection that QuPath imports as detections."""
-    text = json.dumps(geojson_collection(labels, pixel_size), separators=(",", ":"))
+    text = json.dumps(geojson_collection(labels, pixel_size, plane_axes, plane_shape), separators=(",", ":"))
     return files.write_text(path, text + "\n", overwrite)

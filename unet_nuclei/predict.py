@@ -352,8 +352,11 @@ def predict_input(model: keras.Model, config: Config, item: PredictionInput, out
                    "labels": (lambda path: files.write_png(path, prediction.labels.astype(np.uint16), overwrite))
                    if label_format == "png" else
                    (lambda path: write_label_tiff(path, prediction.labels, pixel_size, overwrite))}
-    found_labels = found if stack else predictions[0].labels
-    outputs.update({kind: lambda path, kind=kind: write_outlines(kind, path, found_labels, pixel_size, overwrite)
+    # Outline files take the planes one after another, with their z and time point (a TZ stack too).
+    planes_found = np.stack([p.labels for p in predictions]) if stack else predictions[0].labels
+    plane_shape, plane_axes = imagej_axes(image.plane_axes, image.plane_sizes) if stack else (None, "Z")
+    outputs.update({kind: lambda path, kind=kind: write_outlines(kind, path, planes_found, pixel_size, overwrite,
+                                                                 plane_axes, plane_shape)
                     for kind in outlines})
     written = []
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -42,9 +43,13 @@ def shipped_names(root=SHIPPED_DIR) -> list[str]:
 
 
 def shipped_model_dir(name: str, root=SHIPPED_DIR) -> Path | None:
-    """The folder of the shipped model ``name``, or None when there is no such model."""
+    """The folder of the shipped model ``name`` (relative to the working folder when inside it, as users
+    read it), or None when there is no such model."""
     folder = Path(root) / str(name)
-    return folder if str(name) in shipped_names(root) else None
+    if str(name) not in shipped_names(root):
+        return None
+    relative = Path(os.path.relpath(folder))
+    return folder if relative.parts[:1] == ("..",) else relative
 
 
 def resolve_model(model=None, runs_root="runs", shipped_root=None) -> tuple[Path, str]:
