@@ -48,7 +48,10 @@ def shipped_model_dir(name: str, root=SHIPPED_DIR) -> Path | None:
     folder = Path(root) / str(name)
     if str(name) not in shipped_names(root):
         return None
-    relative = Path(os.path.relpath(folder))
+    try:
+        relative = Path(os.path.relpath(folder))
+    except ValueError:  # another drive (Windows): no relative path
+        return folder
     return folder if relative.parts[:1] == ("..",) else relative
 
 
