@@ -203,8 +203,7 @@ def resolve_init(args):
         return None, None
     from unet_nuclei import pretrained, training
 
-    target, _ = pretrained.resolve_model(args.init, args.runs_dir)
-    run_dir, model_file = (target.parent, target) if target.is_file() else (target, target / training.MODEL_FILE)
+    run_dir, model_file = pretrained.run_and_model_file(pretrained.resolve_model(args.init, args.runs_dir)[0])
     if not model_file.is_file():
         raise FileNotFoundError(f"--init {args.init}: {run_dir} holds no {training.MODEL_FILE} yet")
     return model_file, training.read_run_config(run_dir)[0]

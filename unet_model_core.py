@@ -400,21 +400,16 @@ def _binary(mask: np.ndarray) -> np.ndarray:  # a decoded mask (any depth and ch
 
 def _read_mask_file(path: Path) -> np.ndarray:
     # Label images saved by Fiji, napari or Predict_mask.py --labels tif may be 32-bit, which OpenCV does
-    # not read: TIFFs go through tifffile (a one-page 2-D image), everything else, and a TIFF tifffile
-    # cannot decode (LZW without imagecodecs, say), through OpenCV.  Fiji's 32-bit float label images
-    # hold whole numbers: they are labels too.
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
-        try:
-            raw = np.squeeze(tifffile.imread(path))
-        except Exception:  # tifffile raises many types for a file it cannot decode
-            raw = None
-        if raw is not None and raw.ndim == 2:
-            if np.issubdtype(raw.dtype, np.floating) and np.isfinite(raw).all() and np.array_equal(raw, np.round(raw)):
-                raw = raw.astype(np.int64)
-            return raw
-    return _decode(path)
+    # not read: decode_image reads TIFFs with tifffile (and leaves what it cannot decode to OpenCV).  A
+    # file of several pages gives its first, as OpenCV reads it.  Fiji's 32-bit float label images hold
+    # whole numbers: they are labels too.
+    decoded = decode_image(path)
+    if decoded.axes not in ("YX", "YXS"):
+        return _decode(path)
+    raw = decoded.pixels
+    if np.issubdtype(raw.dtype, np.floating) and np.isfinite(raw).all() and np.array_equal(raw, np.round(raw)):
+        raw = raw.astype(np.int64)
+    return raw
 
 
 def read_instance_labels(mask_paths: Sequence, shape: tuple[int, int], layout: str = "dsb") -> np.ndarray:

@@ -31,10 +31,10 @@ from unet_nuclei.instances import SCORE_KEYS, PostProcessing, Prediction, draw_o
 from unet_nuclei.measure import write_label_tiff
 from unet_nuclei.outlines import output_path as outline_path
 from unet_nuclei.outlines import write_outlines
-from unet_nuclei.pretrained import resolve_model
+from unet_nuclei.pretrained import resolve_model, run_and_model_file
 from unet_nuclei.stages import total_epochs
 from unet_nuclei.tiling import predict_at_nucleus_scale
-from unet_nuclei.training import DEFAULT_RUNS_DIR, MODEL_FILE, read_run_config, validation_samples
+from unet_nuclei.training import DEFAULT_RUNS_DIR, read_run_config, validation_samples
 
 NOT_AN_IMAGE_REASON = "not an image file (skipped)"  # find_samples' reason for such a file in images/
 
@@ -50,7 +50,7 @@ def open_run(run_or_file=None, runs_root=DEFAULT_RUNS_DIR) -> tuple[Config, dict
     Returns ``(config, run_info, run_dir, model_path)``; ``run_info`` is the whole config.json
     (threshold, validation ids, scores)."""
     target, why = resolve_model(run_or_file, runs_root)
-    run_dir, model_path = (target.parent, target) if target.is_file() else (target, target / MODEL_FILE)
+    run_dir, model_path = run_and_model_file(target)
     config, info = read_run_config(run_dir)
     info["chosen_because"] = why
     return config, info, run_dir, model_path

@@ -86,6 +86,12 @@ def resolve_model(model=None, runs_root="runs", shipped_root=None) -> tuple[Path
                             f"{MODEL_FILE}, {runs_root / path}, and a shipped model of that name (shipped: {names})")
 
 
+def run_and_model_file(target) -> tuple[Path, Path]:
+    """``(run folder, model file)`` of what ``resolve_model`` returned: a model file or a folder holding one."""
+    target = Path(target)
+    return (target.parent, target) if target.is_file() else (target, target / MODEL_FILE)
+
+
 def sha256(path) -> str:
     """The sha256 of a file, in hex."""
     digest = hashlib.sha256()

@@ -322,8 +322,10 @@ def open_run(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = 
         extra["held_out_ids"] = sorted(exclude_ids)
     if init_model is not None:
         extra["init_model"] = {"path": str(init_model), "sha256": sha256(init_model)}
-    elif resume is not None and "init_model" in read_run_config(run_dir)[1]:
-        extra["init_model"] = read_run_config(run_dir)[1]["init_model"]  # a fine-tuning run stays one
+    elif resume is not None:
+        started_from = read_run_config(run_dir)[1].get("init_model")
+        if started_from is not None:
+            extra["init_model"] = started_from  # a fine-tuning run stays one
     if resume is None:
         # A resumed run's config.json keeps describing its checkpoint until fit has saved a new epoch.
         run_dir = new_run_dir(runs_root, run_name)
