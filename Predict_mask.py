@@ -144,15 +144,16 @@ def main(argv=None) -> int:
     import functools
 
     import unet_model_core as core
-    from unet_nuclei import cache, files, image_files, measure, outlines, plots, predict, tiling
-    from unet_nuclei.instances import rle_rows
+    from unet_nuclei import cache, files, image_files, measure, outlines, plots, predict, runs, tiling
+    from unet_nuclei.formats import rle_rows
+    from unet_nuclei.segmenter import ModelError, Segmenter, load_unet
     outline_kinds = [kind for kind in outlines.OUTLINE_FILES if getattr(args, kind)]  # --rois, --geojson
 
     left_out, passed_over = [], []
     try:
         # Everything that can be checked is checked before the model loads and before the first image,
         # so no work is lost to a bad flag or an output that cannot be written.
-        config, info, run_dir, model_path = predict.open_run(args.model, args.runs_dir)
+        config, info, run_dir, model_path = runs.open_run(args.model, args.runs_dir)
         overrides = {"threshold": args.threshold, "marker_threshold": args.marker_threshold,
                      "min_nucleus_size": args.min_size, "min_confidence": args.min_confidence, "tta": args.tta}
         config = core.Config.from_dict({**config.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
@@ -179,11 +180,12 @@ def main(argv=None) -> int:
         measurements = measure.Measurements() if args.measure else None
         if measurements is not None:  # before predicting, so a refusal costs nothing
             files.refuse_existing(measure.output_paths(out, len(inputs)), args.overwrite)
-        warning = predict.unfinished_warning(run_dir, config, info)
+        warning = runs.unfinished_warning(run_dir, config, info)
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
-        model = predict.load_unet(model_path)
-    except (predict.ModelError, core.DataError, OSError, ValueError) as error:
+        segmenter = Segmenter(load_unet(model_path), config, args.tile_size, args.batch_size, run_info=info,
+                              run_dir=run_dir)
+    except (ModelError, core.DataError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     markers = f", markers {config.marker_threshold:.2f}" if config.targets == "instance" else ""
@@ -207,8 +209,7 @@ def main(argv=None) -> int:
                 print(f"{item.label}: {'; '.join(image.notes)}{outputs}", flush=True)
             if image.is_stack and item.truth is not None:
                 print(f"{item.label}: not scored: its ground truth is one plane", file=sys.stderr)
-            planes = predict.predict_input(model, config, item, out, labels=args.labels, overwrite=args.overwrite,
-                                           tile_size=args.tile_size, batch_size=args.batch_size,
+            planes = predict.predict_input(segmenter, item, out, labels=args.labels, overwrite=args.overwrite,
                                            pixel_size=args.pixel_size, image=image, outlines=outline_kinds)
             if measurements is not None:
                 for index, result in enumerate(planes):

@@ -7,7 +7,7 @@ size mix, 65 images by default, the size of the DSB-2018 stage-1 test set):
     (``predict.predict_input`` as ``Predict_mask.py`` called it before);
   * read ahead: the same, with the next images decoding in background threads while the model works
     (``predict.read_ahead``, what ``Predict_mask.py`` does now);
-  * forward (the bound): the model's tiled probabilities alone (``predict_probabilities``) on the same
+  * forward (the bound): the model's tiled probabilities alone (``Segmenter.native_probabilities``) on the same
     images held in memory: no reading, no nuclei, no writing.
 
 The model is a finished run (``--model RUN``) or, by default, the untrained default model (its speed is
@@ -48,14 +48,15 @@ def main(argv=None) -> int:
 
     import unet_model_core as core
     from bench_train import DSB_SIZE_MIX
-    from unet_nuclei import predict, synthetic, tiling
+    from unet_nuclei import predict, synthetic
+    from unet_nuclei.segmenter import Segmenter
 
     if args.model:
-        model, config, _, _ = predict.load_run(args.model)
+        segmenter = Segmenter.load(args.model)
         what = args.model
     else:
         config = core.quick_config() if args.smoke else core.Config()
-        model, what = core.build_unet_from_config(config), "the untrained default model"
+        segmenter, what = Segmenter(core.build_unet_from_config(config), config), "the untrained default model"
     sizes = [(96, 96), (128, 160)] if args.smoke else DSB_SIZE_MIX
     with tempfile.TemporaryDirectory(prefix="bench_folder_") as work:
         folder = Path(work) / "images"
@@ -66,14 +67,14 @@ def main(argv=None) -> int:
         pixels = sum(image.shape[0] * image.shape[1] for image in images)
         print(f"{len(inputs)} images ({pixels / 1e6:.1f} Mpx), {what}", file=sys.stderr)
         (Path(work) / "warm").mkdir()
-        predict.predict_input(model, config, inputs[0], Path(work) / "warm", progress=False)  # tracing
+        predict.predict_input(segmenter, inputs[0], Path(work) / "warm", progress=False)  # tracing
 
         def run(out: str, ahead: bool) -> float:
             (Path(work) / out).mkdir()
             started = time.perf_counter()
             stream = predict.read_ahead(inputs) if ahead else ((item, None) for item in inputs)
             for item, decoded in stream:
-                predict.predict_input(model, config, item, Path(work) / out, progress=False,
+                predict.predict_input(segmenter, item, Path(work) / out, progress=False,
                                       image=decoded.result() if decoded is not None else None)
             return time.perf_counter() - started
 
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
         ahead = run("ahead", ahead=True)
         started = time.perf_counter()
         for image in images:
-            tiling.predict_probabilities(model, image, config)
+            segmenter.native_probabilities(image)
         forward = time.perf_counter() - started
 
     rows = [("sequential (read, predict, nuclei, write)", sequential), ("read ahead (Predict_mask.py)", ahead),

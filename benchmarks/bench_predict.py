@@ -2,7 +2,7 @@
 
 In one run, for 256x256, 520x696, 1024x1024 and 1040x1388 images (synthetic nuclei images):
 
-  * tiled: ``predict_probabilities`` exactly as Predict_mask.py calls it (tiles cut from the real image
+  * tiled: ``Segmenter.native_probabilities`` as Predict_mask.py calls it (tiles cut from the real image
     with mirrored context, batched forward passes, the blending window, normalisation: everything),
     timed as image megapixels per second;
   * forward (the bound): the same model's plain forward pass on in-memory batches of tiles of the same
@@ -83,14 +83,15 @@ def load_model(model_arg: str | None, overrides: dict):
     import keras
 
     import unet_model_core as core
-    from unet_nuclei import predict, training
+    from unet_nuclei import checkpoints
+    from unet_nuclei.segmenter import Segmenter
 
     if model_arg:
-        model, config, _, _ = predict.load_run(model_arg)
-        return model, config
+        segmenter = Segmenter.load(model_arg)
+        return segmenter.model, segmenter.config
     config = core.Config(**overrides)
     keras.utils.set_random_seed(config.seed)
-    return training.export_inference_model(core.build_unet_from_config(config), config), config
+    return checkpoints.export_inference_model(core.build_unet_from_config(config), config), config
 
 
 def as_pair(value) -> tuple[int, int]:
@@ -99,7 +100,7 @@ def as_pair(value) -> tuple[int, int]:
 
 
 def default_overlap(config, out_size, margin: int) -> int:
-    """The overlap predict_probabilities uses when none is given (mirrors its rule, for the report)."""
+    """The overlap the tiled prediction uses when none is given (mirrors its rule, for the report)."""
     out = min(as_pair(out_size))
     if config.tile_overlap is not None:
         return min(config.tile_overlap, out - 1)
@@ -117,14 +118,14 @@ def fmt(value) -> str:
 def child(image_file: str, model_arg: str | None, overrides: dict, batch_size: int) -> None:
     import numpy as np
 
-    from unet_nuclei import tiling
+    from unet_nuclei.segmenter import Segmenter
 
     model, config = load_model(model_arg, overrides)
     image = np.load(image_file)  # written by the parent, so the generator's memory never counts here
     height, width = image.shape[:2]
     before = rss_mb("VmRSS")
     start = time.perf_counter()
-    probability = tiling.predict_probabilities(model, image, config, batch_size=batch_size)
+    probability = Segmenter(model, config, batch_size=batch_size).native_probabilities(image)
     seconds = time.perf_counter() - start
     assert probability.shape[:2] == (height, width)
     print(json.dumps({"height": height, "width": width, "peak_mb": round(rss_mb("VmHWM"), 1),
@@ -165,14 +166,15 @@ def time_size(model, config, height: int, width: int, repeats: int, batch_size: 
     import tensorflow as tf
 
     from unet_nuclei import tiling
+    from unet_nuclei.segmenter import Segmenter
 
+    segmenter = Segmenter(model, config, batch_size=batch_size)
     image = make_image(height, width)
     size, out_size, margin = tiling.tile_geometry(model, config, (height, width))
     tile_h, tile_w = as_pair(size)
     overlap = default_overlap(config, out_size, margin)
     done = []
-    tiling.predict_probabilities(model, image, config, batch_size=batch_size,
-                               progress=lambda n, total: done.append(n))  # warm-up (traces); records batches
+    segmenter.native_probabilities(image, progress=lambda n, total: done.append(n))  # warm-up (traces); records batches
     chunks = [b - a for a, b in zip([0] + done[:-1], done)]
     tiles = done[-1]
 
@@ -196,7 +198,7 @@ def time_size(model, config, height: int, width: int, repeats: int, batch_size: 
     tiled_s, pob_s, tff_s = [], [], []
     for _ in range(repeats):  # interleaved, so drifts of the machine hit all three alike
         start = time.perf_counter()
-        tiling.predict_probabilities(model, image, config, batch_size=batch_size)
+        segmenter.native_probabilities(image)
         tiled_s.append(time.perf_counter() - start)
         start = time.perf_counter()
         forward_predict_on_batch()
@@ -218,7 +220,7 @@ def time_size(model, config, height: int, width: int, repeats: int, batch_size: 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        description="Full-resolution overlap-tile prediction benchmark: predict_probabilities against "
+        description="Full-resolution overlap-tile prediction benchmark: the tiled prediction against "
                     "the model's plain forward pass on in-memory tiles, and peak memory up to a "
                     "4096x4096 image. Prints a table and, as its last line, one JSON object.")
     parser.add_argument("--quick", action="store_true",
@@ -229,7 +231,7 @@ def parse_args(argv):
                         help="a run folder or model.keras to time (default: the default architecture, "
                              "untrained: speed does not depend on the weights)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="tiles per forward pass (default: predict_probabilities' default)")
+                        help="tiles per forward pass (default: the Segmenter's default)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per size (3; 1 with --quick)")
     parser.add_argument("--child", metavar="IMAGE_NPY", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -243,9 +245,10 @@ def main(argv=None) -> int:
     import inspect
 
     from unet_nuclei import tiling
+    from unet_nuclei.segmenter import Segmenter
 
     if args.batch_size is None:
-        args.batch_size = inspect.signature(tiling.predict_probabilities).parameters["batch_size"].default
+        args.batch_size = inspect.signature(Segmenter).parameters["batch_size"].default
     if args.child:
         child(args.child, args.model, setting["model"], args.batch_size)
         return 0
@@ -258,7 +261,7 @@ def main(argv=None) -> int:
     rows, extra = [], []
     for sizes, target, times in ((setting["sizes"], rows, repeats), (setting["extra_sizes"], extra, 1)):
         for height, width in sizes:
-            log(f"Timing {height}x{width}: predict_probabilities and the plain forward pass, {times} repeat(s) ...")
+            log(f"Timing {height}x{width}: the tiled prediction and the plain forward pass, {times} repeat(s) ...")
             target.append(time_size(model, config, height, width, times, args.batch_size))
             log(f"  tiled {target[-1]['tiled_mpx_per_s']:.2f} Mpx/s, forward {target[-1]['forward_mpx_per_s']:.2f} "
                 f"Mpx/s, ratio {target[-1]['ratio']:.3f}")

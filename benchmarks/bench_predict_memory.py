@@ -1,9 +1,9 @@
-"""Peak memory and time of predicting one large image, the whole way: ``predict.predict_image`` (preprocessing,
+"""Peak memory and time of predicting one large image, the whole way: ``Segmenter.segment`` (preprocessing,
 overlap-tile prediction, the nuclei from the model's output), as ``Predict_mask.py`` runs it.
 
 Each case runs in a fresh child process, which builds the model, loads the image (written by this process,
 so the generator's memory never counts there), predicts it once and reports its peak resident set (VmHWM
-from /proc/self/status, TensorFlow and the model included) and the seconds ``predict_image`` took.  Memory
+from /proc/self/status, TensorFlow and the model included) and the seconds ``Segmenter.segment`` took.  Memory
 figures are robust; times depend on what else the machine is doing.
 
 With ``--compare REF`` the same cases also run on the code of a git commit (extracted with ``git archive``
@@ -52,23 +52,38 @@ def rss_mb(field: str) -> float:
 # --------------------------------------------------------------------------------------------------
 # Child process: one prediction, with the code found first on sys.path
 # --------------------------------------------------------------------------------------------------
+def segmenter_of(model, config, model_arg):
+    """The code under test's whole path from an image to its nuclei, as a function of the image: the
+    ``Segmenter`` where the code has one, else ``predict.predict_image`` (a --compare commit from before it)."""
+    try:
+        from unet_nuclei.segmenter import Segmenter
+    except ImportError:
+        from unet_nuclei import predict
+
+        if model_arg:
+            model, config, _, _ = predict.load_run(model_arg)
+        return lambda image: predict.predict_image(model, config, image, progress=False)
+    segmenter = Segmenter.load(model_arg) if model_arg else Segmenter(model, config)
+    return lambda image: segmenter.segment(image, progress=False)
+
+
 def child(image_file: str, model_arg: str | None, smoke: bool) -> None:
     import keras
     import numpy as np
 
     import unet_model_core as core
-    from unet_nuclei import predict, training
+    from unet_nuclei import checkpoints
 
-    if model_arg:
-        model, config, _, _ = predict.load_run(model_arg)
-    else:
+    model = config = None  # a --model run is loaded by segmenter_of
+    if not model_arg:
         config = core.Config(**(SMOKE_MODEL if smoke else {}))
         keras.utils.set_random_seed(config.seed)
-        model = training.export_inference_model(core.build_unet_from_config(config), config)
+        model = checkpoints.export_inference_model(core.build_unet_from_config(config), config)
+    segment = segmenter_of(model, config, model_arg)
     image = np.load(image_file)
     before = rss_mb("VmRSS")
     start = time.perf_counter()
-    prediction = predict.predict_image(model, config, image, progress=False)
+    prediction = segment(image)
     seconds = time.perf_counter() - start
     if prediction.labels.shape != image.shape[:2]:
         raise RuntimeError(f"labels of shape {prediction.labels.shape} for an image of shape {image.shape}")
@@ -120,7 +135,7 @@ def make_image(side: int):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        description="Peak memory (whole process) and time of predict_image on large images, each in a fresh "
+        description="Peak memory (whole process) and time of Segmenter.segment on large images, each in a fresh "
                     "child process; optionally the same on an older commit, side by side. Prints a table "
                     "and, as its last line, one JSON object.")
     parser.add_argument("--sizes", type=int, nargs="+", default=None,
@@ -169,9 +184,9 @@ def main(argv=None) -> int:
             os.remove(image_file)
 
     model_text = f"run {args.model}" if args.model else "default architecture, untrained"
-    print(f"Prediction memory benchmark: predict_image on synthetic nuclei images; model: {model_text}")
-    print("Peak = the child process's VmHWM (TensorFlow, the model, the image and everything predict_image "
-          "allocates); 'before' = its resident set just before predict_image; B/px = (peak - before) / pixels.")
+    print(f"Prediction memory benchmark: Segmenter.segment on synthetic nuclei images; model: {model_text}")
+    print("Peak = the child process's VmHWM (TensorFlow, the model, the image and everything Segmenter.segment "
+          "allocates); 'before' = its resident set just before Segmenter.segment; B/px = (peak - before) / pixels.")
     print()
     print(f"{'image':>10} {'code':>12} {'peak MB':>8} {'before MB':>9} {'B/px':>6} {'seconds':>8} {'nuclei':>7}")
     for side in sizes:

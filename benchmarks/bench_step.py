@@ -8,7 +8,7 @@ numeric setting, measured side by side in one process.
      XLA, and both; warm-up steps first, then ``--steps`` timed steps of ``model.fit``; an epoch is
      ``make_datasets``' steps per epoch times the step;
   3. the input pipeline alone (the same dataset iterated without the model), to give its share of a step;
-  4. prediction: full-resolution tiled prediction (``predict_probabilities``) of the largest images, in
+  4. prediction: full-resolution tiled prediction (``Segmenter.native_probabilities``) of the largest images, in
      megapixels per second, per setting.
 
 The settings "onednn-off" and "onednn-on" are float32 with TensorFlow's oneDNN CPU kernels forced off or
@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     import tensorflow as tf
 
     import unet_model_core as core
-    from unet_nuclei import cache, devices, tiling, training
+    from unet_nuclei import cache, devices, training
+    from unet_nuclei.segmenter import Segmenter
 
     kernels = devices.cpu_kernels()
 
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
             if largest:
                 started = time.perf_counter()
                 for sample in largest:
-                    tiling.predict_probabilities(model, sample.image, config)
+                    Segmenter(model, config).native_probabilities(sample.image)
                 pixels = sum(s.image.shape[0] * s.image.shape[1] for s in largest)
                 predict_mpx[setting] = round(pixels / 1e6 / (time.perf_counter() - started), 2)
             log(f"{setting:>10} ({policy}): {step_ms[setting]:8.1f} ms/step"

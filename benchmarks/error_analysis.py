@@ -47,7 +47,7 @@ def nuclei(output, post, *, min_marker=None, sigma=0.0, surface="interior", fill
     from scipy import ndimage as ndi
     from skimage import filters, segmentation
 
-    from unet_nuclei import instances
+    from unet_nuclei import postprocess
     from unet_nuclei.label_images import relabel_sequential, remove_small
 
     output = np.asarray(output, np.float32)
@@ -57,7 +57,7 @@ def nuclei(output, post, *, min_marker=None, sigma=0.0, surface="interior", fill
     else:
         blobs = filters.gaussian(interior, sigma) if sigma else interior
         markers, _ = ndi.label(blobs > post.marker_threshold)
-        markers = remove_small(markers, min_marker or instances.MIN_MARKER_SIZE)
+        markers = remove_small(markers, min_marker or postprocess.MIN_MARKER_SIZE)
     area = (true_area if true_area is not None else (1.0 - output[..., 0]) > post.threshold) | (markers > 0)
     heights = {"interior": -interior, "background": output[..., 0],
                "distance": -ndi.distance_transform_edt(area)}[surface]
@@ -71,7 +71,7 @@ def nuclei(output, post, *, min_marker=None, sigma=0.0, surface="interior", fill
                 labels[box][hole] = index
     if grow:
         labels = segmentation.expand_labels(labels, grow).astype(np.int32)
-    return instances.drop_unsure(relabel_sequential(remove_small(labels, post.min_size)), output, post.min_confidence)
+    return postprocess.drop_unsure(relabel_sequential(remove_small(labels, post.min_size)), output, post.min_confidence)
 
 
 def cores(labels: np.ndarray) -> np.ndarray:
@@ -108,17 +108,19 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     import unet_model_core as core
-    from unet_nuclei import cache, evaluation, instances, predict, tiling
+    from unet_nuclei import cache, evaluation, metrics
+    from unet_nuclei.segmenter import ModelError, Segmenter
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from evaluate_real import check_unseen
 
     try:
-        model, config, info, run_dir = predict.load_run(args.run)
+        segmenter = Segmenter.load(args.run)
+        config, info, run_dir = segmenter.config, segmenter.run_info, segmenter.run_dir
         if config.targets != "instance":
             raise ValueError(f"{run_dir} is a binary model; this analysis needs instance targets")
         loaded, problems, _ = cache.load_folder(Path(args.data), desc="Decoding the dataset")
-    except (core.DataError, predict.ModelError, FileNotFoundError, ValueError) as error:
+    except (core.DataError, ModelError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     by_id = {s.sample_id: s for s in loaded}
@@ -130,14 +132,13 @@ def main(argv=None) -> int:
         sets["held-out"] = held_out
     except ValueError as error:
         print(f"held-out images left out: {error}", file=sys.stderr)
-    post = instances.PostProcessing.of(config)
+    post = segmenter.post
     scores: dict[str, dict[str, list[float]]] = {way: {} for way in WAYS}
     cache.report_problems(problems)
     todo = [(name, i) for name, ids in sets.items() for i in ids]
     for name, i in tqdm(todo, desc="Predicting and scoring", unit="img"):
         sample = by_id[i]
-        output = tiling.predict_at_nucleus_scale(model, sample.image, config, tta=config.tta,
-                                                 dtype=np.float16)  # as Predict_mask.py predicts it
+        output = segmenter.probabilities(sample.image, dtype=np.float16)  # as Predict_mask.py predicts it
         truth = sample.labels.astype(np.int32)
         for way, options in WAYS.items():
             options = dict(options)
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
             elif oracle == "markers":
                 options["true_markers"] = cores(truth)
             found = nuclei(output, post, **options) if options else post.nuclei(output)
-            score = instances.dsb_score(truth, found)
+            score = metrics.dsb_score(truth, found)
             for key in (name, f"{name} {kinds[i]}"):
                 scores[way].setdefault(key, []).append(score)
     columns = sorted(scores["as chosen"], key=lambda k: (k.split()[0] != "validation", len(k.split()), k))

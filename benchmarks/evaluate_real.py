@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     import unet_model_core as core
     from unet_nuclei import cache, evaluation, predict, training
+    from unet_nuclei.segmenter import ModelError, Segmenter
 
     data_dir = Path(args.data)
     try:
@@ -85,7 +86,8 @@ def main(argv=None) -> int:
         if args.run:
             if rest or args.train_kinds:
                 raise ValueError(f"unrecognised arguments with --run: {' '.join(rest) or '--train-kinds'}")
-            model, config, info, run_dir = predict.load_run(args.run)
+            segmenter = Segmenter.load(args.run, tta=args.tta)
+            info = segmenter.run_info
             if args.all:
                 check_other_data(info, data_dir)
                 held_out = sorted(kinds)
@@ -101,17 +103,18 @@ def main(argv=None) -> int:
             result = training.train(config, runs_root=train_args.runs_dir, run_name=train_args.name,
                                     resume=train_args.resume, exclude_ids=sorted(excluded),
                                     changes=Train.overrides_from_args(train_args), init_model=init_model)
-            model, config, info, run_dir = predict.load_run(result.run_dir)
-    except (core.DataError, predict.ModelError, training.TrainingError, FileNotFoundError, ValueError) as error:
+            segmenter = Segmenter.load(result.run_dir, tta=args.tta)
+    except (core.DataError, ModelError, training.TrainingError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+    config, run_dir = segmenter.config, segmenter.run_dir
     by_id = {s.sample_id: s for s in loaded}
     which = "all" if args.all else "held-out"
     print(f"Scoring {run_dir} on {len(held_out)} {which} images of {data_dir} "
           f"({', '.join(f'{n} {k}' for k, n in _counts(kinds, held_out).items())})", file=sys.stderr)
-    result = evaluation.evaluate(model, config, [by_id[i] for i in held_out], tta=args.tta)
-    tta = bool(config.tta if args.tta is None else args.tta)
+    result = evaluation.evaluate(segmenter, [by_id[i] for i in held_out])
+    tta = bool(segmenter.tta)
     out = predict.unique_path(Path(run_dir) / ("all_scores.json" if args.all else "holdout_scores.json"))
     summary = result.summary()
     out.write_text(json.dumps({"run": str(run_dir), "tta": tta, "summary": summary, "images": result.rows()},

@@ -47,20 +47,22 @@ def main() -> int:
     import numpy as np
 
     from unet_model_core import read_image
-    from unet_nuclei import plots, predict
+    from unet_nuclei import plots
+    from unet_nuclei.segmenter import Segmenter
 
-    model, config, _, run_dir = predict.load_run(args.model, args.runs_dir)
+    segmenter = Segmenter.load(args.model, args.runs_dir)
+    run_dir = segmenter.run_dir
     with tempfile.TemporaryDirectory() as tmp:
         image_path, labels_path = fetch_real_image(Path(tmp))
         image = read_image(image_path)
         truth = cv2.imread(str(labels_path), cv2.IMREAD_UNCHANGED).astype(np.int32)
-    result = predict.predict_image(model, config, image, "stardist img2d (real)", truth, progress=False)
+    result = segmenter.segment(image, "stardist img2d (real)", truth, progress=False)
     scores = result.scores
     out = Path(args.out) if args.out else run_dir / "real_image_check.png"
     plots.save(plots.prediction_grid([result]), out, dpi=80)
     print(f"Run {run_dir} on a real 512x512 fluorescence image ({scores.nuclei_true} annotated nuclei): "
           f"Dice {scores.dice:.3f}  IoU {scores.iou:.3f}  DSB score {scores.dsb_score:.3f}  "
-          f"({scores.nuclei_pred} nuclei found; threshold {config.threshold:.2f}). Figure: {out}")
+          f"({scores.nuclei_pred} nuclei found; threshold {segmenter.post.threshold:.2f}). Figure: {out}")
     return 0
 
 

@@ -21,14 +21,16 @@ def main() -> int:
 
     from unet_model_core import read_image
     from unet_nuclei import plots, predict
+    from unet_nuclei.segmenter import Segmenter
 
-    model, config, info, run_dir = predict.load_run(args.model)
-    inputs, _ = predict.validation_inputs(info)
+    segmenter = Segmenter.load(args.model)
+    run_dir = segmenter.run_dir
+    inputs, _ = predict.validation_inputs(segmenter.run_info)
     images = [read_image(item.image_path) for item in inputs]
     # One dark-background (fluorescence) and one bright-background (stained) image, if the split has both.
     order = np.argsort([np.median(image) for image in images])
     picks = [order[0], order[-1]] if np.median(images[order[-1]]) > 100 else list(order[:2])
-    shown = [predict.predict_image(model, config, images[i], inputs[i].name, progress=False) for i in picks]
+    shown = [segmenter.segment(images[i], inputs[i].name, progress=False) for i in picks]
     plots.save(plots.outline_pairs(shown), args.out, dpi=72)
     print(f"wrote {args.out} from {run_dir}")
     return 0

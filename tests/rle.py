@@ -1,5 +1,5 @@
 """DSB-2018 run-length encoding of one mask and its strict decoder: the reference the tests check
-``unet_nuclei.instances.rle_rows`` (the encoder the project writes submissions with) against."""
+``unet_nuclei.formats.rle_rows`` (the encoder the project writes submissions with) against."""
 import numpy as np
 
 

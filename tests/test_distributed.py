@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from unet_nuclei.runs import read_run_config
 
 TOY = """
 import numpy as np, tensorflow as tf, keras
@@ -79,7 +80,7 @@ def test_two_workers_train_one_run_and_only_the_chief_writes_it(tmp_path, tiny_d
     run = runs / "together"
     for name in ("model.keras", "last.keras", "config.json", "history.csv", "val_predictions.png"):
         assert (run / name).is_file(), name
-    info = json.loads((run / "config.json").read_text())
+    info = read_run_config(run)[1]
     assert info["replicas"] == 2 and info["val_scores"]["dice"] >= 0
     rows = (run / "history.csv").read_text().splitlines()
     assert rows[0].split(",")[:4] == ["epoch", "dice", "iou", "loss"] and len(rows) == 1 + 3

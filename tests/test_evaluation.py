@@ -40,7 +40,7 @@ def test_holdout_split_depends_on_the_ids_and_seed_only():
 
 
 def test_summary_and_table_give_means_per_kind():
-    from unet_nuclei.instances import Scores
+    from unet_nuclei.metrics import Scores
 
     scores = [Scores(1.0, 1.0, 0.8, 1.0, 3, 3), Scores(0.5, 0.4, 0.2, 0.5, 4, 2), Scores(0.9, 0.8, 0.6, 0.7, 1, 1)]
     result = evaluation.Evaluation(["a", "b", "c"], ["fluorescence", "fluorescence", "stained"], scores)
@@ -52,7 +52,7 @@ def test_summary_and_table_give_means_per_kind():
 
 
 def test_scores_by_nucleus_size():
-    from unet_nuclei.instances import Scores
+    from unet_nuclei.metrics import Scores
 
     labels = np.zeros((40, 40), np.int32)
     labels[0:10, 0:10], labels[20:24, 20:24] = 1, 2  # areas 100 and 16: median 58 px, about 8.6 px across

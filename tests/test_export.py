@@ -17,7 +17,8 @@ os.environ.setdefault("BIOIMAGEIO_CACHE_PATH", tempfile.mkdtemp(prefix="unet_nuc
 
 import unet_model_core as core
 from conftest import run_main
-from unet_nuclei import export, predict, zoo
+from unet_nuclei import export, zoo
+from unet_nuclei.segmenter import Segmenter
 
 MISSING = "the export tools are missing: pip install -r requirements-export.txt"
 for _module in ("onnx", "onnxruntime", "tf2onnx", "bioimageio.spec"):
@@ -40,7 +41,8 @@ def test_onnx_matches_keras_on_a_test_image_of_another_size(quick_run, exported)
     _, run, _ = quick_run
     out, _, stdout = exported
     assert "onnxruntime matches Keras" in stdout
-    model, config, _, _ = predict.load_run(str(run))
+    segmenter = Segmenter.load(str(run))
+    model, config = segmenter.model, segmenter.config
     image = export.test_image(config, 128, seed=5)[:96, :]  # 96 x 128: not the size it was exported with
     expected = model.predict_on_batch(image[None].astype(np.float32))
     got = export.onnx_predict(out / "model.onnx", image[None])

@@ -24,7 +24,7 @@ import Predict_mask
 import Train
 import unet_model_core as core
 from conftest import ROOT, run_main
-from unet_nuclei import checkpoints, files, synthetic, tiling, training
+from unet_nuclei import checkpoints, files, synthetic, tiling
 
 
 def digest(path):

@@ -18,8 +18,9 @@ from skimage import draw, filters
 import Predict_mask
 import unet_model_core as core
 from conftest import run_main
-from unet_nuclei import cache, image_files, measure, training
+from unet_nuclei import cache, formats, image_files, training
 from unet_nuclei import predict as predicting
+from unet_nuclei import segmenter
 
 # --------------------------------------------------------------------------------------------------
 # The known answer
@@ -309,7 +310,7 @@ def test_the_pixel_size_is_read_from_imagej_ome_and_resolution_tags(tmp_path):
     tifffile.imwrite(tmp_path / "cm.tif", plane, resolution=(1e4 / 0.2, 1e4 / 0.2), resolutionunit="CENTIMETER")
     tifffile.imwrite(tmp_path / "dpi.tif", plane, resolution=(72, 72), resolutionunit="INCH")
     cv2.imwrite(str(tmp_path / "plain.png"), plane)
-    measure.write_label_tiff(tmp_path / "labels.tif", plane, pixel_size=0.5)  # what --labels tif writes
+    formats.write_label_tiff(tmp_path / "labels.tif", plane, pixel_size=0.5)  # what --labels tif writes
     expected = {"ij.tif": (0.325, "ImageJ metadata"), "ij-nm.tif": (0.65, "ImageJ metadata"),
                 "ome.ome.tif": (0.1083, "OME-TIFF metadata"), "cm.tif": (0.2, "TIFF resolution tags"),
                 "dpi.tif": (None, ""), "plain.png": (None, ""), "labels.tif": (0.5, "ImageJ metadata")}
@@ -510,7 +511,7 @@ def test_bad_flags_are_refused_before_the_model_loads(run, tmp_path, monkeypatch
     def must_not_load(path):
         raise AssertionError("the model was loaded before the flags were checked")
 
-    monkeypatch.setattr(predicting, "load_unet", must_not_load)
+    monkeypatch.setattr(segmenter, "load_unet", must_not_load)
     status, _, stderr = predict(run, tmp_path / "out", str(tmp_path / "x.png"), *flags)
     assert status == 2 and "Traceback" not in stderr, stderr
     assert all(word in stderr for word in words), stderr
@@ -528,10 +529,9 @@ def test_a_run_that_has_not_finished_is_used_with_a_warning_naming_its_last_epoc
     assert status == 0 and "warning" not in stderr
     unfinished = tmp_path / "runs" / "unfinished"
     shutil.copytree(run, unfinished)
-    info = json.loads((unfinished / "config.json").read_text())
-    for key in ("val_scores", "val_scores_per_image"):
-        info.pop(key)
-    (unfinished / "config.json").write_text(json.dumps(info))
+    # A run stopped before its end has neither the post-processing nor the scores learned at the end.
+    (unfinished / "postprocessing.json").unlink()
+    (unfinished / "scores.json").unlink()
     status, _, stderr = predict(unfinished, tmp_path / "early", str(tmp_path / "cells.png"))
     assert status == 0 and "warning" in stderr and "has not finished" in stderr
     assert "last saved epoch is 2 of 2" in stderr and "--resume" in stderr

@@ -9,23 +9,25 @@ import numpy as np
 import pytest
 
 from rle import rle_decode, rle_encode
-from unet_nuclei.instances import (
+from unet_nuclei.formats import rle_rows
+from unet_nuclei.metrics import (
     DSB_IOU_THRESHOLDS,
-    PostProcessing,
-    Prediction,
     binary_dice_iou,
-    choose_post_processing,
     count_instances,
-    draw_outlines,
-    drop_unsure,
     dsb_score,
     instance_iou_matrix,
-    instances_from_classes,
-    label_instances,
     matching_precisions,
-    rle_rows,
     score_image,
 )
+from unet_nuclei.plots import draw_outlines
+from unet_nuclei.postprocess import (
+    PostProcessing,
+    choose_post_processing,
+    drop_unsure,
+    instances_from_classes,
+    label_instances,
+)
+from unet_nuclei.segmenter import Prediction
 
 
 def _squares(shape, *boxes):

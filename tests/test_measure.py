@@ -12,7 +12,7 @@ from skimage import draw
 import Predict_mask
 import unet_model_core as core
 from conftest import run_main
-from unet_nuclei import files, measure
+from unet_nuclei import files, formats, measure
 
 # Discs drawn into a 200 x 240 image: (centre row, centre column, radius, grey value).  The last one is
 # centred 5 px inside the right edge, so part of it is cut off by the border.
@@ -172,7 +172,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path
 
 def test_label_tiff_round_trips_with_its_pixel_size_and_beyond_65535_nuclei(tmp_path):
     labels, _ = disc_image()
-    path = measure.write_label_tiff(tmp_path / "cells_labels.tif", labels, pixel_size=0.5)
+    path = formats.write_label_tiff(tmp_path / "cells_labels.tif", labels, pixel_size=0.5)
     with tifffile.TiffFile(path) as tiff:
         read = tiff.asarray()
         assert tiff.is_imagej and tiff.imagej_metadata["unit"] == "um"
@@ -180,10 +180,10 @@ def test_label_tiff_round_trips_with_its_pixel_size_and_beyond_65535_nuclei(tmp_
     assert read.dtype == np.uint16 and np.array_equal(read, labels)
     assert x_resolution[0] / x_resolution[1] == pytest.approx(2.0)  # 2 pixels per micrometre
     many = np.arange(70000, dtype=np.int32).reshape(250, 280)  # more labels than 16 bits hold
-    read_many = tifffile.imread(measure.write_label_tiff(tmp_path / "many.tif", many))
+    read_many = tifffile.imread(formats.write_label_tiff(tmp_path / "many.tif", many))
     assert read_many.dtype == np.uint32 and np.array_equal(read_many, many)
     with pytest.raises(FileExistsError, match="overwrite"):
-        measure.write_label_tiff(path, labels)
+        formats.write_label_tiff(path, labels)
 
 
 def test_pixel_size_and_labels_flags_are_checked_before_any_work():
@@ -235,20 +235,21 @@ def test_predict_mask_measure_writes_the_tables_and_figure_and_refuses_to_replac
 
 def test_more_nuclei_than_a_16_bit_png_holds_are_refused_as_png_and_kept_whole_as_tif(tmp_path, monkeypatch):
     from unet_nuclei import predict
-    from unet_nuclei.instances import Prediction
+    from unet_nuclei.segmenter import Prediction, Segmenter
 
     cv2.imwrite(str(tmp_path / "crowded.png"), np.zeros((250, 280), np.uint8))
     many = np.arange(1, 250 * 280 + 1, dtype=np.int32).reshape(250, 280)  # 70,000 one-pixel "nuclei"
 
-    def fake_prediction(model, config, image, name, *args):
+    def fake_prediction(self, image, name, *args):
         return Prediction(name, 250, 280, int(many.max()), image, None, many)
 
-    monkeypatch.setattr(predict, "predict_image", fake_prediction)
+    monkeypatch.setattr(Segmenter, "segment", fake_prediction)
+    segmenter = Segmenter(None, core.Config())
     item = predict.PredictionInput("crowded", tmp_path / "crowded.png")
     (tmp_path / "png").mkdir()
     with pytest.raises(core.DataError, match="--labels tif"):
-        predict.predict_input(None, None, item, tmp_path / "png", labels=True)
-    assert list((tmp_path / "png").iterdir()) == []  # refused before the mask and overlay were written
+        predict.predict_input(segmenter, item, tmp_path / "png", labels=True)
+    assert list((tmp_path / "png").iterdir()) == []  # refused, and the mask and overlay taken back
     (tmp_path / "tif").mkdir()
-    predict.predict_input(None, None, item, tmp_path / "tif", labels="tif", pixel_size=0.5)
+    predict.predict_input(segmenter, item, tmp_path / "tif", labels="tif", pixel_size=0.5)
     assert np.array_equal(tifffile.imread(tmp_path / "tif" / "crowded_labels.tif"), many)

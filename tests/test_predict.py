@@ -13,7 +13,8 @@ import Predict_mask
 import unet_model_core as core
 from conftest import run_main, run_script
 from rle import rle_decode
-from unet_nuclei import predict, tiling, training
+from unet_nuclei import checkpoints, predict, tiling
+from unet_nuclei.segmenter import Segmenter
 
 
 def write_kinds(folder):
@@ -136,14 +137,19 @@ def test_help_and_bad_flags():
 @pytest.fixture(scope="module")
 def model_and_config(quick_run):
     _, run, _ = quick_run
-    model, config, _, _ = predict.load_run(run)
-    return model, config
+    segmenter = Segmenter.load(run)
+    return segmenter.model, segmenter.config
+
+
+def probabilities(model, image, config, tile_size=None, tta=False):
+    """The model's probabilities at the image's own scale, as the segmenter's passes compute them."""
+    return Segmenter(model, config, tile_size=tile_size).native_probabilities(image, tta=tta)
 
 
 def test_tiled_prediction_equals_one_forward_pass_on_an_image_that_fits_one_tile(model_and_config):
     model, config = model_and_config
     image = np.random.default_rng(1).integers(0, 255, (70, 90, 3)).astype(np.uint8)
-    tiled = tiling.predict_probabilities(model, image, config)
+    tiled = probabilities(model, image, config)
     size, out_size, margin = tiling.tile_geometry(model, config, image.shape[:2])
     tile_h, tile_w = (size, size) if np.ndim(size) == 0 else size  # tiles are shaped to the image
     assert tile_h - 2 * margin >= 70 and tile_w - 2 * margin >= 90  # one tile covers the image
@@ -158,13 +164,13 @@ def test_tiled_prediction_equals_one_forward_pass_on_an_image_that_fits_one_tile
 def test_test_time_augmentation_averages_the_eight_orientations(model_and_config):
     model, config = model_and_config
     image = np.random.default_rng(3).integers(0, 255, (40, 56, 3)).astype(np.uint8)
-    averaged = tiling.predict_probabilities(model, image, config, tta=True)
+    averaged = probabilities(model, image, config, tta=True)
     by_hand = []
     for turns in range(4):
         for flip in (False, True):
             view = np.rot90(image, turns)
             view = np.ascontiguousarray(view[:, ::-1] if flip else view)
-            output = tiling.predict_probabilities(model, view, config)
+            output = probabilities(model, view, config)
             by_hand.append(np.rot90(output[:, ::-1] if flip else output, -turns))
     assert averaged.shape == (40, 56, config.num_classes)
     np.testing.assert_allclose(averaged, np.mean(by_hand, axis=0), atol=1e-5)
@@ -174,8 +180,8 @@ def test_tiled_prediction_has_no_visible_seams(model_and_config):
     model, config = model_and_config
     rng = np.random.default_rng(2)
     image = cv2.GaussianBlur(rng.integers(0, 255, (300, 300, 3)).astype(np.uint8), (0, 0), 3)
-    small_tiles = tiling.predict_probabilities(model, image, config, tile_size=96)
-    one_tile = tiling.predict_probabilities(model, image, config, tile_size=352)
+    small_tiles = probabilities(model, image, config, tile_size=96)
+    one_tile = probabilities(model, image, config, tile_size=352)
     size, out_size, margin = tiling.tile_geometry(model, config, image.shape[:2], 96)
     assert size == 96 and tiling.tile_geometry(model, config, image.shape[:2], 352)[1] >= 300  # one tile covers all
     # Differences come only from the context each pixel sees; they must be small, and no larger on the
@@ -193,8 +199,8 @@ def test_resize_mode_predicts_at_the_input_size():
     for targets, preprocessing in (("instance", "grey"), ("binary", "rgb")):
         config = core.Config(sampling="resize", image_size=32, channels=(4, 8), targets=targets,
                              preprocessing=preprocessing)
-        model = training.export_inference_model(core.build_unet_from_config(config), config)
-        output = tiling.predict_probabilities(model, np.zeros((45, 71, 3), np.uint8), config)
+        model = checkpoints.export_inference_model(core.build_unet_from_config(config), config)
+        output = probabilities(model, np.zeros((45, 71, 3), np.uint8), config)
         assert output.shape == (45, 71, config.num_classes)
 
 

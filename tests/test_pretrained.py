@@ -13,7 +13,8 @@ import pytest
 import Predict_mask
 import Train
 from conftest import run_main
-from unet_nuclei import instances, pretrained, synthetic
+from unet_nuclei import metrics, pretrained, synthetic
+from unet_nuclei.runs import read_run_config
 
 SHIPPED = pretrained.SHIPPED_DIR / pretrained.DEFAULT_MODEL
 
@@ -30,13 +31,13 @@ def test_the_shipped_model_loads_in_safe_mode_and_matches_its_card():
 
 
 def test_the_shipped_model_finds_the_nuclei_of_a_synthetic_image(tmp_path):
-    from unet_nuclei import predict
+    from unet_nuclei.segmenter import Segmenter
 
     image, labels = synthetic.generate_sample(np.random.default_rng(11), 192, 256, "fluorescence")
-    model, config, info, run_dir = predict.load_run(pretrained.DEFAULT_MODEL, tmp_path / "runs")
-    assert run_dir.resolve() == SHIPPED.resolve() and "shipped" in info["chosen_because"]
-    found = predict.predict_image(model, config, image)
-    scores = instances.score_image(labels, found.labels)
+    segmenter = Segmenter.load(pretrained.DEFAULT_MODEL, tmp_path / "runs")
+    assert segmenter.run_dir.resolve() == SHIPPED.resolve() and "shipped" in segmenter.run_info["chosen_because"]
+    found = segmenter.segment(image)
+    scores = metrics.score_image(labels, found.labels)
     assert found.count > 0.5 * scores.nuclei_true and scores.ap50 > 0.5, scores
 
 
@@ -93,7 +94,7 @@ def test_init_starts_from_the_shipped_weights(tiny_dataset, tmp_path):
     assert status == 0, out + err
     tuned, fresh = first_epoch_loss(tmp_path / "runs" / "tuned"), first_epoch_loss(tmp_path / "runs" / "fresh")
     assert tuned < 0.6 * fresh, (tuned, fresh)
-    info = json.loads((tmp_path / "runs" / "tuned" / "config.json").read_text())
+    info = read_run_config(tmp_path / "runs" / "tuned")[1]
     assert info["init_model"]["sha256"] == pretrained.sha256(SHIPPED / "model.keras")
     assert info["channels"] == [int(c) for c in channels.split(",")] and "val_scores" in info
 
@@ -141,14 +142,13 @@ def test_round_trip_predicted_label_tiffs_corrected_then_fine_tuned(quick_run, t
     # same kind of TIFF under the same name, moved beside the images as masks/.
     masks = tmp_path / "mine" / "masks"
     masks.mkdir()
-    from unet_nuclei import measure
-
     import unet_model_core as core
+    from unet_nuclei import formats
 
     for stem, labels in truths.items():
         predicted = tmp_path / "predicted" / f"{stem}_labels.tif"
         assert predicted.is_file()
-        measure.write_label_tiff(masks / predicted.name, labels)
+        formats.write_label_tiff(masks / predicted.name, labels)
         # Read back as the training labels, touching nuclei still apart: one value per nucleus.
         read = core.read_instance_labels([masks / predicted.name], labels.shape, "pairs")
         np.testing.assert_array_equal(read, labels)
@@ -157,7 +157,7 @@ def test_round_trip_predicted_label_tiffs_corrected_then_fine_tuned(quick_run, t
     assert status == 0, out + err
     assert "3 training and 1 validation images" in out
     tuned = tmp_path / "runs" / "corrected"
-    info = json.loads((tuned / "config.json").read_text())
+    info = read_run_config(tuned)[1]
     assert info["init_model"]["path"] == str(run / "model.keras") and "val_scores" in info
     assert (tuned / "model.keras").is_file()
 

@@ -457,7 +457,7 @@ def soft_class_output(seed=0, size=192):
 
 
 def test_compact_path_finds_the_same_nuclei_as_the_float32_path():
-    from unet_nuclei.instances import PostProcessing
+    from unet_nuclei.postprocess import PostProcessing
 
     _, output = soft_class_output()
     identity = lambda batch: batch  # noqa: E731  (the output goes through the blending as it is)
@@ -556,71 +556,3 @@ def test_label_sizes_counts_in_chunks_like_bincount(monkeypatch):
     np.testing.assert_array_equal(label_images.label_sizes(np.zeros((2, 2), np.int32)), [4])
     with pytest.raises(ValueError, match="non-negative"):
         label_images.label_sizes(np.array([[0, -2]]))
-
-
-def _disc_image(radius: int, size: int = 96):
-    """An RGB image of bright discs of ``radius`` on black, 4 by 4."""
-    image = np.zeros((size, size, 3), np.uint8)
-    yy, xx = np.mgrid[:size, :size]
-    for cy in range(size // 8, size, size // 4):
-        for cx in range(size // 8, size, size // 4):
-            image[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2] = 255
-    return image
-
-
-def _bright_is_nucleus(calls):
-    """A stand-in for ``predict_probabilities``: bright pixels are nucleus interior, the rest background;
-    it records the size and TTA flag of every image it is given."""
-    def predict(model, image, config, tile_size=None, batch_size=4, progress=None, tta=False, dtype=np.float32):
-        calls.append((image.shape[:2], tta))
-        interior = (np.asarray(image)[..., 0] > 127).astype(np.float32)
-        return np.stack([1 - interior, interior, np.zeros_like(interior)], axis=-1).astype(dtype)
-    return predict
-
-
-def test_validation_images_are_predicted_as_the_run_predicts_with_or_without_tta(monkeypatch):
-    # finalize chooses the post-processing on these outputs, so they follow the run's TTA setting.
-    from unet_model_core import Config, LoadedSample
-    from unet_nuclei import tiling
-
-    calls = []
-    monkeypatch.setattr(tiling, "predict_probabilities", _bright_is_nucleus(calls))
-    image = _disc_image(radius=4)
-    sample = LoadedSample("discs", image, np.zeros(image.shape[:2], np.uint16))
-    for tta in (True, False):
-        calls.clear()
-        tiling.predict_samples(None, [sample], Config(nucleus_diameter=None, tta=tta), progress=False)
-        assert calls == [((96, 96), tta)]
-
-
-def test_prediction_at_a_nucleus_diameter_rescales_the_image_and_the_result_back(monkeypatch):
-    from unet_model_core import Config
-    from unet_nuclei import tiling
-    from unet_nuclei.instances import PostProcessing
-
-    calls = []
-    monkeypatch.setattr(tiling, "predict_probabilities", _bright_is_nucleus(calls))
-    image = _disc_image(radius=4)  # discs about 9 px across
-    config = Config(nucleus_diameter=18.0)
-    output = tiling.predict_at_nucleus_scale(None, image, config, dtype=np.float16)
-    assert [shape for shape, _ in calls] == [(96, 96), (192, 192)], "a first pass, then twice the size"
-    assert output.shape == (96, 96, 3) and output.dtype == np.float16
-    labels = PostProcessing().nuclei(output)
-    assert labels.max() == 16 and abs((labels > 0).mean() - (image[..., 0] > 127).mean()) < 0.01
-
-    calls.clear()  # nuclei already near the diameter: the first pass is the result
-    native = tiling.predict_at_nucleus_scale(None, image, Config(nucleus_diameter=8.5))
-    assert [shape for shape, _ in calls] == [(96, 96)]
-    np.testing.assert_array_equal(native[..., 1], image[..., 0] > 127)
-    calls.clear()  # ... and with TTA it is predicted again, in its 8 orientations
-    tiling.predict_at_nucleus_scale(None, image, Config(nucleus_diameter=8.5), tta=True)
-    assert calls == [((96, 96), False), ((96, 96), True)]
-
-    calls.clear()  # a model trained at the native scale predicts once, as before
-    tiling.predict_at_nucleus_scale(None, image, Config(nucleus_diameter=None), tta=True)
-    assert calls == [((96, 96), True)]
-
-    calls.clear()  # a large image is rescaled less, so the second pass fits the pixel budget
-    monkeypatch.setattr(tiling, "MAX_RESCALED_PIXELS", 144 * 144)
-    tiling.predict_at_nucleus_scale(None, image, config)
-    assert [shape for shape, _ in calls] == [(96, 96), (144, 144)]

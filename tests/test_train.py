@@ -13,7 +13,8 @@ import pytest
 import Train
 from conftest import run_main, run_script
 
-RUN_FILES = ("model.keras", "config.json", "history.csv", "training_curves.png", "val_predictions.png")
+RUN_FILES = ("model.keras", "config.json", "postprocessing.json", "scores.json", "history.csv", "training_curves.png",
+             "val_predictions.png")
 
 
 def digest(folder):
@@ -25,11 +26,13 @@ def test_a_run_directory_has_every_file_and_a_report(quick_run):
     for name in RUN_FILES:
         assert (run / name).is_file(), name
     assert (work / "runs" / "latest").read_text().strip() == "first"
-    config = json.loads((run / "config.json").read_text())
-    assert config["val_ids"] and 0 < config["threshold"] < 1 and config["sampling"] == "patch"
-    assert set(config["val_scores"]) == {"dice", "iou", "dsb_score", "ap50"}
-    assert config["targets"] == "instance" and 0 < config["marker_threshold"] < 1
-    assert [row["id"] for row in config["val_scores_per_image"]] == config["val_ids"]
+    config = json.loads((run / "config.json").read_text())  # what was asked
+    learned = json.loads((run / "postprocessing.json").read_text())  # what the end of training chose
+    scores = json.loads((run / "scores.json").read_text())  # and measured
+    assert config["val_ids"] and config["sampling"] == "patch" and config["targets"] == "instance"
+    assert 0 < learned["threshold"] < 1 and 0 < learned["marker_threshold"] < 1 and learned["min_size"] > 0
+    assert "val_scores" not in config and set(scores["val_scores"]) == {"dice", "iou", "dsb_score", "ap50"}
+    assert [row["id"] for row in scores["val_scores_per_image"]] == config["val_ids"]
     # --quick keeps the default's two stages, an epoch each: the best is the second stage's own.
     assert config["best_epoch"] == 2 and config["train_seconds"] > 0 and config["nucleus_diameter"] == 20.0
     assert "2 epochs (1 + 1 at 20-px nuclei)" in out and "Second stage: epoch 2 with every image" in out
@@ -38,20 +41,20 @@ def test_a_run_directory_has_every_file_and_a_report(quick_run):
 
 
 def test_new_run_dir_never_reuses_an_existing_folder(tmp_path):
-    from unet_nuclei import training
+    from unet_nuclei import runs
 
-    first = training.new_run_dir(tmp_path, "first")
+    first = runs.new_run_dir(tmp_path, "first")
     (first / "model.keras").write_bytes(b"the first run's model")
     before = digest(first)
-    second = training.new_run_dir(tmp_path, "first")  # same name asked for: a suffix, not an overwrite
+    second = runs.new_run_dir(tmp_path, "first")  # same name asked for: a suffix, not an overwrite
     assert second == tmp_path / "first-2" and second.is_dir() and not any(second.iterdir())
-    assert training.new_run_dir(tmp_path, "first") == tmp_path / "first-3"
+    assert runs.new_run_dir(tmp_path, "first") == tmp_path / "first-3"
     assert digest(first) == before
-    dated = training.new_run_dir(tmp_path)
+    dated = runs.new_run_dir(tmp_path)
     assert dated.parent == tmp_path and dated.name[:8].isdigit()
     for bad in ("latest", "..", "a/b"):
         with pytest.raises(ValueError, match="plain folder name"):
-            training.new_run_dir(tmp_path, bad)
+            runs.new_run_dir(tmp_path, bad)
 
 
 def test_resume_continues_from_the_saved_epoch(tmp_path, tiny_dataset):
@@ -72,7 +75,7 @@ def test_resume_continues_from_the_saved_epoch(tmp_path, tiny_dataset):
 def test_finalize_chooses_post_processing_again_without_training(quick_run, tmp_path):
     import shutil
 
-    from unet_nuclei import training
+    from unet_nuclei import runs, training
 
     _, run, _ = quick_run
     copy = tmp_path / "copy"
@@ -81,7 +84,8 @@ def test_finalize_chooses_post_processing_again_without_training(quick_run, tmp_
     model_before = digest(copy)["model.keras"]
     result = training.finalize(copy, thresholds=[0.35], marker_thresholds=[0.45], min_sizes=[3], progress=False,
                                verbose=0)
-    after = json.loads((copy / "config.json").read_text())
+    after = runs.read_run_config(copy)[1]  # config.json with what finalize learned and measured
+    assert json.loads((copy / "config.json").read_text()) == before  # what was asked is kept as it was
     assert result.threshold == after["threshold"] == 0.35 and after["min_nucleus_size"] == 3
     assert after["marker_threshold"] == 0.45
     assert after["val_ids"] == before["val_ids"] and after["best_epoch"] == before["best_epoch"]
@@ -221,7 +225,7 @@ def test_mixed_precision_model_keeps_a_float32_output():
     import keras
 
     import unet_model_core as core
-    from unet_nuclei import training
+    from unet_nuclei import checkpoints, training
 
     try:
         training.set_precision(True)
@@ -229,7 +233,7 @@ def test_mixed_precision_model_keeps_a_float32_output():
         model = core.build_unet_from_config(config)
         assert model.get_layer("enc1_conv1").compute_dtype in ("bfloat16", "float16")
         assert model.output.dtype == "float32"
-        exported = training.export_inference_model(model, config)
+        exported = checkpoints.export_inference_model(model, config)
         assert exported.get_layer("enc1_conv1").compute_dtype == "float32"
     finally:
         keras.mixed_precision.set_global_policy("float32")

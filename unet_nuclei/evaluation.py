@@ -3,7 +3,7 @@
 A split of the training set flatters a model that was tuned on it, so the held-out images are set aside
 before anything else happens: ``holdout_split`` picks them from the ids and image kinds alone, the same
 ones on every machine, and ``train(..., exclude_ids=...)`` never loads them.  ``evaluate`` then predicts
-them exactly as ``Predict_mask.py`` does (``predict.predict_image``, the run's own post-processing) and
+them exactly as ``Predict_mask.py`` does (``segmenter.Segmenter``, the run's own post-processing) and
 scores them with the competition's metric, overall and per kind of microscopy, because a mean over a set
 that is four-fifths fluorescence hides how a model does on stained tissue.
 """
@@ -15,13 +15,12 @@ import hashlib
 import time
 from typing import Mapping, Sequence
 
-import keras
 import numpy as np
 from tqdm.auto import tqdm
 
-from unet_model_core import Config, LoadedSample
-from unet_nuclei.instances import SCORE_KEYS, Scores
-from unet_nuclei.predict import predict_image
+from unet_model_core import LoadedSample
+from unet_nuclei.metrics import SCORE_KEYS, Scores
+from unet_nuclei.segmenter import Segmenter
 
 # The held-out part of a dataset: a fifth of each kind, chosen by this seed.
 HOLDOUT_FRACTION = 0.2
@@ -120,14 +119,12 @@ class Evaluation:
                 for i, k, s, d in zip(self.ids, self.kinds, self.scores, diameters)]
 
 
-def evaluate(model: keras.Model, config: Config, samples: Sequence[LoadedSample], tta: bool | None = None,
-             progress: bool = True) -> Evaluation:
-    """Predict each sample as ``Predict_mask.py`` does and score it against its instance labels."""
+def evaluate(segmenter: Segmenter, samples: Sequence[LoadedSample], progress: bool = True) -> Evaluation:
+    """Segment each sample as ``Predict_mask.py`` does and score it against its instance labels."""
     started = time.time()
     ids, kinds, scores, diameters = [], [], [], []
     for sample in tqdm(samples, desc="Scoring held-out images", unit="img", disable=not progress):
-        prediction = predict_image(model, config, sample.image, sample.sample_id, sample.labels.astype(np.int32),
-                                   tta=tta, progress=False)
+        prediction = segmenter.segment(sample.image, sample.sample_id, sample.labels.astype(np.int32), progress=False)
         ids.append(sample.sample_id)
         kinds.append(image_kind(sample.image))
         scores.append(prediction.scores)

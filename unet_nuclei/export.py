@@ -152,13 +152,15 @@ def export(model_name=None, out_dir="exported", runs_dir="runs", name: str | Non
     ``onnx``, ``package`` (paths), ``onnx_difference``, ``seconds`` (per step) and ``sizes`` (bytes)."""
     import keras
 
-    from unet_nuclei import predict, zoo
+    from unet_nuclei import zoo
+    from unet_nuclei.segmenter import Segmenter
 
     if keras.backend.backend() != "tensorflow":
         raise ExportError(f"the export runs on Keras's TensorFlow backend (tf2onnx, SavedModel), not "
                           f"{keras.backend.backend()!r}: run it with KERAS_BACKEND=tensorflow")
     started = time.perf_counter()
-    model, config, info, run_dir = predict.load_run(model_name, runs_dir)
+    segmenter = Segmenter.load(model_name, runs_dir)
+    model, config, info, run_dir = segmenter.model, segmenter.config, segmenter.run_info, segmenter.run_dir
     name = name or zoo.package_name(run_dir)
     out_dir = files.check_writable(out_dir, "--out")
     onnx_path, package_path = out_dir / ONNX_FILE, out_dir / f"{name}.zip"

@@ -3,7 +3,7 @@
 An 8000x8000 image has 64 million pixels, so each int64 or float64 copy of it is half a gigabyte.  The
 helpers here give the same results as the plain NumPy and scikit-image calls they replace
 (``np.bincount``, ``scipy.ndimage.mean``, ``skimage.segmentation.relabel_sequential``,
-``skimage.segmentation.watershed``) without those copies; ``unet_nuclei.instances`` builds the nuclei with them.
+``skimage.segmentation.watershed``) without those copies; ``unet_nuclei.postprocess`` builds the nuclei with them.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@
 eccentricity, solidity, mean and max intensity, whether it touches the image border) and one summary row
 per image (count, mean and median area, coverage), and writes them as ``nuclei.csv`` and ``images.csv``,
 with ``summary.png`` (counts per image and the area histogram) when more than one image was measured.
-The shape and intensity measurements are scikit-image's ``regionprops_table``.  ``write_label_tiff``
-writes an instance label image as a TIFF that Fiji and napari open as labels, with its pixel size.
+The shape and intensity measurements are scikit-image's ``regionprops_table``; the label TIFF that Fiji
+and napari open beside them is ``formats.write_label_tiff``.
 
 Intensities are grey values in the input file's own units: a 16-bit image is measured in 0-65535 and a
 12-bit camera's image in 0-4095, not in the 8-bit copy that the model sees.  A colour image becomes grey
@@ -29,6 +29,7 @@ from skimage import measure as skmeasure
 
 from unet_model_core import DataError, decode_image
 from unet_nuclei import files
+from unet_nuclei.formats import check_pixel_size
 
 NUCLEI_FILE = "nuclei.csv"
 IMAGES_FILE = "images.csv"
@@ -73,14 +74,6 @@ def read_grey(path) -> np.ndarray:
     return to_grey(image.pixels, str(path))
 
 
-def _check_pixel_size(pixel_size) -> float | None:
-    if pixel_size is None:
-        return None
-    if not np.isfinite(pixel_size) or pixel_size <= 0:
-        raise ValueError(f"pixel size must be a positive number of micrometres, got {pixel_size}")
-    return float(pixel_size)
-
-
 def measure_nuclei(labels: np.ndarray, intensity: np.ndarray, pixel_size: float | None = None) -> dict:
     """One value per nucleus for each of ``NUCLEUS_COLUMNS`` (but "image"), and, with ``pixel_size`` (in
     micrometres per pixel), each of ``NUCLEUS_UM_COLUMNS``: a dict of equal-length arrays in label order.
@@ -88,7 +81,7 @@ def measure_nuclei(labels: np.ndarray, intensity: np.ndarray, pixel_size: float 
     ``labels`` is an instance label image (0 = background); ``intensity`` the grey image of the same
     height and width.  A nucleus touches the border when any of its pixels lies in the first or last row
     or column, so its area and shape are those of the part inside the image."""
-    pixel_size = _check_pixel_size(pixel_size)
+    pixel_size = check_pixel_size(pixel_size)
     labels = np.asarray(labels)
     intensity = np.asarray(intensity)
     if labels.shape != intensity.shape:
@@ -116,7 +109,7 @@ def measure_nuclei(labels: np.ndarray, intensity: np.ndarray, pixel_size: float 
 def summarize_image(labels: np.ndarray, areas: np.ndarray, pixel_size: float | None = None) -> dict:
     """The per-image summary: size, nucleus count, mean and median area (empty when there are no nuclei),
     and coverage, the fraction of the image's pixels that lie in a nucleus."""
-    pixel_size = _check_pixel_size(pixel_size)
+    pixel_size = check_pixel_size(pixel_size)
     height, width = np.shape(labels)
     areas = np.asarray(areas, dtype=np.float64)
     mean, median = (float(areas.mean()), float(np.median(areas))) if areas.size else (None, None)
@@ -149,7 +142,7 @@ class Measurements:
     folder costs a few numbers per nucleus."""
 
     def __init__(self, pixel_size: float | None = None):
-        self.pixel_size = _check_pixel_size(pixel_size)
+        self.pixel_size = check_pixel_size(pixel_size)
         self.nuclei: list[dict[str, str]] = []
         self.images: list[dict[str, str]] = []
         self.counts: dict[str, int] = {}
@@ -172,7 +165,7 @@ class Measurements:
         (micrometres per pixel) is this image's, found in ``source``; None: the constructor's."""
         if pixel_size is None and self.pixel_size is not None:
             pixel_size, source = self.pixel_size, source or "given"
-        pixel_size = _check_pixel_size(pixel_size)
+        pixel_size = check_pixel_size(pixel_size)
         columns = measure_nuclei(labels, intensity, pixel_size)
         first = {"image": name, **({"plane": str(plane)} if plane is not None else {})}
         for index in range(len(columns["label"])):
@@ -229,21 +222,3 @@ def output_paths(out_dir, images: int) -> list[Path]:
     out_dir = Path(out_dir)
     names = (NUCLEI_FILE, IMAGES_FILE) + ((SUMMARY_FILE,) if images > 1 else ())
     return [out_dir / name for name in names]
-
-
-def write_label_tiff(path, labels: np.ndarray, pixel_size: float | None = None, overwrite: bool = False,
-                     axes: str | None = None) -> Path:
-    """Write instance labels (H x W, or a stack of planes, P x H x W, each numbered from 1 on its own)
-    as a TIFF that Fiji and napari open as labels, written whole.
-
-    Up to 65,535 nuclei in a plane it is an ImageJ-flavoured 16-bit TIFF (Fiji reads its pixel size in
-    micrometres, and ``axes``, ImageJ's letters such as "ZYX", for a stack); beyond that a plain 32-bit
-    TIFF, which ImageJ's own format cannot hold, so that no label wraps around.  With ``pixel_size`` the
-    resolution tags carry the micrometres per pixel."""
-    pixel_size = _check_pixel_size(pixel_size)
-    labels = np.asarray(labels)
-    if labels.size and labels.min() < 0:
-        raise ValueError("instance labels must not be negative")
-    peak = int(labels.max()) if labels.size else 0
-    dtype = np.uint16 if peak <= np.iinfo(np.uint16).max else np.uint32
-    return files.write_tiff(path, labels.astype(dtype), overwrite, axes, pixel_size)

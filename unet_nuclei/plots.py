@@ -1,5 +1,6 @@
 """The project's figures: training curves, predictions beside their ground truth, and the summary of
-the nuclei measured in a set of images.
+the nuclei measured in a set of images; ``draw_outlines``, the nuclei's outlines drawn on an image (the
+overlays that ``Predict_mask.py`` writes).
 
 Every figure is a ``matplotlib.figure.Figure`` made without pyplot, so drawing one never touches
 pyplot's global state or the backend: a notebook keeps showing its own figures inline after training
@@ -10,12 +11,60 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from scipy import ndimage as ndi
+from skimage import segmentation
 
 from unet_nuclei import files
-from unet_nuclei.instances import Prediction, draw_outlines
+
+if TYPE_CHECKING:  # the figures read predictions; the segmenter that makes them is not needed to draw
+    from unet_nuclei.segmenter import Prediction
+
+
+def draw_outlines(image_rgb, labels_or_mask, color=(255, 255, 0), thickness=1) -> np.ndarray:
+    """Copy of a HxWx3 uint8 RGB image with the outline of every instance drawn in ``color``.
+
+    ``labels_or_mask`` is a label image or a binary mask of the same height and width.  A pixel is on an
+    outline when it belongs to an instance and lies within ``thickness`` pixels (8-neighbourhood) of a
+    pixel with another label or of the image edge, so touching nuclei get separate outlines and a
+    binary mask gets the outlines of its connected components.  A HxW grayscale image is accepted and
+    turned into RGB.  The input image is not modified.
+    """
+    image = np.asarray(image_rgb)
+    if image.dtype != np.uint8:
+        raise ValueError(f"image_rgb must be uint8, got dtype {image.dtype}")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    elif image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image_rgb must be HxWx3 (or HxW), got shape {image.shape}")
+    labels = np.asarray(labels_or_mask)
+    # A float 0/1 mask (or float labels) is common after thresholding; whole numbers are accepted as labels.
+    if np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.rint(labels)):
+        labels = labels.astype(np.int64)
+    if labels.dtype != bool and not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels_or_mask must be an integer or boolean image (or whole-numbered floats), "
+                         f"got dtype {labels.dtype}")
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f"image_rgb has shape {image.shape} but labels_or_mask has shape {labels.shape}; "
+                         "their height and width must match")
+    color = tuple(int(c) for c in color)
+    if len(color) != 3 or not all(0 <= c <= 255 for c in color):
+        raise ValueError(f"color must be three integers in 0..255, got {color!r}")
+    if int(thickness) != thickness or thickness < 1:
+        raise ValueError(f"thickness must be a positive integer, got {thickness!r}")
+
+    # A background frame makes instances cut by the image edge get a closed outline there.
+    padded = np.pad(labels.astype(np.int64 if labels.dtype.itemsize > 4 else np.int32), 1)  # int32: less memory
+    outline = segmentation.find_boundaries(padded, connectivity=2, mode="inner")[1:-1, 1:-1]
+    if thickness > 1:
+        outline = ndi.binary_dilation(outline, np.ones((3, 3), bool), iterations=int(thickness) - 1) & (labels != 0)
+    result = image.copy()
+    result[outline] = color
+    return result
 
 
 def save(figure: Figure, path, dpi: int = 100, overwrite: bool = True) -> Path:

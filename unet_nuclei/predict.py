@@ -1,5 +1,5 @@
-"""Prediction on files: load a run, collect the images to predict, predict one input and write its
-outputs, and the scores table.  This is what ``Predict_mask.py`` and the notebook call.
+"""Prediction on files: collect the images to predict, segment one input (``segmenter.Segmenter``) and
+write its outputs, and the scores table.  This is what ``Predict_mask.py`` and the notebook call.
 
 For each input ``<stem>.<ext>`` the outputs are ``<stem>_mask.png`` (uint8 0/255, the input's exact
 height and width), ``<stem>_overlay.png`` (outlines on the image) and, on request, ``<stem>_labels.png``
@@ -18,89 +18,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
-import keras
 import numpy as np
-from tqdm.auto import tqdm
 
-from unet_model_core import (IMAGE_EXTENSIONS, Config, DataError, Sample, find_samples, is_image_file, is_stray,
-                             mask_stem, read_image, read_instance_labels)
+from unet_model_core import (IMAGE_EXTENSIONS, DataError, Sample, find_samples, is_image_file, is_stray, mask_stem,
+                             read_image, read_instance_labels)
 from unet_nuclei import files
-from unet_nuclei.checkpoints import STATE_FILE, read_json
+from unet_nuclei.formats import write_label_png, write_label_tiff
 from unet_nuclei.image_files import ImageFile, open_image
-from unet_nuclei.instances import SCORE_KEYS, PostProcessing, Prediction, draw_outlines, mean_scores
-from unet_nuclei.measure import write_label_tiff
+from unet_nuclei.metrics import SCORE_KEYS, mean_scores
 from unet_nuclei.outlines import output_path as outline_path
 from unet_nuclei.outlines import write_outlines
-from unet_nuclei.pretrained import resolve_model, run_and_model_file
-from unet_nuclei.stages import total_epochs
-from unet_nuclei.tiling import predict_at_nucleus_scale
-from unet_nuclei.training import DEFAULT_RUNS_DIR, read_run_config, validation_samples
+from unet_nuclei.plots import draw_outlines
+from unet_nuclei.runs import validation_samples
+from unet_nuclei.segmenter import Prediction, Segmenter
 
 NOT_AN_IMAGE_REASON = "not an image file (skipped)"  # find_samples' reason for such a file in images/
-
-
-class ModelError(ValueError):
-    """A model file that cannot be used for prediction (unreadable, or not a U-Net of this project)."""
-
-
-def open_run(run_or_file=None, runs_root=DEFAULT_RUNS_DIR) -> tuple[Config, dict, Path, Path]:
-    """A run's config without its model (quick: no Keras file is read): a run name, folder or model
-    file, or a shipped model's name; by default the newest run, else the shipped model
-    (``pretrained.resolve_model``, whose reason for the choice is ``run_info["chosen_because"]``).
-    Returns ``(config, run_info, run_dir, model_path)``; ``run_info`` is the whole config.json
-    (threshold, validation ids, scores)."""
-    target, why = resolve_model(run_or_file, runs_root)
-    run_dir, model_path = run_and_model_file(target)
-    config, info = read_run_config(run_dir)
-    info["chosen_because"] = why
-    return config, info, run_dir, model_path
-
-
-def load_run(run_or_file=None, runs_root=DEFAULT_RUNS_DIR) -> tuple[keras.Model, Config, dict, Path]:
-    """Load a run's model and its config (``open_run``: a run, a model file or a shipped model).
-
-    Returns ``(model, config, run_info, run_dir)``; ``run_info`` is the whole config.json (threshold,
-    validation ids, scores).  Architecture and preprocessing come from the run, never from flags.
-    """
-    config, info, run_dir, model_path = open_run(run_or_file, runs_root)
-    return load_unet(model_path), config, info, run_dir
-
-
-def unfinished_warning(run_dir, config: Config, run_info: dict) -> str | None:
-    """A warning when a run's post-processing was not chosen on its validation images yet (it is still
-    training, or stopped before the end), so its thresholds are the untuned defaults; None otherwise."""
-    if "val_scores" in run_info:
-        return None
-    run_dir = Path(run_dir)
-    try:
-        epoch = int(read_json(run_dir / STATE_FILE)["epoch"])
-        last = f"its last saved epoch is {epoch} of {total_epochs(config)}"
-    except (OSError, ValueError, KeyError, TypeError):
-        last = "no epoch of it is recorded"
-    return (f"{run_dir} has not finished: its post-processing was never chosen on the validation images "
-            f"({last}), so the thresholds are untuned defaults. Wait for the run to finish, or finish it "
-            f"with `python Train.py --resume {run_dir}`")
-
-
-def load_unet(path) -> keras.Model:
-    """Load a ``.keras`` file and check that it is a U-Net of this project (clear error otherwise)."""
-    path = Path(path)
-    try:
-        model = keras.saving.load_model(path, compile=False)
-    except Exception as error:  # Keras raises many types for a bad file; all mean "cannot use this file".
-        if path.is_file():
-            # Keras says "File not found" for any file that is not a readable .keras archive.
-            raise ModelError(f"{path}: the file exists but is damaged or not a .keras model file "
-                             f"({type(error).__name__}); train the run again, or pass --model with "
-                             f"another run") from error
-        raise ModelError(f"{path}: cannot be loaded as a Keras model ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''})") from error
-    names = {layer.name for layer in getattr(model, "layers", [])}
-    if not {"rescale", "enc1_conv1", "probabilities"} <= names:
-        raise ModelError(f"{path}: this Keras model is not a U-Net of this project (it lacks the "
-                         f"'rescale', 'enc1_conv1' and 'probabilities' layers). Use a model.keras "
-                         f"written by Train.py")
-    return model
 
 
 @dataclasses.dataclass
@@ -235,25 +167,6 @@ def unique_path(path) -> Path:
     return candidate
 
 
-def predict_image(model: keras.Model, config: Config, image: np.ndarray, name: str = "image",
-                  truth: np.ndarray | None = None, tile_size: int | None = None, batch_size: int = 4,
-                  tta: bool | None = None, progress: bool = True) -> Prediction:
-    """Predict one decoded RGB image at full resolution and find its nuclei with the run's
-    post-processing; scored when ``truth`` (instance labels) is given.  ``tta`` None: the run's setting."""
-    height, width = image.shape[:2]
-    bar = tqdm(desc=f"{name} tiles", unit="tile", leave=False, disable=not progress or height * width < 2**21)
-
-    def on_progress(done, total):
-        bar.total = total
-        bar.update(done - bar.n)
-
-    # Float16 probabilities halve the largest buffer of a large image; the nuclei are the same.
-    output = predict_at_nucleus_scale(model, image, config, tile_size=tile_size, batch_size=batch_size,
-                                      progress=on_progress, tta=config.tta if tta is None else tta, dtype=np.float16)
-    bar.close()
-    return Prediction.from_output(name, image, output, PostProcessing.of(config), truth)
-
-
 def read_ahead(items: Sequence[PredictionInput], depth: int = 2, reader=read_image):
     """Yield ``(item, future)`` in order, ``future.result()`` being ``reader(item.image_path)`` (by
     default the decoded RGB image; ``image_files.open_image`` for every plane) or raising its DataError,
@@ -293,18 +206,17 @@ def imagej_axes(plane_axes: str, plane_sizes: Sequence[int]) -> tuple[tuple[int,
     return (int(np.prod(plane_sizes)),), "Z"
 
 
-def predict_input(model: keras.Model, config: Config, item: PredictionInput, out_dir, labels: bool | str = False,
-                  overwrite: bool = False, tile_size: int | None = None, batch_size: int = 4,
-                  tta: bool | None = None, progress: bool = True, pixel_size: float | None = None,
+def predict_input(segmenter: Segmenter, item: PredictionInput, out_dir, labels: bool | str = False,
+                  overwrite: bool = False, progress: bool = True, pixel_size: float | None = None,
                   image: np.ndarray | ImageFile | None = None, outlines: Sequence[str] = ()) -> list[Prediction]:
-    """Predict one image file and write ``<name>_mask.png`` (the union of the nuclei) and
-    ``<name>_overlay.png`` into ``out_dir`` (in ``item.subfolder``); with ``labels`` (True or "png") also
-    ``<name>_labels.png`` (16-bit), with ``labels="tif"`` ``<name>_labels.tif`` instead (16-bit, 32-bit
-    beyond 65,535 nuclei, with the pixel size in micrometres in its resolution tags: ``pixel_size``, else
-    the file's own); ``outlines`` adds the outline files named (``"rois"``: ``<name>_rois.zip`` for Fiji,
-    ``"geojson"``: ``<name>.geojson`` for QuPath; ``unet_nuclei.outlines``, one set per plane for a stack).
-    A file of several planes is predicted plane by plane and its outputs are TIFF
-    stacks (``output_paths``); it is not scored.
+    """Segment one image file (``segmenter.segment``, plane by plane) and write ``<name>_mask.png`` (the
+    union of the nuclei) and ``<name>_overlay.png`` into ``out_dir`` (in ``item.subfolder``); with
+    ``labels`` (True or "png") also ``<name>_labels.png`` (16-bit), with ``labels="tif"``
+    ``<name>_labels.tif`` instead (16-bit, 32-bit beyond 65,535 nuclei, with the pixel size in micrometres
+    in its resolution tags: ``pixel_size``, else the file's own); ``outlines`` adds the outline files named
+    (``"rois"``: ``<name>_rois.zip`` for Fiji, ``"geojson"``: ``<name>.geojson`` for QuPath;
+    ``unet_nuclei.outlines``, one set per plane for a stack).  A file of several planes is predicted plane
+    by plane and its outputs are TIFF stacks (``output_paths``); it is not scored.
     Returns one ``Prediction`` per plane (one for a 2-D image), scored when the input has ground truth.
     Raises DataError for an unreadable image or truth, FileExistsError before writing anything when an
     output exists and ``overwrite`` is off.  ``image`` is the file read ahead by the caller
@@ -327,7 +239,7 @@ def predict_input(model: keras.Model, config: Config, item: PredictionInput, out
         rgb = planes[0] if planes is not None else image.rgb(index)
         truth = truth_labels(item.truth, rgb.shape[:2]) if item.truth is not None and not stack else None
         name = f"{item.name} [{index}]" if stack else item.name
-        prediction = predict_image(model, config, rgb, name, truth, tile_size, batch_size, tta, progress)
+        prediction = segmenter.segment(rgb, name, truth, progress)
         if stack:  # keep what the outputs need, not every plane's image and probabilities
             overlays.append(draw_outlines(rgb, prediction.labels))
             prediction = dataclasses.replace(prediction, image=None, probability=None)
@@ -343,13 +255,10 @@ def predict_input(model: keras.Model, config: Config, item: PredictionInput, out
             "labels": lambda path: write_label_tiff(path, found, pixel_size, overwrite, f"{axes}YX")}
     else:
         prediction = predictions[0]
-        if label_format == "png" and prediction.labels.max(initial=0) > np.iinfo(np.uint16).max:
-            # A 16-bit PNG would wrap label 65,536 round to 0 and merge nuclei; say so before writing anything.
-            raise DataError(f"{item.name}: {prediction.count} nuclei do not fit a 16-bit label PNG; use --labels tif")
         outputs = {"mask": lambda path: files.write_png(path, (prediction.labels > 0).astype(np.uint8) * 255,
                                                         overwrite),
                    "overlay": lambda path: files.write_png(path, draw_outlines(rgb, prediction.labels), overwrite),
-                   "labels": (lambda path: files.write_png(path, prediction.labels.astype(np.uint16), overwrite))
+                   "labels": (lambda path: write_label_png(path, prediction.labels, overwrite, item.name))
                    if label_format == "png" else
                    (lambda path: write_label_tiff(path, prediction.labels, pixel_size, overwrite))}
     # Outline files take the planes one after another, with their z and time point (a TZ stack too).

@@ -61,7 +61,7 @@ def resolve_model(model=None, runs_root="runs", shipped_root=None) -> tuple[Path
     ``model`` given: an existing path (run folder or model file) or a run of ``runs_root`` by that name,
     else a shipped model by that name.  ``model`` None: the newest run of ``runs_root``, else the shipped
     ``DEFAULT_MODEL``.  FileNotFoundError, saying what to do, when there is nothing to use."""
-    from unet_nuclei.training import find_run  # run folders: the rules of Train.py's runs/
+    from unet_nuclei.runs import find_run  # run folders (runs imports this module)
 
     runs_root, shipped_root = Path(runs_root), Path(shipped_root or SHIPPED_DIR)
     if model is None:
@@ -110,19 +110,23 @@ def card_sha256(folder) -> str | None:
 
 def package_run(run_dir, name: str, root=SHIPPED_DIR) -> Path:
     """Copy a finished run into ``root/name`` as a shipped model: its ``model.keras`` (already float32,
-    without optimizer state) and its ``config.json`` with the data folder made relative and the run-time
-    details dropped.  Refuses to replace an existing shipped model's files and a run whose
+    without optimizer state), its ``config.json`` with the data folder made relative and the run-time
+    details dropped, and its learned post-processing and scores (``runs.read_run_config``).  Refuses to replace an existing shipped model's files and a run whose
     post-processing was never chosen.  The model card is written by hand; its sha256 is printed."""
+    from unet_nuclei.runs import POST_PROCESSING_FILE, SCORES_FILE, read_run_config  # runs imports this module
+
     run_dir, folder = Path(run_dir), Path(root) / name
-    info = json.loads((run_dir / CONFIG_FILE).read_text())
-    if "val_scores" not in info:
-        raise ValueError(f"{run_dir} has no chosen post-processing (no val_scores in {CONFIG_FILE}): "
+    if "val_scores" not in read_run_config(run_dir)[1]:
+        raise ValueError(f"{run_dir} has no chosen post-processing (no validation scores): "
                          f"let its training finish first")
-    for target in (folder / MODEL_FILE, folder / CONFIG_FILE):
+    learned = [n for n in (POST_PROCESSING_FILE, SCORES_FILE) if (run_dir / n).is_file()]
+    for target in [folder / n for n in (MODEL_FILE, CONFIG_FILE, *learned)]:
         if target.exists():
             raise FileExistsError(f"{target} exists; remove it first to ship another model as {name!r}")
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run_dir / MODEL_FILE, folder / MODEL_FILE)
+    for copied in (MODEL_FILE, *learned):
+        shutil.copyfile(run_dir / copied, folder / copied)
+    info = json.loads((run_dir / CONFIG_FILE).read_text())
     data_dir = Path(info.get("data_dir", ""))
     info["data_dir"] = str(Path("dataset") / data_dir.name) if data_dir.name else ""
     info["shipped_from_run"] = run_dir.name

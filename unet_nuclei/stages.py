@@ -9,7 +9,7 @@ With the defaults a run has two:
        and decays along its own cosine.
 
 The model learns every size first, then specialises at one; predictions then take two passes
-(``tiling.predict_at_nucleus_scale``).  On the real DSB-2018 data this scored higher than either stage
+(``segmenter.Segmenter.probabilities``).  On the real DSB-2018 data this scored higher than either stage
 alone (README, "Accuracy on real images").  Without ``nucleus_diameter`` a run is one stage at native
 scale; with ``nucleus_epochs = 0`` it is one stage at that diameter throughout.
 """

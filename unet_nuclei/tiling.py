@@ -5,22 +5,20 @@ the tile predictions are blended into a full-size probability map with a smooth 
 happens in a float32 band one tile row high, and each finished band is written into the result in the
 requested dtype (float16 halves it), so memory is one batch of tiles, one band, the mirrored uint8 input
 and the result: never the activations of the whole image, nor image-sized float32 sums.
-``predict_tiled`` needs only NumPy and a predict callable; ``tile_geometry`` and ``predict_probabilities``
-fit it to a U-Net of ``unet_model_core``.
+``predict_tiled`` needs only NumPy and a predict callable; ``tile_geometry`` and ``predict_view`` fit it
+to a U-Net of ``unet_model_core``.  What comes before and after the forward passes (preprocessing, the
+nucleus scale, TTA, post-processing) is ``unet_nuclei.segmenter``'s: this module imports nothing of the
+package.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import cv2
 import keras
 import numpy as np
-from tqdm.auto import tqdm
 
-from unet_model_core import (Config, LoadedSample, check_input_size, nucleus_scale, preprocess_image, rescale_view,
-                             resize_image, unet_output_size)
-from unet_nuclei.instances import PostProcessing
+from unet_model_core import Config, check_input_size, resize_image, unet_output_size
 
 
 def tile_positions(length: int, output_size: int, overlap: int) -> list[int]:
@@ -360,71 +358,16 @@ def check_tile_size(config: Config, tile_size: int | None) -> None:
                          f"with); for example --tile-size {smallest}, or leave the flag out")
 
 
-def predict_probabilities(model: keras.Model, image: np.ndarray, config: Config, tile_size: int | None = None,
-                          batch_size: int = 4, overlap: int | None = None, progress=None,
-                          tta: bool = False, dtype=np.float32) -> np.ndarray:
-    """The model's class probabilities (H x W x K, ``dtype``) for an H x W x 3 uint8 image of any size.
+def predict_view(model: keras.Model, image: np.ndarray, config: Config, tile_size: int | None = None,
+                 batch_size: int = 4, overlap: int | None = None, progress=None, dtype=np.float32) -> np.ndarray:
+    """The class probabilities (H x W x K, ``dtype``) of an image already preprocessed as in training
+    (``unet_model_core.preprocess_image``), in one orientation, at its own scale.
 
-    The image is preprocessed as in training (``preprocess_image``).  Models trained on resized images
-    predict on the image resized the same way (and the result is resized back); patch-trained models
-    predict at full resolution by overlap-tile (``tile_geometry`` says how).  ``batch_size`` tiles go
-    through the model at once, but never more than ``TILED_TILE ** 2`` input pixels (or the one tile of
-    an image that fits one), so memory stays bounded whatever the tile size.  ``dtype`` float16 halves the result (a large image's biggest
-    buffer); the blending is float32 either way.  With ``tta`` the image is predicted in its 8 flips
-    and rotations and the probabilities are averaged in float32 (8 times the work, and a float32 sum)."""
-    view = preprocess_image(np.asarray(image), config.preprocessing)
-    if not tta:
-        return _predict_view(model, view, config, tile_size, batch_size, overlap, progress, dtype)
-    total = None
-    for turns in range(4):
-        for flip in (False, True):
-            oriented = np.rot90(view, turns)
-            oriented = np.ascontiguousarray(oriented[:, ::-1] if flip else oriented)
-            output = _predict_view(model, oriented, config, tile_size, batch_size, overlap, dtype=dtype)
-            output = np.rot90(output[:, ::-1] if flip else output, -turns)
-            if total is None:
-                total = np.array(output, dtype=np.float32)
-            else:
-                total += output
-    total /= 8.0
-    return total.astype(dtype, copy=False)
-
-
-# A first pass that finds the nuclei within this factor of ``Config.nucleus_diameter`` is kept as it is.
-RESCALE_TOLERANCE = 2 ** 0.25
-# The most pixels a rescaled image may have: a larger one is rescaled less, to fit.
-MAX_RESCALED_PIXELS = 2 ** 26
-
-
-def predict_at_nucleus_scale(model: keras.Model, image: np.ndarray, config: Config, tile_size: int | None = None,
-                             batch_size: int = 4, progress=None, tta: bool = False, dtype=np.float32) -> np.ndarray:
-    """``predict_probabilities`` at the scale a model trained with ``config.nucleus_diameter`` learned:
-    the image resized so that its nuclei's median diameter is that many pixels.  Other models predict at
-    the native scale.
-
-    A first pass at the native scale finds the nuclei (with the default ``PostProcessing``, so that the
-    scale does not depend on the post-processing chosen later) and ``nucleus_scale`` gives the factor
-    (0.5 to 2).  The image resized by it is predicted again, and the probabilities are resized back, so
-    the run's post-processing finds the nuclei at full resolution.  A factor within
-    ``RESCALE_TOLERANCE`` of 1 keeps the first pass (with ``tta``, predicted again in its 8 orientations)."""
-    height, width = image.shape[:2]
-    if config.nucleus_diameter:
-        first = predict_probabilities(model, image, config, tile_size, batch_size, dtype=np.float16)
-        factor = min(nucleus_scale(PostProcessing().nuclei(first), config.nucleus_diameter),
-                     math.sqrt(MAX_RESCALED_PIXELS / (height * width)))
-        if abs(math.log(factor)) >= math.log(RESCALE_TOLERANCE):
-            del first
-            output = predict_probabilities(model, rescale_view(image, None, factor)[0], config, tile_size, batch_size,
-                                           progress=progress, tta=tta)
-            return resize_image(output, (height, width)).reshape(height, width, -1).astype(dtype, copy=False)
-        if not tta:
-            return first.astype(dtype, copy=False)
-    return predict_probabilities(model, image, config, tile_size, batch_size, progress=progress, tta=tta, dtype=dtype)
-
-
-def _predict_view(model: keras.Model, image: np.ndarray, config: Config, tile_size: int | None,
-                  batch_size: int, overlap: int | None, progress=None, dtype=np.float32) -> np.ndarray:
-    """``predict_probabilities`` of an image already preprocessed (one orientation)."""
+    Models trained on resized images predict on the image resized the same way (and the result is resized
+    back); patch-trained models predict at full resolution by overlap-tile (``tile_geometry`` says how).
+    ``batch_size`` tiles go through the model at once, but never more than ``TILED_TILE ** 2`` input
+    pixels (or the one tile of an image that fits one), so memory stays bounded whatever the tile size.
+    ``overlap`` None: the run's ``tile_overlap``, else an eighth of a tile."""
     height, width = image.shape[:2]
     if config.sampling == "resize":
         # An unpadded model's output covers only the centre of its input: resize the image to the output
@@ -458,8 +401,3 @@ def _predict_view(model: keras.Model, image: np.ndarray, config: Config, tile_si
                          batch_size, progress, dtype)
 
 
-def predict_samples(model: keras.Model, samples: Sequence[LoadedSample], config: Config,
-                    progress: bool = True) -> list[np.ndarray]:
-    """Full-resolution class probabilities of decoded samples, in order, as ``Predict_mask.py`` predicts."""
-    return [predict_at_nucleus_scale(model, s.image, config, tta=config.tta)
-            for s in tqdm(samples, desc="Predicting validation images", disable=not progress, unit="img")]

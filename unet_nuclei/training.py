@@ -1,32 +1,20 @@
-"""Training runs: the run folder, its callbacks, devices and precision, and ``train``.
+"""Training runs: the data and its split, the pipelines, devices and precision, callbacks, and ``train``.
 
 ``train`` is three public steps, each usable on its own:
 
     open_run   a new run folder (or an interrupted one, to resume), the data and the tf.data pipelines
     fit        model.fit (on several machines, the loop of ``multiworker``) with checkpoints at every
                epoch end; history.csv and training_curves.png
-    finalize   the post-processing threshold chosen on the validation images at full resolution, their
-               scores and val_predictions.png, all stored in config.json
+    finalize   the post-processing chosen on the validation images at full resolution (through the
+               ``Segmenter``, as Predict_mask.py predicts), with their scores and val_predictions.png
 
 ``finalize(run_dir)`` also works on a finished run, to choose its post-processing again without
-retraining.
-
-A run folder holds everything a run produced:
-  model.keras   best checkpoint: float32, uncompiled, built-in layers only, so plain
-                keras.saving.load_model(path) reads it in any program, with or without this project;
-  last.keras    the latest full training state (model + optimizer), for --resume;
-  state.json    the epoch reached and the best validation loss so far, for --resume;
-  config.json   resolved Config + validation ids + chosen threshold + sampling mode + scores;
-  history.csv, training_curves.png, val_predictions.png.
-runs/latest is a one-line text file naming the newest run's folder (a file, not a symlink, so it also
-works on Windows).
+retraining.  What a run folder holds, and how it is read, is ``unet_nuclei.runs``.
 """
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -38,24 +26,23 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from unet_model_core import (DEFAULT_DATA_DIR, Config, DataError, LoadedSample, Sample,
-                             build_unet_from_config, compile_unet, find_samples, make_datasets)
+from unet_model_core import (DEFAULT_DATA_DIR, Config, DataError, LoadedSample, build_unet_from_config, compile_unet, make_datasets)
 from unet_nuclei import cache, devices, files, plots, synthetic
 from unet_nuclei.cache import report_problems
 from unet_nuclei.checkpoints import (CONFIG_FILE, CURVES_FILE, HISTORY_FILE, LAST_FILE, MODEL_FILE, STATE_FILE,
                                      VAL_FIGURE_FILE, HistoryLog, RunCheckpoint, StopOnNaN,
-                                     export_inference_model, read_history, read_json, saved_epoch)
+                                     read_history, read_json, saved_epoch)
 from unet_nuclei.devices import configure_devices, get_strategy, set_precision  # noqa: F401
 from unet_nuclei.finetune import copy_weights
 from unet_nuclei.pretrained import sha256
 from unet_nuclei.multiworker import fit_distributed, is_chief
-from unet_nuclei.instances import (CONFIDENCE_GRID, MARKER_GRID, MIN_SIZE_GRID, THRESHOLD_GRID, Prediction,
-                                   choose_post_processing)
+from unet_nuclei.postprocess import (CONFIDENCE_GRID, MARKER_GRID, MIN_SIZE_GRID, THRESHOLD_GRID,
+                                     choose_post_processing)
+from unet_nuclei.runs import (DEFAULT_RUNS_DIR, LATEST_FILE, find_run, new_run_dir, read_run_config, validation_samples,
+                              write_config, write_learned)
+from unet_nuclei.segmenter import Prediction, Segmenter
 from unet_nuclei.stages import check_resume, describe, describe_stage, total_epochs, training_stages
-from unet_nuclei.tiling import predict_samples
 
-DEFAULT_RUNS_DIR = "runs"
-LATEST_FILE = "latest"
 RESUME_CHANGES = ("epochs", "learning_rate")  # the settings a resumed run may take from new flags
 
 
@@ -65,63 +52,6 @@ class TrainingError(RuntimeError):
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training; the message says what the run folder holds and how to continue."""
-
-
-def new_run_dir(runs_root=DEFAULT_RUNS_DIR, name: str | None = None) -> Path:
-    """Create and return a fresh run folder; an existing one is never reused or overwritten."""
-    base = name or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    if base in (LATEST_FILE, ".", "..") or os.sep in base or (os.altsep and os.altsep in base):
-        raise ValueError(f"run name {base!r} is not a plain folder name")
-    root = files.check_writable(runs_root, "--runs-dir")
-    for suffix in [""] + [f"-{i}" for i in range(2, 1000)]:
-        candidate = root / f"{base}{suffix}"
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-        except OSError as error:
-            raise files.OutputError(error.errno, f"--runs-dir: cannot create {candidate}/ "
-                                                 f"({error.strerror or error})") from error
-    raise FileExistsError(f"could not find a free run folder name for {base!r} in {root}")
-
-
-def find_run(run_or_file=None, runs_root=DEFAULT_RUNS_DIR) -> Path:
-    """The run folder for a run name, a run folder, a model file inside a run, or (None) the newest run.
-
-    Raises FileNotFoundError with a message that says what to do when nothing is found.
-    """
-    root = Path(runs_root)
-    if run_or_file is None:
-        latest = root / LATEST_FILE
-        if latest.is_file():
-            candidate = root / latest.read_text().strip()
-            if (candidate / MODEL_FILE).is_file():
-                return candidate
-        runs = sorted((p for p in root.glob("*") if (p / MODEL_FILE).is_file()), key=lambda p: p.stat().st_mtime)
-        if not runs:
-            raise FileNotFoundError(f"no trained model found in {root}/. Run `python Train.py` first "
-                                    f"(or pass --model RUN_FOLDER_OR_MODEL_FILE)")
-        return runs[-1]
-    path = Path(run_or_file)
-    for candidate in (path, root / path):
-        if candidate.is_file():
-            return candidate.parent
-        if candidate.is_dir() and ((candidate / MODEL_FILE).is_file() or (candidate / LAST_FILE).is_file()):
-            return candidate
-    raise FileNotFoundError(f"no run or model at {run_or_file!r} (looked for a model file, a run folder "
-                            f"holding {MODEL_FILE}, and {root / path})")
-
-
-def read_run_config(run_dir) -> tuple[Config, dict]:
-    """The Config a run was trained with, and the whole config.json (ids, threshold, scores)."""
-    data = read_json(Path(run_dir) / CONFIG_FILE, f": {run_dir} is not a complete run of this project")
-    return Config.from_dict(data), data
-
-
-def write_config(config: Config, path, **extra) -> None:
-    """config.json (the resolved Config and ``extra``), written whole or not at all."""
-    files.write_text(path, config.to_json(**extra) + "\n")
 
 
 @dataclasses.dataclass
@@ -235,30 +165,13 @@ def prepare_data(config: Config, progress: bool = True, verbose: int = 1, exclud
     return train, val, data_dir, why
 
 
-def validation_samples(run_info: dict) -> tuple[list[Sample], list[tuple[str, str]]]:
-    """The validation samples a run recorded (config.json's ``val_ids`` in its ``data_dir``) and the
-    ids not found.  A missing built-in sample is regenerated (it is deterministic)."""
-    data_dir = Path(run_info.get("data_dir", ""))
-    val_ids = set(run_info.get("val_ids", []))
-    if not val_ids:
-        raise DataError("this run's config.json lists no validation images; give image paths instead")
-    if not data_dir.is_dir() and data_dir.name.startswith("synthetic_sample_"):
-        synthetic.ensure_sample_dataset(int(run_info.get("sample_images", 64)), 0, str(data_dir.parent))
-    if not data_dir.is_dir():
-        raise DataError(f"the run's data folder {data_dir} is gone; give image paths instead")
-    samples, _ = find_samples(data_dir)
-    found = [s for s in samples if s.sample_id in val_ids]
-    missing = sorted(val_ids - {s.sample_id for s in found})
-    return found, [(m, f"validation image not found in {data_dir}") for m in missing]
-
-
 def _resume_point(run_dir: Path, config: Config, changes: dict, verbose: int):
     """The saved Config of a run to resume, with the ``changes`` it may take (``RESUME_CHANGES``), and
     the epoch and best validation loss it reached."""
     if not (run_dir / LAST_FILE).is_file() or not (run_dir / STATE_FILE).is_file():
         raise TrainingError(f"{run_dir} has no {LAST_FILE}/{STATE_FILE} to resume from: no epoch of it "
                             f"finished. Start a new run instead")
-    saved_config, saved_info = read_run_config(run_dir)
+    saved_config, saved_info = read_run_config(run_dir, learned=False)
     state = read_json(run_dir / STATE_FILE, f": {run_dir} cannot be resumed; start a new run")
     try:
         initial_epoch, best = int(state["epoch"]), float(state.get("best_val_loss", math.inf))
@@ -447,8 +360,8 @@ def finalize(run_dir, val_samples: list[LoadedSample] | None = None, thresholds=
              progress: bool = True, verbose: int = 1) -> TrainResult:
     """Step 3 of ``train``: choose the post-processing (nucleus and marker thresholds, smallest nucleus
     size, smallest mean nucleus probability) that gives the best DSB-2018 score on the run's validation
-    images, predicted whole at full resolution by the best checkpoint; store it with the scores in
-    config.json and draw val_predictions.png.
+    images, predicted whole at full resolution by the best checkpoint; store it and the scores beside
+    config.json (``runs.write_learned``) and draw val_predictions.png.
 
     On a finished run this chooses the post-processing again without retraining: ``thresholds``,
     ``marker_thresholds``, ``min_sizes`` (smallest nucleus sizes) and ``confidences`` are the
@@ -464,18 +377,16 @@ def finalize(run_dir, val_samples: list[LoadedSample] | None = None, thresholds=
         report_problems(problems + load_problems)
         if not val_samples:
             raise DataError(f"none of the validation images of {run_dir} could be read")
-    model = keras.saving.load_model(run_dir / MODEL_FILE)
+    segmenter = Segmenter(keras.saving.load_model(run_dir / MODEL_FILE), config)
     _log("Choosing the post-processing on the validation images (full resolution)...", verbose)
-    outputs = predict_samples(model, val_samples, config, progress)  # once, for both uses below
+    outputs = segmenter.outputs(val_samples, progress)  # once, for both uses below
     post, scores, per_image = choose_post_processing([s.labels for s in val_samples], outputs, thresholds,
                                                      marker_thresholds, min_sizes, confidences)
     config = dataclasses.replace(config, threshold=post.threshold, marker_threshold=post.marker_threshold,
                                  min_nucleus_size=post.min_size, min_confidence=post.min_confidence)
-    fields = set(config.to_dict())
-    extra = {k: v for k, v in info.items() if k not in fields}
-    extra.update(val_scores=scores,
-                 val_scores_per_image=[{"id": s.sample_id, **row.rounded()} for s, row in zip(val_samples, per_image)])
-    write_config(config, run_dir / CONFIG_FILE, **extra)
+    write_learned(run_dir, post, {
+        "val_scores": scores,
+        "val_scores_per_image": [{"id": s.sample_id, **row.rounded()} for s, row in zip(val_samples, per_image)]})
     shown = [Prediction.from_output(s.sample_id, s.image, o, post, s.labels)
              for s, o in list(zip(val_samples, outputs))[:4]]
     plots.save(plots.prediction_grid(shown), run_dir / VAL_FIGURE_FILE, dpi=80)

@@ -32,7 +32,8 @@ from unet_model_core import Config
 from unet_nuclei import files
 from unet_nuclei.export import (INPUT_NAME, ONNX_FILE, ONNX_TOLERANCE, OUTPUT_NAME, ExportError, class_names,
                                 onnx_opset, onnx_predict)
-from unet_nuclei.instances import MIN_MARKER_SIZE, PostProcessing, draw_outlines
+from unet_nuclei.plots import draw_outlines
+from unet_nuclei.postprocess import MIN_MARKER_SIZE, PostProcessing
 
 SPEC_FORMAT = "0.5"
 SAVED_MODEL_FILE = "tf_saved_model.zip"
