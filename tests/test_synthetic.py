@@ -118,7 +118,7 @@ def test_refuses_non_empty_folder_and_leaves_it_untouched(tmp_path):
     out = tmp_path / "data"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+    with pytest.raises(FileExistsError, match="overwrite"):
         write_synthetic_dataset(out, num_images=2, sizes=[(32, 32)], progress=False)
     with pytest.raises(ValueError):
         write_synthetic_dataset(out, num_images=2, sizes=[(32, 32)], progress=False)
