@@ -27,6 +27,17 @@ def run_script(script: str, *args: str, cwd, timeout: int = 600) -> subprocess.C
                           text=True, timeout=timeout)
 
 
+def snapshot(root) -> dict:
+    """Every path under root with its bytes and mtime: proves a reader modified nothing."""
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            stat = path.stat()
+            state[str(path.relative_to(root))] = (stat.st_mtime_ns, path.read_bytes() if path.is_file() else None)
+    return state
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """A small DSB-layout folder written by the project's own generator (small images, fast)."""

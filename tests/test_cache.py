@@ -90,23 +90,6 @@ def test_load_ids_returns_the_asked_samples_in_order_and_names_missing_ones(data
     assert problems == [("nope", "not found or unreadable")]
 
 
-def test_pairs_layout_reads_16_bit_label_masks_as_instances(tmp_path):
-    labels = np.zeros((40, 40), np.uint16)
-    labels[5:20, 5:20] = 1
-    labels[5:20, 20:35] = 2  # touching the first: a binary mask would merge them
-    (tmp_path / "images").mkdir()
-    (tmp_path / "masks").mkdir()
-    cv2.imwrite(str(tmp_path / "images" / "a.png"), np.full((40, 40), 90, np.uint8))
-    cv2.imwrite(str(tmp_path / "masks" / "a.png"), labels)
-    cv2.imwrite(str(tmp_path / "images" / "b.png"), np.full((40, 40), 90, np.uint8))
-    cv2.imwrite(str(tmp_path / "masks" / "b.png"), ((labels > 0) * 255).astype(np.uint8))
-    loaded, problems = core.load_samples(core.find_samples(tmp_path)[0], progress=False)
-    by_id = {s.sample_id: s for s in loaded}
-    assert not problems
-    assert np.array_equal(by_id["a"].labels, labels)
-    assert by_id["b"].labels.max() == 1  # a binary mask: one connected blob
-
-
 def test_packed_copy_decodes_identically(dataset, tmp_path, monkeypatch):
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     out = tmp_path / "packed"

@@ -58,4 +58,4 @@ def test_the_run_records_and_shows_the_kernels(quick_run):
     assert recorded["onednn"] == devices.onednn_enabled() is not None  # TensorFlow's own answer, recorded
     if os.environ.get("TF_ENABLE_ONEDNN_OPTS") in ("0", "1"):  # whoever chose, the setting took effect
         assert recorded["onednn"] == (os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1")
-    assert "oneDNN CPU kernels" in out and "TF_ENABLE_ONEDNN_OPTS" in out
+    assert "oneDNN" in out and "TF_ENABLE_ONEDNN_OPTS" in out

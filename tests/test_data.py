@@ -1,6 +1,7 @@
-"""Section 1 of unet_model_core (data preprocessing): decoding, discovery, splitting, the tf.data pipeline
+"""Section 1 of unet_model_core (data preprocessing): decoding, discovery, resizing, the tf.data pipeline
 and augmentation.  Every test writes its own tiny fixture under ``tmp_path``; nothing in the repository
-is read or written."""
+is read or written.  The train/validation split and the choice of data folder (``unet_nuclei.training``)
+are tested in test_training_data.py, the built-in sample in test_synthetic.py, the cache in test_cache.py."""
 import io
 import os
 from pathlib import Path
@@ -12,8 +13,9 @@ import pytest
 import tensorflow as tf
 
 import unet_model_core as core
-from unet_nuclei import evaluation
-from unet_nuclei import cache, synthetic, training
+from unet_nuclei import cache, evaluation
+
+from conftest import snapshot
 
 
 # --------------------------------------------------------------------------------------------------
@@ -42,17 +44,6 @@ def _dsb_sample(root, sample_id, image, masks):
     _write(Path(root) / sample_id / "images" / f"{sample_id}.png", image)
     for k, mask in enumerate(masks):
         _write(Path(root) / sample_id / "masks" / f"{sample_id}_nucleus{k:02d}.png", mask.astype(np.uint8) * 255)
-
-
-def _snapshot(root):
-    """Every path under root with its bytes and mtime: proves a reader modified nothing."""
-    state = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            stat = path.stat()
-            state[str(path.relative_to(root))] = (stat.st_mtime_ns, path.read_bytes() if path.is_file() else None)
-    return state
 
 
 def _dihedral(array):
@@ -242,7 +233,7 @@ def test_to_rgb_uint8_other_arrays():
     assert core.to_rgb_uint8(np.full((3, 2, 1), 9, np.uint8)).shape == (3, 2, 3)
     grey_alpha = np.dstack([np.full((2, 2), 50, np.uint8), np.full((2, 2), 200, np.uint8)])
     assert np.all(core.to_rgb_uint8(grey_alpha) == 50)
-    with pytest.raises(core.DataError, match="unsupported image shape"):
+    with pytest.raises(core.DataError, match=r"\(2, 2, 5\)"):  # the shape it cannot read
         core.to_rgb_uint8(np.zeros((2, 2, 5), np.uint8))
 
 
@@ -320,6 +311,23 @@ def test_pairs_layout_with_an_image_named_like_its_folder(tmp_path):
         _write(root / "masks" / f"{name}.png", _rect((8, 8), 2, 5, 2, 5).astype(np.uint8) * 255)
     samples, problems = core.find_samples(root)
     assert [s.sample_id for s in samples] == ["cells", "other"] and problems == []
+
+
+def test_pairs_layout_reads_16_bit_label_masks_as_instances(tmp_path):
+    labels = np.zeros((40, 40), np.uint16)
+    labels[5:20, 5:20] = 1
+    labels[5:20, 20:35] = 2  # touching the first: a binary mask would merge them
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    cv2.imwrite(str(tmp_path / "images" / "a.png"), np.full((40, 40), 90, np.uint8))
+    cv2.imwrite(str(tmp_path / "masks" / "a.png"), labels)
+    cv2.imwrite(str(tmp_path / "images" / "b.png"), np.full((40, 40), 90, np.uint8))
+    cv2.imwrite(str(tmp_path / "masks" / "b.png"), ((labels > 0) * 255).astype(np.uint8))
+    loaded, problems = core.load_samples(core.find_samples(tmp_path)[0], progress=False)
+    by_id = {s.sample_id: s for s in loaded}
+    assert not problems
+    assert np.array_equal(by_id["a"].labels, labels)
+    assert by_id["b"].labels.max() == 1  # a binary mask: one connected blob
 
 
 # --------------------------------------------------------------------------------------------------
@@ -729,38 +737,7 @@ def test_augment_batch_applies_the_same_geometry_to_image_and_mask():
 
 
 # --------------------------------------------------------------------------------------------------
-# 6. Train/validation split
-# --------------------------------------------------------------------------------------------------
-def test_split_ids_is_deterministic_disjoint_and_complete():
-    ids = [f"id{i:02d}" for i in range(40)]
-    train, val = training.split_ids(ids, 0.25, seed=1)
-    assert (train, val) == training.split_ids(ids, 0.25, seed=1)
-    assert (train, val) == training.split_ids(list(reversed(ids)), 0.25, seed=1), "input order must not matter"
-    assert set(train) | set(val) == set(ids) and not set(train) & set(val)
-    assert len(val) == 10 and len(train) == 30
-    assert training.split_ids(ids, 0.25, seed=2) != (train, val)
-    t7, v7 = training.split_ids(ids, 7, seed=1)  # a count
-    assert len(v7) == 7 and len(t7) == 33 and set(t7) | set(v7) == set(ids)
-    assert len(training.split_ids(ids, 1, seed=1)[1]) == 1
-    assert training.split_ids(ids, 0.001)[1] and training.split_ids(ids, 0.999)[0], "both parts stay non-empty"
-    with pytest.raises(core.DataError, match="only 40 images"):
-        training.split_ids(ids, 40)  # a count that leaves no training image is refused, not clamped
-    assert training.split_ids(["a", "b"], 0.5) in ((["a"], ["b"]), (["b"], ["a"]))
-
-
-@pytest.mark.parametrize("ids", [[], ["only"]])
-def test_split_ids_needs_two_samples(ids):
-    with pytest.raises(core.DataError, match="at least 2"):
-        training.split_ids(ids)
-
-
-def test_split_ids_rejects_non_positive_val_size():
-    with pytest.raises(ValueError):
-        training.split_ids(["a", "b", "c"], 0)
-
-
-# --------------------------------------------------------------------------------------------------
-# 7. Bad inputs are reported and skipped
+# 6. Bad inputs are reported and skipped
 # --------------------------------------------------------------------------------------------------
 def _messy_dsb(root):
     shape = (16, 16)
@@ -788,7 +765,7 @@ def _messy_dsb(root):
 
 def test_bad_samples_are_reported_with_reasons_and_good_ones_load(tmp_path):
     good_masks = _messy_dsb(tmp_path)
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
 
     samples, problems = core.find_samples(tmp_path)
     ids = [s.sample_id for s in samples]
@@ -815,15 +792,15 @@ def test_bad_samples_are_reported_with_reasons_and_good_ones_load(tmp_path):
     cache.report_problems(problems + load_problems, stream=stream)
     text = stream.getvalue()
     for sample_id in ("nomasks", "emptymasks", "noimages", "garbage", "badmask", "mismatch"):
-        assert f"- {sample_id}:" in text
+        assert sample_id in text
     stream = io.StringIO()
     cache.report_problems(load_problems, stream=stream, limit=1)
-    assert "Skipped 3 entries" in stream.getvalue() and "and 2 more" in stream.getvalue()
+    assert "3 entries" in stream.getvalue() and "2 more" in stream.getvalue()
     stream = io.StringIO()
     cache.report_problems([], stream=stream)
     assert stream.getvalue() == ""
 
-    assert _snapshot(tmp_path) == before, "reading a dataset must not modify it"
+    assert snapshot(tmp_path) == before, "reading a dataset must not modify it"
 
 
 def test_stray_system_files_are_reported_by_name_and_never_loaded(tmp_path):
@@ -851,15 +828,15 @@ def test_all_bad_folder_raises_with_the_expected_layout(tmp_path):
     (tmp_path / "emptymasks" / "masks").mkdir(parents=True)
     _write(tmp_path / "emptymasks" / "images" / "emptymasks.png", np.zeros((8, 8), np.uint8))
     (tmp_path / "readme.txt").write_text("hello")
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     with pytest.raises(core.DataError) as info:
         core.find_samples(tmp_path)
     message = str(info.value)
     assert str(tmp_path) in message and "no usable sample" in message
     assert "<id>/images/<id>.png" in message and "masks/" in message and "DSB" in message
     assert "<folder>/images/<name>.png" in message  # the pairs layout is explained too
-    assert "3 entries were skipped" in message
-    assert _snapshot(tmp_path) == before
+    assert "3 entries" in message
+    assert snapshot(tmp_path) == before
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -876,7 +853,7 @@ def test_missing_folder_raises(tmp_path):
 
 
 def test_read_image_errors_are_data_errors(tmp_path):
-    with pytest.raises(core.DataError, match="file not found"):
+    with pytest.raises(core.DataError, match="not found"):
         core.read_image(tmp_path / "nope.png")
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(core.DataError, match="decode"):
@@ -884,49 +861,3 @@ def test_read_image_errors_are_data_errors(tmp_path):
     (tmp_path / "junk.png").write_bytes(os.urandom(64))
     with pytest.raises(core.DataError, match="junk.png"):
         core.read_mask(tmp_path / "junk.png")
-
-
-# --------------------------------------------------------------------------------------------------
-# 8. Choosing the data folder
-# --------------------------------------------------------------------------------------------------
-def test_resolve_data_dir_explicit_paths(tmp_path):
-    missing = tmp_path / "nowhere"
-    with pytest.raises(core.DataError) as info:
-        training.resolve_data_dir(str(missing))
-    message = str(info.value)
-    assert str(missing) in message and "no such folder" in message and "stage1_train" in message
-    assert not missing.exists()
-    folder, why = training.resolve_data_dir(str(tmp_path))
-    assert folder == tmp_path and "explicit" in why
-
-
-def test_resolve_data_dir_default_prefers_real_data_then_sample(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    calls = []
-
-    def fake_sample(num_images, progress=True, **kwargs):
-        calls.append(num_images)
-        return Path("dataset") / "fake_sample"
-
-    monkeypatch.setattr(synthetic, "ensure_sample_dataset", fake_sample)
-    folder, why = training.resolve_data_dir(None, sample_images=4, progress=False)
-    assert calls == [4] and folder == Path("dataset") / "fake_sample" and "synthetic" in why
-    (tmp_path / core.DEFAULT_DATA_DIR).mkdir(parents=True)
-    folder, why = training.resolve_data_dir(None, sample_images=4, progress=False)
-    assert folder == Path(core.DEFAULT_DATA_DIR) and calls == [4] and "DSB" in why
-
-
-def test_ensure_sample_dataset_generates_once_in_the_given_root(tmp_path, monkeypatch):
-    assert synthetic.sample_dataset_dir(4, 0, tmp_path) != synthetic.sample_dataset_dir(4, 1, tmp_path)
-    folder = synthetic.ensure_sample_dataset(num_images=4, seed=0, root=tmp_path, progress=False)
-    assert folder == synthetic.sample_dataset_dir(4, 0, tmp_path) and folder.parent == tmp_path
-    samples, problems = core.find_samples(folder)
-    assert len(samples) == 4 and problems == []
-    before = _snapshot(folder)
-
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("an existing sample must be reused, not regenerated")
-
-    monkeypatch.setattr(synthetic, "write_synthetic_dataset", must_not_run)
-    assert synthetic.ensure_sample_dataset(num_images=4, seed=0, root=tmp_path, progress=False) == folder
-    assert _snapshot(folder) == before

@@ -1,5 +1,6 @@
 """The held-out evaluation: a fixed split by image kind, and a benchmark that never scores seen images."""
 import json
+import re
 import sys
 
 import numpy as np
@@ -62,7 +63,7 @@ def test_scores_by_nucleus_size():
     result = evaluation.Evaluation(["a", "b", "c"], ["fluorescence"] * 3, scores, diameters=[8.6, 30.0, 50.0])
     assert result.by_size() == {"< 12 px": {"n": 1, "dsb_score": 0.8}, "24-48 px": {"n": 1, "dsb_score": 0.2},
                                 ">= 48 px": {"n": 1, "dsb_score": 0.6}}
-    assert "24-48 px 0.200 (n=1)" in result.table() and result.rows()[2]["median_diameter"] == 50.0
+    assert re.search(r"24-48 px\W+0\.200\b", result.table()) and result.rows()[2]["median_diameter"] == 50.0
 
 
 def test_a_run_that_saw_the_held_out_images_is_refused(quick_run, tiny_dataset):
@@ -96,7 +97,7 @@ def test_all_scores_every_image_of_other_data_and_is_refused_on_the_training_dat
 
     _, run, _ = quick_run  # trained on tiny_dataset
     status, _, stderr = run_main(evaluate_real, "--data", str(tiny_dataset), "--run", str(run), "--all")
-    assert status == 2 and "trained on that folder" in stderr and "Traceback" not in stderr
+    assert status == 2 and "--all" in stderr and str(tiny_dataset) in stderr and "Traceback" not in stderr
     status, _, stderr = run_main(evaluate_real, "--data", str(tiny_dataset), "--all", "--quick")
     assert status == 2 and "--run" in stderr
 

@@ -6,6 +6,7 @@ show the same nuclei, so these tests need no model.  The scripts' behaviour with
 at the end, through ``Predict_mask.main`` on the session's quickly trained run."""
 import csv
 import json
+import re
 import shutil
 
 import cv2
@@ -185,7 +186,7 @@ def test_a_two_channel_imagej_file_is_refused_without_a_channel_and_gives_the_nu
     assert_same_nuclei(model_input(path, channel=1), reference, truth)
     # The other stain is what the issue saw segmented: it shows other things than the nuclei.
     assert overlap(nuclei_of(model_input(path, channel=0)), truth) < 0.5
-    with pytest.raises(core.DataError, match="--channel 2 does not exist.*2 channels"):
+    with pytest.raises(core.DataError, match="--channel 2.*2 channels"):
         core.read_image(path, 2)
 
 
@@ -194,7 +195,7 @@ def test_an_ome_tiff_lists_its_channel_names_and_more_than_four_channels_are_ref
     stains = np.stack([other_stain(image), other_stain(image) // 2, nuclear_stain(image)])
     tifffile.imwrite(tmp_path / "named.ome.tif", stains, ome=True,
                      metadata={"axes": "CYX", "Channel": {"Name": ["Actin", "Tubulin", "DAPI"]}})
-    with pytest.raises(core.DataError, match=r"3 channels \(0 'Actin', 1 'Tubulin', 2 'DAPI'\).*--channel N"):
+    with pytest.raises(core.DataError, match=r"3 channels.*0\W+Actin.*1\W+Tubulin.*2\W+DAPI.*--channel"):
         core.read_image(tmp_path / "named.ome.tif")
     assert_same_nuclei(model_input(tmp_path / "named.ome.tif", channel=2), reference, truth)
     # Five interleaved samples per pixel with no colour meaning: channels, refused without a choice.
@@ -213,9 +214,9 @@ def test_rgb_keeps_working_and_a_channel_of_it_is_one_colour(tmp_path, scene, re
     for name in ("rgb.png", "rgb.tif"):
         np.testing.assert_array_equal(core.read_image(tmp_path / name), rgb)  # colour as it always was
         assert_same_nuclei(model_input(tmp_path / name, channel=2), reference, truth)  # blue
-    with pytest.raises(core.DataError, match="colour image has 3 channels"):
+    with pytest.raises(core.DataError, match="--channel 3.*3 channels"):
         core.read_image(tmp_path / "rgb.png", 3)
-    with pytest.raises(core.DataError, match="grey image with one channel"):
+    with pytest.raises(core.DataError, match="one channel"):
         core.read_image(tmp_path / "reference.png", 1)
     np.testing.assert_array_equal(model_input(tmp_path / "reference.png", 0), reference)
 
@@ -268,7 +269,7 @@ def test_a_z_stack_is_read_plane_by_plane_and_its_projection_has_every_nucleus(t
         assert nuclei_of(view).max() == len(np.unique(truths[plane])) - 1 > 0
     projected = image_files.open_image(tmp_path / "stack.tif", project="max")
     assert not projected.is_stack and len(projected) == 1
-    assert "maximum-intensity projection of its 5 z-planes" in projected.notes
+    assert any("projection" in note and "5 z-planes" in note for note in projected.notes)
     assert_same_nuclei(core.preprocess_image(projected.rgb(0), "grey")[..., 0], reference, truth)
     with pytest.raises(core.DataError, match="5 z-planes.*Predict_mask.py"):
         core.read_image(tmp_path / "stack.tif")  # one plane per training image, and it says so
@@ -287,7 +288,7 @@ def test_a_hyperstack_keeps_its_time_points_when_projected_and_pages_without_nam
     tifffile.imwrite(tmp_path / "pages.tif", values, photometric="minisblack")  # pages with no axis names
     assert len(image_files.open_image(tmp_path / "pages.tif")) == 3
     as_channels = image_files.open_image(tmp_path / "pages.tif", channel=2)
-    assert len(as_channels) == 1 and "pages taken as channels" in as_channels.notes[0]
+    assert len(as_channels) == 1 and "pages" in as_channels.notes[0] and "channels" in as_channels.notes[0]
     np.testing.assert_array_equal(as_channels.planes[0], values[2])
     with tifffile.TiffWriter(tmp_path / "series.tif") as tiff:  # two images of other sizes in one file
         tiff.write(values[0])
@@ -349,10 +350,10 @@ def test_every_kind_of_file_gives_the_8_bit_image_s_mask(run, tmp_path, scene):
                      metadata={"axes": "CYX"})
     status, stdout, stderr = predict(run, tmp_path / "out", str(folder), "--channel", "1")
     assert status == 1 and "Traceback" not in stderr  # the grey images have no channel 1: skipped, named
-    assert "reference: skipped" in stderr and "--channel 1 does not exist" in stderr
-    assert "two: channel 1 of 2" in stdout  # the first line for that file says what was done
+    assert re.search(r"reference\b.*\bskipped", stderr) and "--channel 1" in stderr
+    assert re.search(r"two\b.*\bchannel 1 of 2", stdout)  # the first line for that file says what was done
     status, stdout, stderr = predict(run, tmp_path / "out", str(folder), "--overwrite")
-    assert status == 1 and "two: skipped" in stderr and "2 channels (0, 1)" in stderr and "--channel N" in stderr
+    assert status == 1 and re.search(r"two\b.*\bskipped", stderr) and "2 channels" in stderr and "--channel" in stderr
     expected = read(tmp_path / "out" / "reference_mask.png") > 0
     assert 0.01 < expected.mean() < 0.9  # the model finds nuclei in the reference: the comparison can fail
     for stem in ("offset-16bit", "hot-4095", "negative-float", "two"):
@@ -367,8 +368,8 @@ def test_a_z_stack_gives_stacks_with_one_page_per_plane_and_a_plane_column(run, 
     tifffile.imwrite(tmp_path / "stack.tif", values, imagej=True, metadata={"axes": "ZYX"})
     status, stdout, stderr = predict(run, tmp_path / "out", str(tmp_path / "stack.tif"), "--labels", "--measure")
     assert status == 0, stderr
-    assert stdout.splitlines()[1].startswith("stack: 2 z-planes, each segmented on its own; outputs as TIFF stacks")
-    assert "stack: 192x160, 2 planes" in stdout
+    assert re.search(r"stack\b.*\b2 z-planes\b.*\bTIFF", stdout.splitlines()[1])
+    assert re.search(r"stack\b.*\b192x160\b.*\b2 planes", stdout)
     masks, labels = (tifffile.imread(tmp_path / "out" / f"stack_{kind}.tif") for kind in ("mask", "labels"))
     with tifffile.TiffFile(tmp_path / "out" / "stack_overlay.tif") as overlay:
         assert overlay.series[0].shape == (2, *SHAPE, 3) and overlay.series[0].axes == "ZYXS"
@@ -418,7 +419,7 @@ def test_each_page_is_the_plane_s_own_prediction_and_the_projection_the_projecti
         np.testing.assert_array_equal(masks[plane], read(tmp_path / "alone" / f"plane{plane}_mask.png"))
     assert any(masks[plane].any() for plane in range(3))  # the pages hold nuclei: the comparison can fail
     status, stdout, stderr = predict(run, tmp_path / "max", str(tmp_path / "stack.tif"), "--project", "max")
-    assert status == 0 and "stack: maximum-intensity projection of its 3 z-planes" in stdout, stderr
+    assert status == 0 and re.search(r"stack\b.*\bprojection\b.*\b3 z-planes", stdout), stderr
     status, _, stderr = predict(run, tmp_path / "max", str(tmp_path / "projection.png"))
     assert status == 0, stderr
     np.testing.assert_array_equal(read(tmp_path / "max" / "stack_mask.png"),
@@ -430,7 +431,7 @@ def test_the_file_s_pixel_size_reaches_the_tables_and_the_label_tiff_and_the_fla
     tifffile.imwrite(tmp_path / "cells.tif", nuclear_stain(image), imagej=True, resolution=(2, 2),
                      metadata={"unit": "um"})
     status, stdout, stderr = predict(run, tmp_path / "out", str(tmp_path / "cells.tif"), "--measure", "--labels", "tif")
-    assert status == 0 and "pixel size 0.5 um (ImageJ metadata)" in stdout, stderr
+    assert status == 0 and "0.5 um" in stdout and "ImageJ" in stdout, stderr
     with open(tmp_path / "out" / "images.csv", newline="") as handle:
         row = next(csv.DictReader(handle))
     assert (row["pixel_size_um"], row["pixel_size_from"]) == ("0.5", "ImageJ metadata")
@@ -440,7 +441,7 @@ def test_the_file_s_pixel_size_reaches_the_tables_and_the_label_tiff_and_the_fla
     assert image_files.read_pixel_size(tmp_path / "out" / "cells_labels.tif") == (0.5, "ImageJ metadata")
     status, stdout, stderr = predict(run, tmp_path / "out", str(tmp_path / "cells.tif"), "--measure", "--labels", "tif",
                                      "--pixel-size", "0.25", "--overwrite")
-    assert status == 0 and "pixel size 0.25 um (--pixel-size)" in stdout, stderr
+    assert status == 0 and "0.25 um" in stdout and "--pixel-size" in stdout, stderr
     with open(tmp_path / "out" / "images.csv", newline="") as handle:
         assert next(csv.DictReader(handle))["pixel_size_from"] == "--pixel-size"
     assert image_files.read_pixel_size(tmp_path / "out" / "cells_labels.tif")[0] == pytest.approx(0.25)
@@ -474,7 +475,7 @@ def test_collect_inputs_predicts_loose_images_names_the_left_out_ones_and_passes
     (only_nested / "sub").mkdir(parents=True)
     (only_nested / "sub" / "x.png").write_bytes((scans / "a.png").read_bytes())
     problems = predicting.collect_inputs([str(only_nested)]).problems
-    assert problems and "no image of its own" in problems[0][1] and "--recursive" in problems[0][1]
+    assert problems and "--recursive" in problems[0][1]
 
 
 def test_recursive_prediction_mirrors_the_subfolders_and_other_files_leave_the_exit_status_alone(run, tmp_path, scene):
@@ -482,13 +483,13 @@ def test_recursive_prediction_mirrors_the_subfolders_and_other_files_leave_the_e
     status, stdout, stderr = predict(run, tmp_path / "flat", str(scans))
     assert status == 0, stderr
     assert sorted(p.name for p in (tmp_path / "flat").glob("*_mask.png")) == ["a_mask.png", "b_mask.png", "s1_mask.png"]
-    assert "Left out 2 images" in stdout and "deep/d.png" in stdout and "--recursive" in stdout
-    assert "Passed over 1 file" in stdout and "notes.txt" in stdout and "notes" not in stderr
+    assert "2 images" in stdout and "deep/d.png" in stdout and "--recursive" in stdout
+    assert "notes.txt" in stdout and "notes" not in stderr
     status, stdout, stderr = predict(run, tmp_path / "deep", str(scans), "--recursive")
     assert status == 0, stderr
     for relative in ("a_mask.png", "s1_mask.png", "deep/d_mask.png", "deep/er/e_overlay.png"):
         assert (tmp_path / "deep" / relative).is_file(), relative
-    assert "deep/er/e: 192x160" in stdout and "Left out" not in stdout
+    assert re.search(r"deep/er/e\b.*\b192x160", stdout) and "Left out" not in stdout
     (scans / "deep" / "broken.png").write_bytes(b"\x89PNG not really")  # an image by name that is not one
     status, stdout, stderr = predict(run, tmp_path / "again", str(scans), "--recursive")
     assert status == 1 and "deep/broken" in stderr and "Traceback" not in stderr
@@ -499,7 +500,7 @@ def test_recursive_prediction_mirrors_the_subfolders_and_other_files_leave_the_e
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flags, words", [
     (("--min-size", "-5"), ("--min-size -5", "0 or more")),
-    (("--threshold", "1.5"), ("threshold must be in (0, 1)",)),
+    (("--threshold", "1.5"), ("threshold", "(0, 1)")),
     (("--threshold", "nan"), ("--threshold nan",)),
     (("--batch-size", "0"), ("--batch-size 0",)),
     (("--channel", "-1"), ("--channel -1",)),
@@ -520,7 +521,7 @@ def test_bad_flags_are_refused_before_the_model_loads(run, tmp_path, monkeypatch
 def test_an_output_folder_that_is_a_file_is_named(run, tmp_path):
     (tmp_path / "out").write_text("not a folder")
     status, _, stderr = predict(run, tmp_path / "out", str(tmp_path / "x.png"))
-    assert status == 2 and "is a file, not a folder" in stderr and "File exists" not in stderr
+    assert status == 2 and "not a folder" in stderr and "File exists" not in stderr
 
 
 def test_a_run_that_has_not_finished_is_used_with_a_warning_naming_its_last_epoch(run, tmp_path, scene):
@@ -533,5 +534,5 @@ def test_a_run_that_has_not_finished_is_used_with_a_warning_naming_its_last_epoc
     (unfinished / "postprocessing.json").unlink()
     (unfinished / "scores.json").unlink()
     status, _, stderr = predict(unfinished, tmp_path / "early", str(tmp_path / "cells.png"))
-    assert status == 0 and "warning" in stderr and "has not finished" in stderr
-    assert "last saved epoch is 2 of 2" in stderr and "--resume" in stderr
+    assert status == 0 and "warning" in stderr and "not finished" in stderr
+    assert "2 of 2" in stderr and "--resume" in stderr

@@ -3,6 +3,7 @@
 train on them."""
 import csv
 import json
+import re
 import shutil
 
 import cv2
@@ -60,7 +61,7 @@ def test_which_model_a_command_uses(quick_run, tmp_path):
     assert where == shipped / "dsb2018" and "shipped" in why
     where, _ = pretrained.resolve_model(str(run / "model.keras"), empty, shipped)
     assert where == run / "model.keras"
-    with pytest.raises(FileNotFoundError, match="shipped: dsb2018"):
+    with pytest.raises(FileNotFoundError, match="dsb2018"):  # the shipped names
         pretrained.resolve_model("dsb2019", empty, shipped)
     with pytest.raises(FileNotFoundError, match="python Train.py"):
         pretrained.resolve_model(None, empty, tmp_path / "nothing")
@@ -73,7 +74,7 @@ def test_a_fresh_clone_predicts_with_the_shipped_model(tmp_path, monkeypatch):
     status, out, err = run_main(Predict_mask, "cells.png", "--no-tta")
     assert status == 0, err
     first = out.splitlines()[0]
-    assert first.startswith(f"Model: {SHIPPED}") and "shipped model" in first
+    assert str(SHIPPED) in first and "shipped" in first
     mask = cv2.imread(str(tmp_path / "predictions" / "cells_mask.png"), cv2.IMREAD_UNCHANGED)
     assert mask.shape == (96, 128) and mask.max() == 255
 
@@ -155,7 +156,7 @@ def test_round_trip_predicted_label_tiffs_corrected_then_fine_tuned(quick_run, t
     status, out, err = run_main(Train, "--quick", "--data", str(tmp_path / "mine"), "--init", str(run),
                                 "--runs-dir", str(tmp_path / "runs"), "--name", "corrected", "--val-size", "1")
     assert status == 0, out + err
-    assert "3 training and 1 validation images" in out
+    assert re.search(r"\b3 training\b.*\b1 validation", out)
     tuned = tmp_path / "runs" / "corrected"
     info = read_run_config(tuned)[1]
     assert info["init_model"]["path"] == str(run / "model.keras") and "val_scores" in info

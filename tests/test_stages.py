@@ -1,6 +1,7 @@
 """The two stages of a run: native scale, then every image at one nucleus size (``unet_nuclei.stages``),
 and how training, resuming and the flags follow them."""
 import json
+import re
 
 import pytest
 
@@ -50,9 +51,9 @@ def test_resuming_may_not_move_the_stage_boundary_under_a_run():
     saved = core.Config(epochs=4, nucleus_epochs=2)
     stages.check_resume(saved, saved, 5, "runs/r")  # in the second stage, same epochs: fine
     stages.check_resume(saved, core.Config(epochs=6, nucleus_epochs=2), 3, "runs/r")  # first stage, more
-    with pytest.raises(ValueError, match="is in its second stage .*resume it without --epochs"):
+    with pytest.raises(ValueError, match="second stage.*--epochs"):
         stages.check_resume(saved, core.Config(epochs=8, nucleus_epochs=2), 5, "runs/r")
-    with pytest.raises(ValueError, match="has already trained 3 epochs; give --epochs 3 or more"):
+    with pytest.raises(ValueError, match="3 epochs.*--epochs 3"):
         stages.check_resume(saved, core.Config(epochs=2, nucleus_epochs=2), 3, "runs/r")
 
 
@@ -77,7 +78,7 @@ def test_the_flags_set_the_second_stage():
     status, out, _ = run_main(Train, "--help")
     assert status == 0 and "--nucleus-epochs" in out and "a fifth of --lr" in " ".join(out.split())
     status, _, err = run_main(Train, "--quick", "--nucleus-epochs", "-2")
-    assert status == 2 and "nucleus_epochs 0 or more" in err
+    assert status == 2 and "nucleus_epochs" in err and "-2" in err
 
 
 def _optimizer_steps(run):
@@ -99,7 +100,7 @@ def test_a_run_stopped_between_its_stages_starts_the_second_with_a_fresh_optimiz
     (run / "config.json").write_text(json.dumps(saved))
     status, out, err = run_main(Train, "--resume", "r", "--runs-dir", runs)
     assert status == 0, out + err
-    assert "after epoch 1 of 3" in out and "Second stage: epochs 2-3 with every image at 20-px nuclei" in out
+    assert "1 of 3" in out and re.search(r"Second stage\b.*\bepochs 2-3\b.*\b20-px", out)
     assert "lr 0.0002" in out
     # The second stage's own optimizer: 2 epochs x 3 steps since it began, not 9 steps since the run did.
     assert _optimizer_steps(run) == 6

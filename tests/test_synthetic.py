@@ -15,8 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import unet_model_core as core  # noqa: E402
 from unet_nuclei import synthetic  # noqa: E402
 from unet_nuclei.synthetic import MODALITY_WEIGHTS, generate_sample, write_synthetic_dataset  # noqa: E402
+
+from conftest import snapshot  # noqa: E402
 
 SMALL_SIZES = [(64, 64), (48, 80), (96, 96)]
 MODALITIES = sorted(MODALITY_WEIGHTS)
@@ -115,7 +118,7 @@ def test_refuses_non_empty_folder_and_leaves_it_untouched(tmp_path):
     out = tmp_path / "data"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+    with pytest.raises(FileExistsError, match="overwrite"):
         write_synthetic_dataset(out, num_images=2, sizes=[(32, 32)], progress=False)
     with pytest.raises(ValueError):
         write_synthetic_dataset(out, num_images=2, sizes=[(32, 32)], progress=False)
@@ -253,3 +256,19 @@ def test_some_stained_images_hold_pale_nuclei_with_dark_chromatin_clumps():
     shares = [_pale_share(*synthetic._place_nuclei(np.random.default_rng(seed), 128, 160, "histology")[:2])
               for seed in range(20)]
     assert sum(share >= 0.5 for share in shares) >= 5, np.round(sorted(shares), 2)
+
+
+def test_ensure_sample_dataset_generates_once_in_the_given_root(tmp_path, monkeypatch):
+    assert synthetic.sample_dataset_dir(4, 0, tmp_path) != synthetic.sample_dataset_dir(4, 1, tmp_path)
+    folder = synthetic.ensure_sample_dataset(num_images=4, seed=0, root=tmp_path, progress=False)
+    assert folder == synthetic.sample_dataset_dir(4, 0, tmp_path) and folder.parent == tmp_path
+    samples, problems = core.find_samples(folder)
+    assert len(samples) == 4 and problems == []
+    before = snapshot(folder)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("an existing sample must be reused, not regenerated")
+
+    monkeypatch.setattr(synthetic, "write_synthetic_dataset", must_not_run)
+    assert synthetic.ensure_sample_dataset(num_images=4, seed=0, root=tmp_path, progress=False) == folder
+    assert snapshot(folder) == before

@@ -5,6 +5,7 @@ logical CPU devices, which only a fresh process can set up) checks the script as
 import hashlib
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ def digest(folder):
     return {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def test_a_run_directory_has_every_file_and_a_report(quick_run):
+def test_a_run_directory_has_every_file_and_a_report(quick_run, tiny_dataset):
     work, run, out = quick_run
     for name in RUN_FILES:
         assert (run / name).is_file(), name
@@ -35,8 +36,8 @@ def test_a_run_directory_has_every_file_and_a_report(quick_run):
     assert [row["id"] for row in scores["val_scores_per_image"]] == config["val_ids"]
     # --quick keeps the default's two stages, an epoch each: the best is the second stage's own.
     assert config["best_epoch"] == 2 and config["train_seconds"] > 0 and config["nucleus_diameter"] == 20.0
-    assert "2 epochs (1 + 1 at 20-px nuclei)" in out and "Second stage: epoch 2 with every image" in out
-    assert "Configuration:" in out and "Data: using" in out  # resolved config and data source are shown
+    assert re.search(r"\b2 epochs\b.*\b20-px", out) and re.search(r"Second stage\b.*\bepoch 2\b", out)
+    assert "Configuration" in out and re.search(r"Data\b.*" + re.escape(str(tiny_dataset)), out)  # config, data source
     assert "Dice" in out and "IoU" in out and "DSB score" in out and str(run) in out
 
 
@@ -66,7 +67,7 @@ def test_resume_continues_from_the_saved_epoch(tmp_path, tiny_dataset):
     assert json.loads((run / "state.json").read_text())["epoch"] == 1
     status, out, err = run_main(Train, "--resume", "r", "--epochs", "3", "--runs-dir", runs)
     assert status == 0, out + err
-    assert "Resuming" in out and "after epoch 1 of 3" in out
+    assert "Resuming" in out and "1 of 3" in out
     assert json.loads((run / "state.json").read_text())["epoch"] == 3
     history = (run / "history.csv").read_text().splitlines()
     assert history[0].startswith("epoch") and [row.split(",")[0] for row in history[1:]] == ["0", "1", "2"]
@@ -96,32 +97,32 @@ def test_finalize_chooses_post_processing_again_without_training(quick_run, tmp_
 def test_a_missing_data_path_is_an_error_not_a_fallback(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     status, out, err = run_main(Train, "--quick", "--data", "no/such/folder")
-    assert status == 2 and "no such folder" in err
+    assert status == 2 and "no/such/folder" in err
     assert not (tmp_path / "dataset").exists()  # it did not quietly generate the sample instead
 
 
 def test_bad_flag_values_get_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     status, out, err = run_main(Train, "--quick", "--image-size", "90")  # quick: depth 2, multiples of 4
-    assert status == 2 and "nearest sizes that work" in err
+    assert status == 2 and "88" in err and "92" in err  # the nearest sizes that work
     status, out, err = run_main(Train, "--epochs", "many")
     assert status == 2 and "invalid int value" in err
     status, out, err = run_main(Train, "--quick", "--scale-range", "0.5,big")
-    assert status == 2 and "--scale-range '0.5,big'" in err and "0.6,1.8" in err
+    assert status == 2 and "--scale-range" in err and "0.5,big" in err and "0.6,1.8" in err
     status, out, err = run_main(Train, "--quick", "--channels", "abc")
-    assert status == 2 and "--channels 'abc'" in err
+    assert status == 2 and "--channels" in err and "abc" in err
     status, out, err = run_main(Train, "--quick", "--nucleus-diameter", "big")
-    assert status == 2 and "--nucleus-diameter 'big': expected a number of pixels" in err
+    assert status == 2 and "--nucleus-diameter" in err and "big" in err
     status, out, err = run_main(Train, "--quick", "--nucleus-diameter", "-3")
-    assert status == 2 and "nucleus_diameter must be a positive number" in err
+    assert status == 2 and "nucleus_diameter" in err and "positive" in err
     # Once silently read as 'none'; now each value says what it means (issue 33).
     status, out, err = run_main(Train, "--quick", "--nucleus-diameter", "0")
-    assert status == 2 and "--nucleus-diameter 0" in err and "'none'" in err and "Traceback" not in err
+    assert status == 2 and "--nucleus-diameter 0" in err and "none" in err and "Traceback" not in err
     for rate in ("nan", "inf", "-1"):  # NaN passed every check and diverged
         status, out, err = run_main(Train, "--quick", "--lr", rate)
-        assert status == 2 and "learning_rate (--lr) must be a positive number" in err, rate
+        assert status == 2 and "--lr" in err and "positive" in err, rate
     status, out, err = run_main(Train, "--quick", "--val-size", "nan")
-    assert status == 2 and "val_size must be" in err
+    assert status == 2 and "val_size" in err
     status, out, err = run_main(Train, "--quick", "--channel", "-2")
     assert status == 2 and "--channel" in err
 
@@ -196,7 +197,7 @@ def test_the_script_trains_data_parallel_and_its_model_loads_with_plain_keras(tm
         assert (run / name).is_file(), name
     assert (tmp_path / "runs" / "latest").read_text().strip() == "dp"
     assert json.loads((run / "config.json").read_text())["replicas"] == 2
-    assert "2 device(s)" in result.stdout and "Predict with: python Predict_mask.py" in result.stdout
+    assert "2 device" in result.stdout and "python Predict_mask.py" in result.stdout
     # No import of the project here at all: the model file alone must be enough.
     code = ("import sys, numpy as np, keras; m = keras.saving.load_model(sys.argv[1]); "
             "print(m.predict(np.zeros((1, 64, 96, 1), 'float32'), verbose=0).shape)")
