@@ -22,9 +22,10 @@ import json
 import math
 import os
 import platform
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import field
 from pathlib import Path
-from typing import Sequence
 
 # TensorFlow's C++ start-up chatter (CPU feature notes, oneDNN) hides what matters to users; keep its
 # warnings and errors.  This must be set before TensorFlow is imported, and a user's own setting wins.
@@ -840,57 +841,153 @@ BLOCKS = ("plain", "residual")
 LEGACY_DEFAULTS = {"targets": "binary", "preprocessing": "rgb", "scale_range": None, "lr_schedule": "plateau"}
 
 
+def flag(help: str, group: str | None = None, *, name: str | None = None, metavar: str | None = None,
+         choices: Sequence[str] | None = None, parse: Callable[[str], object] | None = None,
+         none: str | None = None) -> dict:
+    """A ``Config`` field's metadata: what the field means, and how ``Train.py`` offers it as a flag.
+
+    ``help`` says what the field means, and is the flag's help (``Train.py`` adds the default).  ``group``
+    is the flag's section of ``--help`` ("data", "model" or "training"); a field without one is no flag of
+    ``Train.py`` (the inference settings, which training chooses on the validation images).  The others
+    only where a field needs them: ``name``, the flag when it is not the field's name with dashes;
+    ``metavar`` and ``choices``, as in argparse (``choices`` are checked by ``Config`` too); ``parse``,
+    which turns the flag's text into the value where the field's type alone cannot (its ValueError,
+    after the flag's name, is the message the user sees); ``none``, what a default of None means.
+    """
+    return {"help": help, "group": group, "name": name, "metavar": metavar, "choices": choices, "parse": parse,
+            "none": none}
+
+
+def comma_separated(kind: type, example: str, none: bool = False) -> Callable[[str], tuple | None]:
+    """A flag's parser for numbers of ``kind`` separated by commas, such as ``example``; with ``none``,
+    the word 'none' gives None."""
+    def parse(text: str) -> tuple | None:
+        if none and text.strip().lower() == "none":
+            return None
+        try:
+            return tuple(kind(value) for value in text.split(","))
+        except ValueError:
+            raise ValueError(f"{text!r}: expected comma-separated numbers, for example {example}") from None
+
+    return parse
+
+
+def pixels_or_none(text: str) -> float | None:
+    """``--nucleus-diameter``'s parser: a number of pixels, or 'none'."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        pixels = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r}: expected a number of pixels, or 'none'") from None
+    if pixels == 0:  # once read as "none": say what each means instead
+        raise ValueError("0: give the nuclei's median diameter in pixels (a positive number, such as 20), or "
+                         "'none' to train at the images' own scale")
+    return pixels
+
+
 @dataclasses.dataclass
 class Config:
     """Every hyperparameter in one place: the notebook, Train.py and Predict_mask.py start from these
-    defaults, and each run saves the resolved values beside its model (``config.json``)."""
+    defaults, and each run saves the resolved values beside its model (``config.json``).  Each field's
+    metadata (``flag``) says what it means; ``Train.py``'s flags and their help come from it, so a new
+    hyperparameter is one field here."""
 
     # Data
-    data_dir: str | None = None  # None: dataset/stage1_train if present, else the built-in synthetic sample
-    sample_images: int = 128  # size of the built-in synthetic sample
-    # Multi-channel training images (ImageJ or OME-TIFF, one stain per channel): the channel, 0-based,
-    # that shows the nuclei.  None: grey and colour images only (a multi-channel one is refused).
-    channel: int | None = None
-    sampling: str = "patch"  # "patch": random crops at native scale; "resize": whole images resized
-    image_size: int = 128  # patch side (or resize target), the model's training input size
-    val_size: float = 0.1  # fraction (<1) or number (>=1) of images held out for validation
-    augment: bool = True  # flips, rotations and intensity jitter on training batches
-    scale_range: tuple[float, float] | None = (0.6, 1.8)  # random patch scale (None: native scale only)
-    preprocessing: str = "grey"  # "grey": grey, bright-on-dark, contrast-stretched; "rgb": as it is
-    area_power: float = 0.5  # patches come from images drawn with probability ~ area ** this (1: per pixel)
-    nucleus_diameter: float | None = 20.0  # px: images rescaled so their nuclei's median diameter is this
-    nucleus_epochs: int = 3  # ...in a second stage of this many epochs after `epochs` (0: the whole run)
+    data_dir: str | None = field(default=None, metadata=flag(
+        "dataset folder in the DSB layout (<id>/images, <id>/masks) or with images/ and masks/ subfolders",
+        "data", name="--data", metavar="DIR",
+        none="dataset/stage1_train if present, else the built-in synthetic sample"))
+    sample_images: int = field(default=128, metadata=flag(
+        "number of images in the built-in synthetic sample", "data", metavar="N"))
+    channel: int | None = field(default=None, metadata=flag(
+        "for multi-channel training images (ImageJ or OME-TIFF, one stain per channel): the channel that shows "
+        "the nuclei, 0-based; for RGB images 0 red, 1 green, 2 blue", "data", metavar="N",
+        none="none; grey and colour images are read as they are, and a multi-channel image is refused"))
+    sampling: str = field(default="patch", metadata=flag(
+        "'patch': random crops at native resolution, prediction at full resolution; 'resize': whole images "
+        "resized to --image-size, the original way", "data", choices=SAMPLING_MODES))
+    image_size: int = field(default=128, metadata=flag(
+        "patch side (or resize target) in pixels: the model's training input size", "data", metavar="PX"))
+    val_size: float = field(default=0.1, metadata=flag(
+        "validation images: a fraction below 1 or a count", "data", metavar="F"))
+    augment: bool = field(default=True, metadata=flag(
+        "flips, rotations and intensity jitter of the training batches", "data"))
+    scale_range: tuple[float, float] | None = field(default=(0.6, 1.8), metadata=flag(
+        "random patch scale, so the model meets smaller and larger nuclei; 'none' keeps the native scale",
+        "data", metavar="LOW,HIGH", parse=comma_separated(float, "0.6,1.8", none=True)))
+    preprocessing: str = field(default="grey", metadata=flag(
+        "'grey': grey, bright nuclei on dark, contrast-stretched, the same for every kind of microscopy; "
+        "'rgb': the image as it is", "data", choices=PREPROCESSING))
+    area_power: float = field(default=0.5, metadata=flag(
+        "patches come from images drawn with probability proportional to their area to this power: 1 gives "
+        "every pixel the same chance, 0 every image; in between, a few large images do not crowd out many "
+        "small ones of another kind", "data", metavar="P"))
+    nucleus_diameter: float | None = field(default=20.0, metadata=flag(
+        "a second stage of training (--nucleus-epochs) with each image rescaled so that its nuclei's median "
+        "diameter is PX pixels (training patches from the annotations, jittered 0.8-1.25 times); every "
+        "prediction then rescales likewise, from the nuclei of a first pass; 'none': native scale throughout",
+        "data", metavar="PX", parse=pixels_or_none))
+    nucleus_epochs: int = field(default=3, metadata=flag(
+        "epochs of that second stage, after --epochs at native scale, its learning rate starting again at a "
+        "fifth of --lr; 0: no first stage, the whole run at --nucleus-diameter, jittered by --scale-range",
+        "data", metavar="N"))
     # Model
-    targets: str = "instance"  # "instance": background/interior/boundary classes; "binary": one mask
-    channels: tuple[int, ...] = (16, 32, 64, 128, 256)  # per level; the last is the bottleneck
-    padding: str = "same"  # "same" keeps the size; "valid" is the unpadded original
-    batch_norm: bool = True
-    dropout: float = 0.0
-    block: str = "plain"  # "plain": two convolutions per level; "residual": the same plus a shortcut
+    targets: str = field(default="instance", metadata=flag(
+        "'instance': background / nucleus interior / boundary classes, so touching nuclei separate; "
+        "'binary': one nucleus mask, the original U-Net", "model", choices=TARGETS))
+    channels: tuple[int, ...] = field(default=(16, 32, 64, 128, 256), metadata=flag(
+        "channels per level, the last being the bottleneck; the depth follows", "model", metavar="C1,C2,...",
+        parse=comma_separated(int, "16,32,64,128,256")))
+    padding: str = field(default="same", metadata=flag(
+        "'same' keeps the size; 'valid' is the unpadded original", "model", choices=PADDINGS))
+    batch_norm: bool = field(default=True, metadata=flag("batch normalisation after each convolution", "model"))
+    dropout: float = field(default=0.0, metadata=flag("dropout after each block", "model", metavar="P"))
+    block: str = field(default="plain", metadata=flag(
+        "convolutional block per level: 'plain', two convolutions; 'residual', the same plus a shortcut",
+        "model", choices=BLOCKS))
     # Training
-    epochs: int = 20
-    batch_size: int = 8
-    steps_per_epoch: int | None = None  # None: one pass over the training pixels per epoch
-    learning_rate: float = 1e-3
-    loss: str = "bce+dice"
-    lr_schedule: str = "cosine"  # "cosine": decay to 2% over the run; "plateau": halve when val loss stalls
-    seed: int = 42
-    mixed_precision: bool | None = None  # None: on where the hardware is fast at it (bfloat16 CPUs, GPUs)
-    xla: bool = False
+    epochs: int = field(default=20, metadata=flag(
+        "number of epochs (at native scale, before --nucleus-epochs)", "training", metavar="N"))
+    batch_size: int = field(default=8, metadata=flag("global batch size", "training", metavar="N"))
+    steps_per_epoch: int | None = field(default=None, metadata=flag(
+        "batches per epoch", "training", metavar="N", none="one pass over the training pixels"))
+    learning_rate: float = field(default=1e-3, metadata=flag(
+        "Adam learning rate", "training", name="--lr", metavar="LR"))
+    loss: str = field(default="bce+dice", metadata=flag(
+        "loss; cross-entropy is categorical and Dice per class for instance targets", "training",
+        choices=LOSSES))
+    lr_schedule: str = field(default="cosine", metadata=flag(
+        "'cosine': decay to 2% of --lr over the run; 'plateau': halve when the validation loss stalls",
+        "training", choices=LR_SCHEDULES))
+    seed: int = field(default=42, metadata=flag(
+        "random seed for the split, patches and weights", "training"))
+    mixed_precision: bool | None = field(default=None, metadata=flag(
+        "float16 compute on GPUs (bfloat16 on CPUs), float32 output", "training",
+        none="on where the hardware is fast at it: GPUs of compute capability 7+, CPUs with bfloat16 "
+             "instructions; --no-mixed-precision forces float32"))
+    xla: bool = field(default=False, metadata=flag("compile the training step with XLA", "training"))
     # Inference
-    threshold: float = 0.5  # nucleus probability; replaced by the one chosen on validation after training
-    marker_threshold: float = 0.5  # interior probability of the markers (instance targets); chosen likewise
-    tile_overlap: int | None = None  # None: 1/8 of the output tile for padded models, 0 for unpadded
-    min_nucleus_size: int = 15  # instances smaller than this many pixels are dropped
-    min_confidence: float = 0.0  # nuclei whose mean nucleus probability is below this are dropped; chosen too
-    tta: bool = True  # average the 8 flips and rotations of each image at prediction (8x the time)
+    threshold: float = field(default=0.5, metadata=flag(
+        "nucleus probability above which a pixel is nucleus; training replaces it with the one chosen on the "
+        "validation images"))
+    marker_threshold: float = field(default=0.5, metadata=flag(
+        "interior probability that seeds a nucleus (instance targets); chosen on the validation images too"))
+    tile_overlap: int | None = field(default=None, metadata=flag(
+        "pixels by which the tiles of a prediction overlap", none="1/8 of the output tile for padded models, "
+        "0 for unpadded ones"))
+    min_nucleus_size: int = field(default=15, metadata=flag(
+        "instances smaller than this many pixels are dropped"))
+    min_confidence: float = field(default=0.0, metadata=flag(
+        "nuclei whose mean nucleus probability is below this are dropped; chosen on the validation images too"))
+    tta: bool = field(default=True, metadata=flag(
+        "test-time augmentation (the 8 flips and rotations averaged, 8x the time) when the post-processing "
+        "is chosen on the validation images, kept as the run's setting for Predict_mask.py", "training"))
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
-        for name, choices in (("sampling", SAMPLING_MODES), ("padding", PADDINGS), ("loss", LOSSES),
-                              ("lr_schedule", LR_SCHEDULES), ("targets", TARGETS), ("preprocessing", PREPROCESSING),
-                              ("block", BLOCKS)):
-            if getattr(self, name) not in choices:
+        for name, choices in ((f.name, f.metadata.get("choices")) for f in dataclasses.fields(self)):
+            if choices is not None and getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.scale_range is not None:
             self.scale_range = tuple(float(v) for v in self.scale_range)

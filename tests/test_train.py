@@ -158,25 +158,89 @@ def test_help_documents_every_flag():
         assert flag in out, flag
 
 
-def test_the_flags_defaults_and_choices_read_from_the_source_are_the_core_s():
+def test_every_config_field_says_what_it_means_and_its_flag_shows_its_default():
     import dataclasses
 
     import unet_model_core as core
 
-    defaults, choices = Train.core_settings()
-    assert vars(defaults) == {field.name: field.default for field in dataclasses.fields(core.Config)}
-    assert vars(choices) == {name: getattr(core, name) for name in Train.CHOICE_LISTS}
+    status, out, _ = run_main(Train, "--help")
+    assert status == 0
+    text = " ".join(out.split())  # argparse wraps the help
+    flags = Train.config_flags()
+    for field in dataclasses.fields(core.Config):
+        assert field.metadata["help"], field.name
+        assert field.metadata["group"] in (None, "data", "model", "training"), field.name
+    for field in flags:
+        default = Train.shown(field.default, field.metadata["none"])
+        assert Train.flag_name(field) in out and f"(default: {default})" in text, field.name
+    assert {f.name for f in flags} >= {"data_dir", "learning_rate", "tta", "augment", "mixed_precision"}
+    # The inference settings are chosen on the validation images, not given to Train.py.
+    assert "--threshold" not in out and "--min-confidence" not in out
+    # The help of another Config shows its values (the fine-tuning defaults, say).
+    shown = " ".join(Train.build_parser(core.quick_config()).format_help().split())
+    assert "--image-size PX patch side (or resize target) in pixels: the model's training input size (default: 64)" in shown
+    assert "(default: 8,16,32)" in shown
 
 
-def test_help_answers_without_importing_tensorflow(tmp_path):
-    # A fresh process: this one imported TensorFlow long ago.  Both scripts' --help, run as __main__.
+def test_a_new_config_field_is_a_flag_with_no_other_edit(monkeypatch):
+    import dataclasses
+
+    import unet_model_core as core
+
+    @dataclasses.dataclass
+    class Extended(core.Config):
+        warmup_epochs: int = dataclasses.field(default=0, metadata=core.flag("epochs of warm-up", "training",
+                                                                             metavar="N"))
+        colour_jitter: bool = dataclasses.field(default=False, metadata=core.flag("jitter the hues", "data"))
+
+    monkeypatch.setattr(core, "Config", Extended)
+    parser = Train.build_parser()
+    assert "--warmup-epochs N epochs of warm-up (default: 0)" in " ".join(parser.format_help().split())
+    args = parser.parse_args(["--warmup-epochs", "2", "--colour-jitter", "--epochs", "3"])
+    assert Train.overrides_from_args(args) == {"warmup_epochs": 2, "colour_jitter": True, "epochs": 3}
+    config = Train.config_from_args(args, core)
+    assert (config.warmup_epochs, config.colour_jitter, config.epochs) == (2, True, 3)
+
+
+def test_each_kind_of_flag_reads_its_values():
+    import unet_model_core as core
+
+    parser = Train.build_parser()
+
+    def overrides(*argv):
+        return Train.overrides_from_args(parser.parse_args(argv))
+
+    assert overrides() == {}  # flags left out leave the Config's (or a resumed run's) values
+    # Three states: unset (auto, by the hardware), on, off.
+    assert core.Config().mixed_precision is None and "mixed_precision" not in overrides()
+    assert overrides("--mixed-precision") == {"mixed_precision": True}
+    assert overrides("--no-mixed-precision") == {"mixed_precision": False}
+    assert overrides("--no-augment", "--xla", "--no-batch-norm") == {"augment": False, "xla": True,
+                                                                      "batch_norm": False}
+    assert overrides("--data", "d", "--lr", "0.01", "--val-size", "5") == {"data_dir": "d", "learning_rate": 0.01,
+                                                                           "val_size": 5.0}
+    assert overrides("--channels", "8,16,32", "--scale-range", "NONE") == {"channels": (8, 16, 32),
+                                                                           "scale_range": None}
+    assert overrides("--nucleus-diameter", "none", "--steps-per-epoch", "7") == {"nucleus_diameter": None,
+                                                                                 "steps_per_epoch": 7}
+    for flag, choices in (("--sampling", core.SAMPLING_MODES), ("--preprocessing", core.PREPROCESSING),
+                          ("--targets", core.TARGETS), ("--padding", core.PADDINGS), ("--block", core.BLOCKS),
+                          ("--loss", core.LOSSES), ("--lr-schedule", core.LR_SCHEDULES)):
+        for choice in choices:
+            assert list(overrides(flag, choice).values()) == [choice]
+        with pytest.raises(SystemExit):
+            parser.parse_args([flag, "other"])
+
+
+def test_predict_help_answers_without_importing_tensorflow(tmp_path):
+    # A fresh process: this one imported TensorFlow long ago.  Predict_mask.py --help, run as __main__.
+    # (Train.py's flags come from the Config, so its --help imports the core, and with it TensorFlow.)
     code = ("import runpy, sys\n"
-            "for script in ('Train.py', 'Predict_mask.py'):\n"
-            "    sys.argv = [script, '--help']\n"
-            "    try:\n"
-            "        runpy.run_path(script, run_name='__main__')\n"
-            "    except SystemExit as done:\n"
-            "        assert done.code == 0\n"
+            "sys.argv = ['Predict_mask.py', '--help']\n"
+            "try:\n"
+            "    runpy.run_path('Predict_mask.py', run_name='__main__')\n"
+            "except SystemExit as done:\n"
+            "    assert done.code == 0\n"
             "print('tensorflow' in sys.modules, 'keras' in sys.modules, file=sys.stderr)\n")
     from conftest import ROOT
 
