@@ -30,10 +30,6 @@ def config_flags() -> list[dataclasses.Field]:
     return [field for field in dataclasses.fields(core.Config) if field.metadata.get("group") is not None]
 
 
-def flag_name(field: dataclasses.Field) -> str:
-    return field.metadata["name"] or "--" + field.name.replace("_", "-")
-
-
 def shown(value, none: str | None = None) -> str:
     """A default as ``--help`` shows it: 'on'/'off', comma-separated numbers, or what None means."""
     if value is None:
@@ -72,7 +68,7 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults) -> dict:
             options.update(action=argparse.BooleanOptionalAction)
         else:
             options.update(type=str if meta["parse"] else kind, choices=meta["choices"], metavar=meta["metavar"])
-        groups[meta["group"]].add_argument(flag_name(field), **options)
+        groups[meta["group"]].add_argument(core.flag_name(field.name), **options)
     return groups
 
 
@@ -117,7 +113,7 @@ def overrides_from_args(args) -> dict:
             try:
                 value = parse(value)
             except ValueError as error:
-                raise ValueError(f"{flag_name(field)} {error}") from None
+                raise ValueError(f"{core.flag_name(field.name)} {error}") from None
         overrides[field.name] = value
     return overrides
 

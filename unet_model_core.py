@@ -1071,6 +1071,13 @@ class Config:
         return cls.from_dict(json.loads(text if text.lstrip().startswith("{") else Path(path_or_text).read_text()))
 
 
+def flag_name(name: str) -> str:
+    """The command-line flag of the ``Config`` field ``name``: its metadata's, or the name with dashes
+    (``--lr`` for learning_rate, ``--image-size`` for image_size)."""
+    metadata = {f.name: f.metadata for f in dataclasses.fields(Config)}[name]
+    return metadata.get("name") or "--" + name.replace("_", "-")
+
+
 def quick_config(**overrides) -> Config:
     """Settings for smoke runs and tests: a tiny sample, a small model, one short epoch."""
     values = dict(sample_images=8, image_size=64, channels=(8, 16, 32), epochs=1, steps_per_epoch=3,

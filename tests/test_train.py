@@ -172,8 +172,10 @@ def test_every_config_field_says_what_it_means_and_its_flag_shows_its_default():
         assert field.metadata["group"] in (None, "data", "model", "training"), field.name
     for field in flags:
         default = Train.shown(field.default, field.metadata["none"])
-        assert Train.flag_name(field) in out and f"(default: {default})" in text, field.name
+        assert core.flag_name(field.name) in out and f"(default: {default})" in text, field.name
     assert {f.name for f in flags} >= {"data_dir", "learning_rate", "tta", "augment", "mixed_precision"}
+    assert [core.flag_name(name) for name in ("data_dir", "learning_rate", "image_size")] == [
+        "--data", "--lr", "--image-size"]  # the flags that Train.py and the fine-tuning's messages name
     # The inference settings are chosen on the validation images, not given to Train.py.
     assert "--threshold" not in out and "--min-confidence" not in out
     # The help of another Config shows its values (the fine-tuning defaults, say).

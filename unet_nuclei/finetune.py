@@ -17,7 +17,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from unet_model_core import Config, quick_config
+from unet_model_core import Config, flag_name, quick_config
 
 # Fields that define the network and what it sees: taken from the starting model, never changed.
 ARCHITECTURE_FIELDS = ("channels", "padding", "batch_norm", "dropout", "block", "targets", "preprocessing")
@@ -27,10 +27,6 @@ FINE_TUNE_EPOCHS = 10  # epochs at native scale (an epoch is one pass over the t
 FINE_TUNE_NUCLEUS_EPOCHS = 2  # ...then at the model's nucleus size, for a model trained in two stages
 FINE_TUNE_LR = 2e-4  # a fifth of a training from scratch's 1e-3
 SCHEDULE_FIELDS = ("epochs", "nucleus_epochs", "learning_rate")
-
-
-def _flag(field: str) -> str:
-    return "--lr" if field == "learning_rate" else "--" + field.replace("_", "-")
 
 
 def _shown(value) -> str:
@@ -46,7 +42,8 @@ def fine_tune_config(base: Config, overrides: dict, init_name: str, quick: bool 
         if field in overrides:
             wanted = dataclasses.replace(base, **{field: overrides[field]})  # normalised as Config does
             if getattr(wanted, field) != getattr(base, field):
-                conflicts.append(f"{_flag(field)} {_shown(overrides[field])} (the model has {_shown(getattr(base, field))})")
+                conflicts.append(f"{flag_name(field)} {_shown(overrides[field])} "
+                                 f"(the model has {_shown(getattr(base, field))})")
     if conflicts:
         raise ValueError(f"--init {init_name} fixes the architecture, preprocessing and targets of the fine-tuned "
                          f"model, but {'; '.join(conflicts)}: leave these flags out, or train a new model without --init")
