@@ -11,7 +11,6 @@ Every flag but the run's own (--runs-dir, --name, --resume, --init, --quick, --c
 The work is ``unet_nuclei.training.train``; this script only parses flags and reports.
 """
 import argparse
-import dataclasses
 import sys
 import types
 import typing
@@ -25,9 +24,10 @@ EPILOG = ("A run folder holds model.keras, config.json, history.csv, training_cu
           "Predict_mask.py uses the newest run unless told otherwise.")
 
 
-def config_flags() -> list[dataclasses.Field]:
-    """The ``Config`` fields that are flags (their metadata names a group), in the Config's order."""
-    return [field for field in dataclasses.fields(core.Config) if field.metadata.get("group") is not None]
+def config_flags() -> dict:
+    """The ``Flag`` of each ``Config`` field that is a flag of this script (its ``group`` is set), by
+    field name, in the Config's order."""
+    return {name: spec for name, spec in core.field_flags().items() if spec.group is not None}
 
 
 def shown(value, none: str | None = None) -> str:
@@ -49,7 +49,7 @@ def value_type(hint):
 
 
 def add_config_flags(parser: argparse.ArgumentParser, defaults) -> dict:
-    """One flag per ``Config`` field with a group, from its metadata; their help shows ``defaults``.
+    """One flag per ``Config`` field with a group, from its ``Flag``; their help shows ``defaults``.
     Returns the argument groups by name, so that the script's own flags can join them.
 
     A bool field is a pair (``--tta``/``--no-tta``); a field with a ``parse`` is read as text and parsed
@@ -57,18 +57,17 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults) -> dict:
     out is None, so only the flags given override the defaults (or, on resume, the run's values)."""
     hints = typing.get_type_hints(core.Config)
     groups = {}
-    for field in config_flags():
-        meta = field.metadata
-        if meta["group"] not in groups:
-            groups[meta["group"]] = parser.add_argument_group(meta["group"])
-        kind = value_type(hints[field.name])
-        default = shown(getattr(defaults, field.name), meta["none"])
-        options = dict(dest=field.name, default=None, help=f"{meta['help']} (default: {default})".replace("%", "%%"))
+    for name, spec in config_flags().items():
+        if spec.group not in groups:
+            groups[spec.group] = parser.add_argument_group(spec.group)
+        kind = value_type(hints[name])
+        default = shown(getattr(defaults, name), spec.none)
+        options = dict(dest=name, default=None, help=f"{spec.help} (default: {default})".replace("%", "%%"))
         if kind is bool:
             options.update(action=argparse.BooleanOptionalAction)
         else:
-            options.update(type=str if meta["parse"] else kind, choices=meta["choices"], metavar=meta["metavar"])
-        groups[meta["group"]].add_argument(core.flag_name(field.name), **options)
+            options.update(type=str if spec.parse else kind, choices=spec.choices, metavar=spec.metavar)
+        groups[spec.group].add_argument(core.flag_name(name), **options)
     return groups
 
 
@@ -105,16 +104,16 @@ def overrides_from_args(args) -> dict:
     """The Config fields the flags set (flags left out are absent); ValueError, naming the flag, for a
     value its ``parse`` refuses."""
     overrides = {}
-    for field in config_flags():
-        value, parse = getattr(args, field.name, None), field.metadata["parse"]
+    for name, spec in config_flags().items():
+        value = getattr(args, name, None)
         if value is None:  # not given
             continue
-        if parse is not None:
+        if spec.parse is not None:
             try:
-                value = parse(value)
+                value = spec.parse(value)
             except ValueError as error:
-                raise ValueError(f"{core.flag_name(field.name)} {error}") from None
-        overrides[field.name] = value
+                raise ValueError(f"{core.flag_name(name)} {error}") from None
+        overrides[name] = value
     return overrides
 
 

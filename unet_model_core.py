@@ -841,10 +841,9 @@ BLOCKS = ("plain", "residual")
 LEGACY_DEFAULTS = {"targets": "binary", "preprocessing": "rgb", "scale_range": None, "lr_schedule": "plateau"}
 
 
-def flag(help: str, group: str | None = None, *, name: str | None = None, metavar: str | None = None,
-         choices: Sequence[str] | None = None, parse: Callable[[str], object] | None = None,
-         none: str | None = None) -> dict:
-    """A ``Config`` field's metadata: what the field means, and how ``Train.py`` offers it as a flag.
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """What a ``Config`` field means, and how ``Train.py`` offers it as a flag (made by ``flag``).
 
     ``help`` says what the field means, and is the flag's help (``Train.py`` adds the default).  ``group``
     is the flag's section of ``--help`` ("data", "model" or "training"); a field without one is no flag of
@@ -854,8 +853,20 @@ def flag(help: str, group: str | None = None, *, name: str | None = None, metava
     which turns the flag's text into the value where the field's type alone cannot (its ValueError,
     after the flag's name, is the message the user sees); ``none``, what a default of None means.
     """
-    return {"help": help, "group": group, "name": name, "metavar": metavar, "choices": choices, "parse": parse,
-            "none": none}
+
+    help: str
+    group: str | None = None
+    name: str | None = None
+    metavar: str | None = None
+    choices: Sequence[str] | None = None
+    parse: Callable[[str], object] | None = None
+    none: str | None = None
+
+
+def flag(help: str, group: str | None = None, **hints) -> dict:
+    """A ``Config`` field's metadata, holding its ``Flag``:
+    ``epochs: int = field(default=20, metadata=flag("number of epochs", "training", metavar="N"))``."""
+    return {"flag": Flag(help, group, **hints)}
 
 
 def comma_separated(kind: type, example: str, none: bool = False) -> Callable[[str], tuple | None]:
@@ -890,8 +901,8 @@ def pixels_or_none(text: str) -> float | None:
 class Config:
     """Every hyperparameter in one place: the notebook, Train.py and Predict_mask.py start from these
     defaults, and each run saves the resolved values beside its model (``config.json``).  Each field's
-    metadata (``flag``) says what it means; ``Train.py``'s flags and their help come from it, so a new
-    hyperparameter is one field here."""
+    ``Flag`` (its metadata, made by ``flag``) says what it means; ``Train.py``'s flags and their help come
+    from it, so a new hyperparameter is one field here."""
 
     # Data
     data_dir: str | None = field(default=None, metadata=flag(
@@ -986,9 +997,9 @@ class Config:
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
-        for name, choices in ((f.name, f.metadata.get("choices")) for f in dataclasses.fields(self)):
-            if choices is not None and getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        for name, spec in field_flags(type(self)).items():
+            if spec.choices is not None and getattr(self, name) not in spec.choices:
+                raise ValueError(f"{name} must be one of {spec.choices}, got {getattr(self, name)!r}")
         if self.scale_range is not None:
             self.scale_range = tuple(float(v) for v in self.scale_range)
             if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1] <= 10:
@@ -1071,11 +1082,16 @@ class Config:
         return cls.from_dict(json.loads(text if text.lstrip().startswith("{") else Path(path_or_text).read_text()))
 
 
+def field_flags(cls: type | None = None) -> dict[str, Flag]:
+    """The ``Flag`` of each field of ``Config`` (or of the dataclass ``cls``), by field name, in the
+    fields' order."""
+    return {f.name: f.metadata["flag"] for f in dataclasses.fields(cls or Config) if "flag" in f.metadata}
+
+
 def flag_name(name: str) -> str:
-    """The command-line flag of the ``Config`` field ``name``: its metadata's, or the name with dashes
+    """The command-line flag of the ``Config`` field ``name``: its ``Flag``'s, or the name with dashes
     (``--lr`` for learning_rate, ``--image-size`` for image_size)."""
-    metadata = {f.name: f.metadata for f in dataclasses.fields(Config)}[name]
-    return metadata.get("name") or "--" + name.replace("_", "-")
+    return field_flags()[name].name or "--" + name.replace("_", "-")
 
 
 def quick_config(**overrides) -> Config:

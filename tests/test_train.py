@@ -166,14 +166,15 @@ def test_every_config_field_says_what_it_means_and_its_flag_shows_its_default():
     status, out, _ = run_main(Train, "--help")
     assert status == 0
     text = " ".join(out.split())  # argparse wraps the help
+    specs = core.field_flags()
+    assert list(specs) == [field.name for field in dataclasses.fields(core.Config)]  # every field has one
+    for name, spec in specs.items():
+        assert spec.help and spec.group in (None, "data", "model", "training"), name
     flags = Train.config_flags()
-    for field in dataclasses.fields(core.Config):
-        assert field.metadata["help"], field.name
-        assert field.metadata["group"] in (None, "data", "model", "training"), field.name
-    for field in flags:
-        default = Train.shown(field.default, field.metadata["none"])
-        assert core.flag_name(field.name) in out and f"(default: {default})" in text, field.name
-    assert {f.name for f in flags} >= {"data_dir", "learning_rate", "tta", "augment", "mixed_precision"}
+    for name, spec in flags.items():
+        default = Train.shown(getattr(core.Config(), name), spec.none)
+        assert core.flag_name(name) in out and f"(default: {default})" in text, name
+    assert set(flags) >= {"data_dir", "learning_rate", "tta", "augment", "mixed_precision"}
     assert [core.flag_name(name) for name in ("data_dir", "learning_rate", "image_size")] == [
         "--data", "--lr", "--image-size"]  # the flags that Train.py and the fine-tuning's messages name
     # The inference settings are chosen on the validation images, not given to Train.py.
