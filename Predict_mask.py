@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     import functools
 
     import unet_model_core as core
-    from unet_nuclei import cache, files, image_files, measure, outlines, plots, predict, runs, tiling
+    from unet_nuclei import cache, files, image_files, measure, outlines, predict, runs, tiling
     from unet_nuclei.formats import rle_rows
     from unet_nuclei.segmenter import ModelError, Segmenter, load_unet
     outline_kinds = [kind for kind in outlines.OUTLINE_FILES if getattr(args, kind)]  # --rois, --geojson
@@ -167,19 +167,8 @@ def main(argv=None) -> int:
         else:
             inputs, problems = predict.validation_inputs(info)
             channel = config.channel if channel is None else channel
-        for subfolder in sorted({item.subfolder for item in inputs if item.subfolder}):
-            files.check_writable(out / subfolder, "--out")
-        outlines.check_available(outline_kinds)
-        if args.rle:
-            if Path(args.rle).exists() and not args.overwrite:
-                raise FileExistsError(f"--rle {args.rle} exists; pass --overwrite to replace it")
-            files.check_writable(Path(args.rle).parent, f"--rle {args.rle}", create=False)
-        if any(item.truth is not None for item in inputs) and (out / "scores.csv").exists() and not args.overwrite:
-            raise FileExistsError(f"{out / 'scores.csv'} exists (the scores of an earlier run); pass "
-                                  f"--overwrite to replace it, or choose another --out")
+        check_outputs(args, out, inputs, outline_kinds)
         measurements = measure.Measurements() if args.measure else None
-        if measurements is not None:  # before predicting, so a refusal costs nothing
-            files.refuse_existing(measure.output_paths(out, len(inputs)), args.overwrite)
         warning = runs.unfinished_warning(run_dir, config, info)
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
@@ -233,37 +222,10 @@ def main(argv=None) -> int:
                 rows.extend(rle_rows(f"{item.label}_plane{index}" if image.is_stack else item.label, result.labels))
         # Keep the arrays only for the validation figure; a folder of big images adds up.
         results.extend(result.summary() if args.images else result for result in planes)
-        result = planes[0]
-        if image.is_stack:
-            counts = [p.count for p in planes]
-            line = (f"{item.label}: {result.width}x{result.height}, {len(planes)} planes, {sum(counts)} nuclei "
-                    f"({min(counts)}-{max(counts)} a plane), {time.time() - started:.2f}s")
-        else:
-            line = f"{item.label}: {result.width}x{result.height}, {result.count} nuclei, {time.time() - started:.2f}s"
-        if wants_pixel_size and image.pixel_size is not None:
-            line += f", {image.pixel_size_text()}"
-        if result.scores is not None:
-            line += f"  Dice {result.scores.dice:.3f}  IoU {result.scores.iou:.3f}  DSB {result.scores.dsb_score:.3f}"
-        print(line, flush=True)
+        print(report_line(item.label, planes, image, time.time() - started, wants_pixel_size), flush=True)
 
-    scored = [r for r in results if r.scores is not None]
     try:
-        if scored:
-            means = predict.write_scores(scored, out / "scores.csv", overwrite=args.overwrite)
-            print(f"Mean over {len(scored)} scored images: Dice {means['dice']:.3f}  IoU {means['iou']:.3f}  "
-                  f"DSB score {means['dsb_score']:.3f}  (per image: {out / 'scores.csv'})")
-        if args.rle:
-            files.write_csv(args.rle, [["ImageId", "EncodedPixels"], *rows])
-            print(f"Run-length encoding of {len(rows)} rows written to {args.rle}")
-        if measurements is not None and measurements.images:
-            written = measurements.write(out, overwrite=args.overwrite)
-            planes_note = f" ({len(measurements.images)} planes)" if measurements.has_planes else ""
-            print(f"Measurements of {len(measurements.nuclei)} nuclei in {len(measurements.names)} "
-                  f"images{planes_note}: {', '.join(str(p) for p in written)}")
-        if not args.images and results:
-            figure = predict.unique_path(out / "validation_predictions.png")
-            plots.save(plots.prediction_grid(results), figure, dpi=80)
-            print(f"Figure: {figure}")
+        write_totals(args, out, results, rows, measurements)
     except OSError as error:  # FileExistsError too: a table that appeared meanwhile
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -277,6 +239,66 @@ def main(argv=None) -> int:
         cache.report_problems(problems)
         return 1
     return 0
+
+
+def check_outputs(args, out: Path, inputs, outline_kinds) -> None:
+    """Refuse, before the model loads and the first image is predicted, outputs that cannot be written
+    or that would replace files without --overwrite (OSError or ValueError, naming the flag or file)."""
+    from unet_nuclei import files, measure, outlines
+
+    for subfolder in sorted({item.subfolder for item in inputs if item.subfolder}):
+        files.check_writable(out / subfolder, "--out")
+    outlines.check_available(outline_kinds)
+    if args.rle:
+        if Path(args.rle).exists() and not args.overwrite:
+            raise FileExistsError(f"--rle {args.rle} exists; pass --overwrite to replace it")
+        files.check_writable(Path(args.rle).parent, f"--rle {args.rle}", create=False)
+    if any(item.truth is not None for item in inputs) and (out / "scores.csv").exists() and not args.overwrite:
+        raise FileExistsError(f"{out / 'scores.csv'} exists (the scores of an earlier run); pass "
+                              f"--overwrite to replace it, or choose another --out")
+    if args.measure:
+        files.refuse_existing(measure.output_paths(out, len(inputs)), args.overwrite)
+
+
+def report_line(label: str, planes: list, image, seconds: float, wants_pixel_size: bool) -> str:
+    """The line printed for one input: its size, the nuclei found (per plane for a stack), the time, and
+    its pixel size and scores where there are any."""
+    result = planes[0]
+    if image.is_stack:
+        counts = [p.count for p in planes]
+        line = (f"{label}: {result.width}x{result.height}, {len(planes)} planes, {sum(counts)} nuclei "
+                f"({min(counts)}-{max(counts)} a plane), {seconds:.2f}s")
+    else:
+        line = f"{label}: {result.width}x{result.height}, {result.count} nuclei, {seconds:.2f}s"
+    if wants_pixel_size and image.pixel_size is not None:
+        line += f", {image.pixel_size_text()}"
+    if result.scores is not None:
+        line += f"  Dice {result.scores.dice:.3f}  IoU {result.scores.iou:.3f}  DSB {result.scores.dsb_score:.3f}"
+    return line
+
+
+def write_totals(args, out: Path, results: list, rows: list, measurements) -> None:
+    """After the last image: the scores table, the --rle file, the measurement tables and, for the
+    validation images, their figure; each reported in a line.  OSError when one cannot be written."""
+    from unet_nuclei import files, plots, predict
+
+    scored = [r for r in results if r.scores is not None]
+    if scored:
+        means = predict.write_scores(scored, out / "scores.csv", overwrite=args.overwrite)
+        print(f"Mean over {len(scored)} scored images: Dice {means['dice']:.3f}  IoU {means['iou']:.3f}  "
+              f"DSB score {means['dsb_score']:.3f}  (per image: {out / 'scores.csv'})")
+    if args.rle:
+        files.write_csv(args.rle, [["ImageId", "EncodedPixels"], *rows])
+        print(f"Run-length encoding of {len(rows)} rows written to {args.rle}")
+    if measurements is not None and measurements.images:
+        written = measurements.write(out, overwrite=args.overwrite)
+        planes_note = f" ({len(measurements.images)} planes)" if measurements.has_planes else ""
+        print(f"Measurements of {len(measurements.nuclei)} nuclei in {len(measurements.names)} "
+              f"images{planes_note}: {', '.join(str(p) for p in written)}")
+    if not args.images and results:
+        figure = predict.unique_path(out / "validation_predictions.png")
+        plots.save(plots.prediction_grid(results), figure, dpi=80)
+        print(f"Figure: {figure}")
 
 
 def _some(paths, noun: str = "file", shown: int = 5) -> str:

@@ -438,66 +438,77 @@ def read_instance_labels(mask_paths: Sequence, shape: tuple[int, int], layout: s
     return labels
 
 
+def _pairs_samples(root: Path, require_masks: bool) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """The samples and problems of the "pairs" layout: <root>/images/<name>.<ext>, <root>/masks/<name>.<ext>."""
+    samples: list[Sample] = []
+    problems: list[tuple[str, str]] = []
+    images_dir, masks_dir = root / "images", root / "masks"
+    masks, duplicates = {}, {}
+    if masks_dir.is_dir():
+        for path in sorted(masks_dir.iterdir()):
+            if is_image_file(path):
+                if mask_stem(path) in masks:
+                    duplicates.setdefault(mask_stem(path), [masks[mask_stem(path)].name]).append(path.name)
+                masks.setdefault(mask_stem(path), path)
+    for path in sorted(images_dir.iterdir()):
+        if is_stray(path):
+            problems.append((path.name, STRAY_REASON))
+            continue
+        if path.is_dir():
+            continue
+        if not is_image_file(path):
+            problems.append((path.name, "not an image file (skipped)"))
+        elif path.stem in duplicates:
+            problems.append((path.stem, f"several masks in {masks_dir} ({', '.join(duplicates[path.stem])}): "
+                                        f"keep one, so it is clear which is right"))
+        elif path.stem in masks:
+            samples.append(Sample(path.stem, path, (masks[path.stem],), "pairs"))
+        elif require_masks:
+            problems.append((path.stem, f"no mask named {path.stem}.* in {masks_dir}"))
+        else:
+            samples.append(Sample(path.stem, path, (), "pairs"))
+    return samples, problems
+
+
+def _dsb_samples(root: Path, require_masks: bool) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """The samples and problems of the DSB layout: <root>/<id>/images/<id>.png, <root>/<id>/masks/*.png."""
+    samples: list[Sample] = []
+    problems: list[tuple[str, str]] = []
+    for child in sorted(root.iterdir()):
+        if is_stray(child):
+            problems.append((child.name, STRAY_REASON))
+            continue
+        if not child.is_dir():
+            problems.append((child.name, NOT_A_SAMPLE_REASON))
+            continue
+        image_dir = child / "images"
+        candidates = sorted(p for p in image_dir.iterdir() if is_image_file(p)) if image_dir.is_dir() else []
+        preferred = [p for p in candidates if p.stem == child.name]
+        if not candidates:
+            problems.append((child.name, f"no image in {image_dir}"))
+            continue
+        image_path = (preferred or candidates)[0]
+        mask_dir = child / "masks"
+        mask_paths = tuple(sorted(p for p in mask_dir.iterdir() if is_image_file(p))) if mask_dir.is_dir() else ()
+        if require_masks and not mask_dir.is_dir():
+            problems.append((child.name, "no masks/ folder"))
+            continue
+        if require_masks and not mask_paths:
+            problems.append((child.name, "masks/ folder holds no mask image"))
+            continue
+        samples.append(Sample(child.name, image_path, mask_paths, "dsb"))
+    return samples, problems
+
+
 def find_samples(data_dir, require_masks: bool = True) -> tuple[list[Sample], list[tuple[str, str]]]:
     """Discover the samples of a dataset folder without reading any image: ``(samples, problems)``, the
     latter ``(id, reason)`` for everything skipped; ``DataError`` when there is no usable sample."""
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root}")
-    samples: list[Sample] = []
-    problems: list[tuple[str, str]] = []
-    images_dir, masks_dir = root / "images", root / "masks"
-    is_pairs = images_dir.is_dir() and not any(
+    is_pairs = (root / "images").is_dir() and not any(
         (child / "images").is_dir() for child in root.iterdir() if child.is_dir())
-    if is_pairs:
-        masks, duplicates = {}, {}
-        if masks_dir.is_dir():
-            for path in sorted(masks_dir.iterdir()):
-                if is_image_file(path):
-                    if mask_stem(path) in masks:
-                        duplicates.setdefault(mask_stem(path), [masks[mask_stem(path)].name]).append(path.name)
-                    masks.setdefault(mask_stem(path), path)
-        for path in sorted(images_dir.iterdir()):
-            if is_stray(path):
-                problems.append((path.name, STRAY_REASON))
-                continue
-            if path.is_dir():
-                continue
-            if not is_image_file(path):
-                problems.append((path.name, "not an image file (skipped)"))
-            elif path.stem in duplicates:
-                problems.append((path.stem, f"several masks in {masks_dir} ({', '.join(duplicates[path.stem])}): "
-                                            f"keep one, so it is clear which is right"))
-            elif path.stem in masks:
-                samples.append(Sample(path.stem, path, (masks[path.stem],), "pairs"))
-            elif require_masks:
-                problems.append((path.stem, f"no mask named {path.stem}.* in {masks_dir}"))
-            else:
-                samples.append(Sample(path.stem, path, (), "pairs"))
-    else:
-        for child in sorted(root.iterdir()):
-            if is_stray(child):
-                problems.append((child.name, STRAY_REASON))
-                continue
-            if not child.is_dir():
-                problems.append((child.name, NOT_A_SAMPLE_REASON))
-                continue
-            image_dir = child / "images"
-            candidates = sorted(p for p in image_dir.iterdir() if is_image_file(p)) if image_dir.is_dir() else []
-            preferred = [p for p in candidates if p.stem == child.name]
-            if not candidates:
-                problems.append((child.name, f"no image in {image_dir}"))
-                continue
-            image_path = (preferred or candidates)[0]
-            mask_dir = child / "masks"
-            mask_paths = tuple(sorted(p for p in mask_dir.iterdir() if is_image_file(p))) if mask_dir.is_dir() else ()
-            if require_masks and not mask_dir.is_dir():
-                problems.append((child.name, "no masks/ folder"))
-                continue
-            if require_masks and not mask_paths:
-                problems.append((child.name, "masks/ folder holds no mask image"))
-                continue
-            samples.append(Sample(child.name, image_path, mask_paths, "dsb"))
+    samples, problems = (_pairs_samples if is_pairs else _dsb_samples)(root, require_masks)
     if not samples:
         # Point at a real problem in the hint, not at a .DS_Store that happens to sort first.
         real = [p for p in problems if p[1] != STRAY_REASON] or problems

@@ -91,6 +91,36 @@ def blend_window(size) -> np.ndarray:
     return np.outer(hann(height), hann(width)).astype(np.float32)
 
 
+def _pair(value, name):
+    """``(height, width)`` from an int or a pair of ``predict_tiled``'s argument ``name``."""
+    if np.ndim(value) == 0:
+        return int(value), int(value)
+    if len(value) != 2:
+        raise ValueError(f"{name} must be an int or a (height, width) pair, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _tile_and_output_sizes(tile_size, output_size):
+    """``(tile_h, tile_w, out_h, out_w)`` from ``predict_tiled``'s arguments; ValueError when the output
+    tile is not a centred part of the input tile."""
+    tile_h, tile_w = _pair(tile_size, "tile_size")
+    if min(tile_h, tile_w) < 1:
+        raise ValueError(f"tile_size must be positive, got {tile_size}")
+    out_h, out_w = (tile_h, tile_w) if output_size is None else _pair(output_size, "output_size")
+    if min(out_h, out_w) < 1:
+        raise ValueError(f"output_size must be positive, got {output_size}")
+    if out_h > tile_h or out_w > tile_w:
+        raise ValueError(
+            f"output_size ({output_size}) must not exceed tile_size ({tile_size})"
+        )
+    if (tile_h - out_h) % 2 or (tile_w - out_w) % 2:
+        raise ValueError(
+            f"tile_size - output_size must be even so the output is centred, "
+            f"got tile_size={tile_size}, output_size={output_size}"
+        )
+    return tile_h, tile_w, out_h, out_w
+
+
 def predict_tiled(
     predict_batch,
     image,
@@ -159,33 +189,12 @@ def predict_tiled(
     if height < 1 or width < 1 or channels < 1:
         raise ValueError(f"image must not be empty, got shape {image.shape}")
 
-    def pair(value, name):
-        if np.ndim(value) == 0:
-            return int(value), int(value)
-        if len(value) != 2:
-            raise ValueError(f"{name} must be an int or a (height, width) pair, got {value!r}")
-        return int(value[0]), int(value[1])
-
-    tile_h, tile_w = pair(tile_size, "tile_size")
-    if min(tile_h, tile_w) < 1:
-        raise ValueError(f"tile_size must be positive, got {tile_size}")
-    out_h, out_w = (tile_h, tile_w) if output_size is None else pair(output_size, "output_size")
-    if min(out_h, out_w) < 1:
-        raise ValueError(f"output_size must be positive, got {output_size}")
-    if out_h > tile_h or out_w > tile_w:
-        raise ValueError(
-            f"output_size ({output_size}) must not exceed tile_size ({tile_size})"
-        )
-    if (tile_h - out_h) % 2 or (tile_w - out_w) % 2:
-        raise ValueError(
-            f"tile_size - output_size must be even so the output is centred, "
-            f"got tile_size={tile_size}, output_size={output_size}"
-        )
+    tile_h, tile_w, out_h, out_w = _tile_and_output_sizes(tile_size, output_size)
     margin_h, margin_w = (tile_h - out_h) // 2, (tile_w - out_w) // 2
 
     if overlap is None:
         overlap = (out_h // 4, out_w // 4) if margin_h == margin_w == 0 else 0
-    overlap_h, overlap_w = pair(overlap, "overlap")
+    overlap_h, overlap_w = _pair(overlap, "overlap")
     if not (0 <= overlap_h < out_h and 0 <= overlap_w < out_w):
         raise ValueError(
             f"overlap must satisfy 0 <= overlap < output_size ({output_size}), got {overlap}"
