@@ -787,7 +787,7 @@ def _targets(masks, num_classes: int, crop: int):
 
 
 def make_datasets(train_samples: Sequence[LoadedSample], val_samples: Sequence[LoadedSample],
-                  config: "Config") -> tuple[tf.data.Dataset, tf.data.Dataset, int]:
+                  config: Config) -> tuple[tf.data.Dataset, tf.data.Dataset, int]:
     """Build the training and validation ``tf.data`` pipelines from decoded samples.
 
     Returns ``(train_ds, val_ds, steps_per_epoch)``.  The training set repeats forever (Keras is told
@@ -1033,7 +1033,7 @@ class Config:
         for name, low, high in (("dropout", "[", ")"), ("area_power", "[", "]"), ("min_confidence", "[", ")"),
                                 ("threshold", "(", ")"), ("marker_threshold", "(", ")")):  # [ ]: that end is allowed
             value = getattr(self, name)
-            if not ((0 <= value if low == "[" else 0 < value) and (value <= 1 if high == "]" else value < 1)):
+            if not ((value >= 0 if low == "[" else value > 0) and (value <= 1 if high == "]" else value < 1)):
                 raise ValueError(f"{name} must be in {low}0, 1{high}, got {value}")
         # NaN fails every comparison, so "not positive" is tested as "not (finite and > 0)".
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -1069,7 +1069,7 @@ class Config:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Config":
+    def from_dict(cls, data: dict) -> Config:
         """Build a Config from a dict, ignoring keys that are not fields (a run's config.json also holds
         the validation ids and scores).  A config.json of an earlier version of this project keeps its
         meaning: the fields it lacks take their old values (``LEGACY_DEFAULTS``)."""
@@ -1088,7 +1088,7 @@ class Config:
         return text
 
     @classmethod
-    def from_json(cls, path_or_text) -> "Config":
+    def from_json(cls, path_or_text) -> Config:
         text = str(path_or_text)
         return cls.from_dict(json.loads(text if text.lstrip().startswith("{") else Path(path_or_text).read_text()))
 

@@ -175,7 +175,7 @@ def time_size(model, config, height: int, width: int, repeats: int, batch_size: 
     overlap = default_overlap(config, out_size, margin)
     done = []
     segmenter.native_probabilities(image, progress=lambda n, total: done.append(n))  # warm-up (traces); records batches
-    chunks = [b - a for a, b in zip([0] + done[:-1], done)]
+    chunks = [b - a for a, b in zip([0, *done[:-1]], done)]
     tiles = done[-1]
 
     # The bound: the same number of tiles in the same batch sizes, already in memory as float32.

@@ -67,7 +67,6 @@ def find_data(args) -> tuple[Path, str]:
     if Path("dataset/stage1_train").is_dir() and not args.smoke:
         return Path("dataset/stage1_train"), "real"
     from bench_train import DSB_SIZE_MIX
-
     from unet_nuclei import synthetic
 
     folder = Path(tempfile.mkdtemp(prefix="bench_step_data_")) / "dsb_like"

@@ -82,7 +82,6 @@ def folder_statistics(data_dir: Path, progress: bool = True) -> dict:
     """``{kind: {"images": n, per-image name: list, per-nucleus name: array}}`` for a dataset folder."""
     from tqdm.auto import tqdm
 
-    import unet_model_core as core
     from unet_nuclei import cache, evaluation
 
     loaded, problems, _ = cache.load_folder(data_dir, progress=progress, desc=f"Decoding {data_dir}")

@@ -13,7 +13,7 @@ import unet_model_core as core
 from unet_nuclei import cache, synthetic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import pack_dataset  # noqa: E402
+import pack_dataset
 
 
 @pytest.fixture

@@ -49,9 +49,8 @@ def test_a_users_own_setting_wins(value, expected):
 
 def test_the_run_records_and_shows_the_kernels(quick_run):
     work, run, out = quick_run
-    from unet_nuclei import devices
-
     import unet_model_core as core
+    from unet_nuclei import devices
 
     recorded = json.loads((run / "config.json").read_text())["cpu_kernels"]
     assert recorded["chosen_by"] == core.ONEDNN_CHOICE

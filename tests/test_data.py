@@ -8,14 +8,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from scipy import ndimage
 import pytest
 import tensorflow as tf
+from scipy import ndimage
 
 import unet_model_core as core
-from unet_nuclei import cache, evaluation
-
 from conftest import snapshot
+from unet_nuclei import cache, evaluation
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,7 +264,7 @@ def test_dsb_rgba_image_loads_as_rgb(tmp_path):
 
 def test_pairs_layout_with_0_255_and_0_1_masks(tmp_path):
     shape = (18, 22)
-    rgb = np.zeros(shape + (3,), np.uint8)
+    rgb = np.zeros((*shape, 3), np.uint8)
     rgb[..., 0] = 255  # pure red
     blobs_a = _rect(shape, 1, 6, 1, 8) | _disc(shape, 12, 15, 4)  # two separate nuclei
     blob_b = _rect(shape, 3, 15, 5, 10)
@@ -297,7 +296,7 @@ def test_pairs_layout_with_0_255_and_0_1_masks(tmp_path):
     assert set(np.unique(by_id["a"].labels)) == {0, 1, 2}, "two separate blobs -> two instances"
     np.testing.assert_array_equal(by_id["b"].mask, blob_b.astype(np.uint8))  # 0/1 mask not lost
     np.testing.assert_array_equal(by_id["c"].mask, blob_b.astype(np.uint8))
-    assert by_id["b"].image.shape == shape + (3,)
+    assert by_id["b"].image.shape == (*shape, 3)
 
     # require_masks=False keeps the unlabelled image (for prediction).
     samples, _ = core.find_samples(tmp_path, require_masks=False)
@@ -346,9 +345,9 @@ def test_resize_mask_stays_binary_and_resize_image_has_the_right_shape(src, dst)
     labels = (mask * np.where(np.arange(mask.size).reshape(mask.shape) % 3, 7, 3000)).astype(np.uint16)
     assert set(np.unique(core.resize_mask(labels, dst))) <= set(np.unique(labels)), "labels must stay labels"
 
-    image = np.random.default_rng(0).integers(0, 256, size=src + (3,), dtype=np.uint8)
+    image = np.random.default_rng(0).integers(0, 256, size=(*src, 3), dtype=np.uint8)
     resized = core.resize_image(image, dst)
-    assert resized.shape == expected_hw + (3,) and resized.dtype == np.uint8
+    assert resized.shape == (*expected_hw, 3) and resized.dtype == np.uint8
 
 
 def test_resize_mask_nearest_neighbour_upscale_is_exact():
@@ -399,12 +398,12 @@ def test_validation_patches_cover_every_pixel_of_a_large_image():
     assert len(x) == 3 * 2  # ceil(70/32) x ceil(45/32) windows
     covered = np.zeros((70, 45), bool)
     for patch, target in zip(x, y):
-        found = [(t, l) for t in range(70 - 31) for l in range(45 - 31)
-                 if np.array_equal(image[t:t + 32, l:l + 32], patch)]
+        found = [(t, c) for t in range(70 - 31) for c in range(45 - 31)
+                 if np.array_equal(image[t:t + 32, c:c + 32], patch)]
         assert len(found) == 1, "each validation patch is one window of the image"
-        t, l = found[0]
-        np.testing.assert_array_equal(target[..., 0], mask[t:t + 32, l:l + 32])
-        covered[t:t + 32, l:l + 32] = True
+        t, c = found[0]
+        np.testing.assert_array_equal(target[..., 0], mask[t:t + 32, c:c + 32])
+        covered[t:t + 32, c:c + 32] = True
     assert covered.all(), "validation must see every pixel"
 
 
@@ -505,12 +504,12 @@ def test_unaugmented_train_patches_are_real_windows_and_small_images_are_mirror_
     offsets = set()
     for x, y in _take(train, 3):
         for image, mask in zip(x, y):
-            found = [(t, l) for t in range(9) for l in range(17)
-                     if np.array_equal(big.image[t:t + 32, l:l + 32], image)]
+            found = [(t, c) for t in range(9) for c in range(17)
+                     if np.array_equal(big.image[t:t + 32, c:c + 32], image)]
             assert found, "a training patch is not a window of its image"
-            t, l = found[0]
-            np.testing.assert_array_equal(mask[..., 0], big.mask[t:t + 32, l:l + 32])
-            offsets.add((t, l))
+            t, c = found[0]
+            np.testing.assert_array_equal(mask[..., 0], big.mask[t:t + 32, c:c + 32])
+            offsets.add((t, c))
     assert len(offsets) > 1, "random patches should come from different places"
 
 
@@ -554,11 +553,11 @@ def test_instance_targets_give_three_one_hot_classes_from_the_labels(pipeline_sa
         for image, target in zip(x, y):
             # Interior and boundary together are the nuclei; the classes are those of the window's labels.
             np.testing.assert_array_equal(target[..., 1] + target[..., 2], _mask_from_red(image))
-            found = [(t, l) for t in range(9) for l in range(17)
-                     if np.array_equal(big.image[t:t + 32, l:l + 32], image)]
+            found = [(t, c) for t in range(9) for c in range(17)
+                     if np.array_equal(big.image[t:t + 32, c:c + 32], image)]
             if found:
-                t, l = found[0]
-                expected = core.instance_targets(big.labels[t:t + 32, l:l + 32])
+                t, c = found[0]
+                expected = core.instance_targets(big.labels[t:t + 32, c:c + 32])
                 np.testing.assert_array_equal(target.argmax(axis=-1), expected)
     vy = np.concatenate([b[1] for b in _take(val)])
     assert vy.shape == (5, 32, 32, 3)
@@ -584,7 +583,7 @@ def test_scaled_patches_resize_image_and_labels_together():
     # Nuclei are 6x6 squares on a 12 px grid, their labels all different; at scale s a patch holds
     # nuclei about 6 * s px wide, and the image's red channel still marks the target's nuclei.
     labels = np.zeros((200, 200), np.uint16)
-    for index, (top, left) in enumerate((t, l) for t in range(3, 200, 12) for l in range(3, 200, 12)):
+    for index, (top, left) in enumerate((t, c) for t in range(3, 200, 12) for c in range(3, 200, 12)):
         labels[top:top + 6, left:left + 6] = index + 1
     image = np.zeros((200, 200, 3), np.uint8)
     image[..., 0] = (labels > 0) * 255
@@ -607,7 +606,7 @@ def _square_nuclei(side: int, step: int, size: int = 200):
     """Instance labels of ``side`` x ``side`` squares on a ``step`` px grid, and an image whose red channel
     marks them."""
     labels = np.zeros((size, size), np.uint16)
-    for index, (top, left) in enumerate((t, l) for t in range(3, size - side, step) for l in range(3, size - side, step)):
+    for index, (top, left) in enumerate((t, c) for t in range(3, size - side, step) for c in range(3, size - side, step)):
         labels[top:top + side, left:left + side] = index + 1
     image = np.zeros((size, size, 3), np.uint8)
     image[..., 0] = (labels > 0) * 255
@@ -639,7 +638,7 @@ def test_patches_at_a_nucleus_diameter_bring_every_image_to_it():
             assert patch.shape == (32, 32, 3) and target.shape == (32, 32, 1)
             rows = np.flatnonzero((target[..., 0] > 0).any(axis=1))
             runs = np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1)
-            widths[diameter is not None] += [len(r) for r in runs if len(r) and 0 < r[0] and r[-1] < 31]
+            widths[diameter is not None] += [len(r) for r in runs if len(r) and r[0] > 0 and r[-1] < 31]
     assert set(widths[0]) == {6, 12}, "native scale: the nuclei as drawn"
     assert min(widths[1]) >= 7 and max(widths[1]) <= 9, f"normalised sizes {sorted(set(widths[1]))}"
 
@@ -859,5 +858,5 @@ def test_read_image_errors_are_data_errors(tmp_path):
     with pytest.raises(core.DataError, match="decode"):
         core.read_image(tmp_path / "empty.png")
     (tmp_path / "junk.png").write_bytes(os.urandom(64))
-    with pytest.raises(core.DataError, match="junk.png"):
+    with pytest.raises(core.DataError, match=r"junk\.png"):
         core.read_mask(tmp_path / "junk.png")

@@ -90,7 +90,7 @@ def _launch(args: list[str], cwd, ports: list[int], timeout: int) -> list[subpro
         for index in range(len(ports)):
             env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2",
                    "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
-            logs.append(tempfile.TemporaryFile("w+"))
+            logs.append(tempfile.TemporaryFile("w+"))  # noqa: SIM115 (closed when the workers are done, below)
             workers.append(subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=logs[-1],
                                             stderr=subprocess.STDOUT, text=True))
         deadline = time.monotonic() + timeout

@@ -10,7 +10,7 @@ from conftest import ROOT, run_main
 from unet_nuclei import evaluation
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import evaluate_real  # noqa: E402
+import evaluate_real
 
 
 def _kinds(counts):

@@ -292,7 +292,7 @@ def test_a_read_only_output_folder_as_an_unprivileged_user(quick_run, images):
     if os.geteuid() != 0 or setpriv is None:
         pytest.skip("needs root and setpriv to run as an unprivileged user")
     user = [setpriv, "--reuid", "65534", "--regid", "65534", "--clear-groups"]
-    if subprocess.run(user + [sys.executable, "-c", "import keras"], capture_output=True).returncode != 0:
+    if subprocess.run([*user, sys.executable, "-c", "import keras"], capture_output=True).returncode != 0:
         pytest.skip(f"the unprivileged user cannot run {sys.executable} (its folder is private to root)")
     work, run, _ = quick_run
     shared = tempfile.mkdtemp()
@@ -300,8 +300,7 @@ def test_a_read_only_output_folder_as_an_unprivileged_user(quick_run, images):
         os.chmod(shared, 0o755)  # readable by everyone, writable only by root
         shutil.copytree(run, f"{shared}/run")
         shutil.copytree(images, f"{shared}/in")
-        result = subprocess.run(user + [sys.executable, str(ROOT / "Predict_mask.py"), f"{shared}/in", "--model",
-                                        f"{shared}/run", "--out", shared], capture_output=True, text=True,
+        result = subprocess.run([*user, sys.executable, str(ROOT / "Predict_mask.py"), f"{shared}/in", "--model", f"{shared}/run", "--out", shared], capture_output=True, text=True,
                                 env={**os.environ, "PYTHONPATH": str(ROOT), "HOME": shared})
         assert result.returncode == 2 and no_traceback(result.stderr), result.stderr
         assert "--out" in result.stderr and "no permission" in result.stderr

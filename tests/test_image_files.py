@@ -19,9 +19,8 @@ from skimage import draw, filters
 import Predict_mask
 import unet_model_core as core
 from conftest import run_main
-from unet_nuclei import cache, formats, image_files, training
+from unet_nuclei import cache, formats, image_files, segmenter, training
 from unet_nuclei import predict as predicting
-from unet_nuclei import segmenter
 
 # --------------------------------------------------------------------------------------------------
 # The known answer
@@ -186,7 +185,7 @@ def test_a_two_channel_imagej_file_is_refused_without_a_channel_and_gives_the_nu
     assert_same_nuclei(model_input(path, channel=1), reference, truth)
     # The other stain is what the issue saw segmented: it shows other things than the nuclei.
     assert overlap(nuclei_of(model_input(path, channel=0)), truth) < 0.5
-    with pytest.raises(core.DataError, match="--channel 2.*2 channels"):
+    with pytest.raises(core.DataError, match=r"--channel 2.*2 channels"):
         core.read_image(path, 2)
 
 
@@ -214,7 +213,7 @@ def test_rgb_keeps_working_and_a_channel_of_it_is_one_colour(tmp_path, scene, re
     for name in ("rgb.png", "rgb.tif"):
         np.testing.assert_array_equal(core.read_image(tmp_path / name), rgb)  # colour as it always was
         assert_same_nuclei(model_input(tmp_path / name, channel=2), reference, truth)  # blue
-    with pytest.raises(core.DataError, match="--channel 3.*3 channels"):
+    with pytest.raises(core.DataError, match=r"--channel 3.*3 channels"):
         core.read_image(tmp_path / "rgb.png", 3)
     with pytest.raises(core.DataError, match="one channel"):
         core.read_image(tmp_path / "reference.png", 1)
@@ -271,7 +270,7 @@ def test_a_z_stack_is_read_plane_by_plane_and_its_projection_has_every_nucleus(t
     assert not projected.is_stack and len(projected) == 1
     assert any("projection" in note and "5 z-planes" in note for note in projected.notes)
     assert_same_nuclei(core.preprocess_image(projected.rgb(0), "grey")[..., 0], reference, truth)
-    with pytest.raises(core.DataError, match="5 z-planes.*Predict_mask.py"):
+    with pytest.raises(core.DataError, match=r"5 z-planes.*Predict_mask\.py"):
         core.read_image(tmp_path / "stack.tif")  # one plane per training image, and it says so
 
 

@@ -1,8 +1,8 @@
 """Known-answer tests for the Dice/IoU math, and each loss actually trains."""
+import keras
 import numpy as np
 import pytest
 
-import keras
 import unet_model_core as core
 
 EPS = 1e-9  # a vanishing smoothing term, so the values below are the exact set ratios

@@ -146,7 +146,7 @@ def test_measurements_are_written_whole_and_never_replace_a_file(tmp_path):
     assert cv2.imread(str(tmp_path / "summary.png")) is not None
     # A second write refuses, naming the file, and leaves every file as it was.
     before = {p.name: p.read_bytes() for p in written}
-    with pytest.raises(FileExistsError, match="nuclei.csv.*--overwrite"):
+    with pytest.raises(FileExistsError, match=r"nuclei\.csv.*--overwrite"):
         collected.write(tmp_path)
     assert {p.name: p.read_bytes() for p in written} == before
     # One image gives no figure.

@@ -1,8 +1,8 @@
 """The U-Net builder: shapes, parameter counts, size validation, blocks and a save/load round trip."""
+import keras
 import numpy as np
 import pytest
 
-import keras
 import unet_model_core as core
 
 
@@ -72,9 +72,9 @@ def test_unpadded_up_block_centre_crops_the_skip_map():
 
 def test_batch_norm_and_dropout_are_off_by_default_and_can_be_switched_on():
     plain = core.build_unet((32, 32, 3), channels=(4, 8))
-    assert not any(isinstance(l, (keras.layers.BatchNormalization, keras.layers.Dropout)) for l in plain.layers)
+    assert not any(isinstance(c, (keras.layers.BatchNormalization, keras.layers.Dropout)) for c in plain.layers)
     extra = core.build_unet((32, 32, 3), channels=(4, 8), batch_norm=True, dropout=0.2)
-    kinds = {type(l) for l in extra.layers}
+    kinds = {type(c) for c in extra.layers}
     assert keras.layers.BatchNormalization in kinds and keras.layers.Dropout in kinds
 
 

@@ -69,7 +69,8 @@ def test_labels_rle_and_scores_on_a_dsb_folder(quick_run, tiny_dataset, tmp_path
         # Decoding the CSV gives back exactly the labelled nuclei.
         decoded = sum((rle_decode(e, labels.shape) for e in encoded if e), np.zeros(labels.shape, np.uint8))
         assert np.array_equal(decoded > 0, labels > 0) and decoded.max() <= 1
-    scores = list(csv.reader(open(out / "scores.csv")))
+    with open(out / "scores.csv") as handle:
+        scores = list(csv.reader(handle))
     assert scores[0][-4:] == ["dice", "iou", "dsb_score", "ap50"] and scores[-1][0] == "mean" and len(scores) == len(ids) + 2
     assert "6 scored images" in stdout
 

@@ -63,7 +63,7 @@ def test_which_model_a_command_uses(quick_run, tmp_path):
     assert where == run / "model.keras"
     with pytest.raises(FileNotFoundError, match="dsb2018"):  # the shipped names
         pretrained.resolve_model("dsb2019", empty, shipped)
-    with pytest.raises(FileNotFoundError, match="python Train.py"):
+    with pytest.raises(FileNotFoundError, match=r"python Train\.py"):
         pretrained.resolve_model(None, empty, tmp_path / "nothing")
 
 

@@ -39,7 +39,7 @@ def test_imports_run_one_way_from_the_package_to_the_core():
 
 def test_ci_runs_exactly_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
-    ci_lines = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l and not l.startswith(("#", "set ", "cd "))]
+    ci_lines = [c for c in (ROOT / ".ci" / "run").read_text().splitlines() if c and not c.startswith(("#", "set ", "cd "))]
     assert len(ci_lines) == 1
     assert ci_lines[0] in readme
 

@@ -51,9 +51,9 @@ def test_resuming_may_not_move_the_stage_boundary_under_a_run():
     saved = core.Config(epochs=4, nucleus_epochs=2)
     stages.check_resume(saved, saved, 5, "runs/r")  # in the second stage, same epochs: fine
     stages.check_resume(saved, core.Config(epochs=6, nucleus_epochs=2), 3, "runs/r")  # first stage, more
-    with pytest.raises(ValueError, match="second stage.*--epochs"):
+    with pytest.raises(ValueError, match=r"second stage.*--epochs"):
         stages.check_resume(saved, core.Config(epochs=8, nucleus_epochs=2), 5, "runs/r")
-    with pytest.raises(ValueError, match="3 epochs.*--epochs 3"):
+    with pytest.raises(ValueError, match=r"3 epochs.*--epochs 3"):
         stages.check_resume(saved, core.Config(epochs=2, nucleus_epochs=2), 3, "runs/r")
 
 

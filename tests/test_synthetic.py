@@ -16,10 +16,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import unet_model_core as core  # noqa: E402
+from conftest import snapshot  # noqa: E402
 from unet_nuclei import synthetic  # noqa: E402
 from unet_nuclei.synthetic import MODALITY_WEIGHTS, generate_sample, write_synthetic_dataset  # noqa: E402
-
-from conftest import snapshot  # noqa: E402
 
 SMALL_SIZES = [(64, 64), (48, 80), (96, 96)]
 MODALITIES = sorted(MODALITY_WEIGHTS)
@@ -160,7 +159,7 @@ def test_two_processes_generating_the_sample_at_once_both_succeed(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     runs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [run.communicate(timeout=300) + (run.returncode,) for run in runs]
+    results = [(*run.communicate(timeout=300), run.returncode) for run in runs]
     assert all(status == 0 for _, _, status in results), results
     folder = synthetic.sample_dataset_dir(6, 0, tmp_path)
     assert {out.strip() for out, _, _ in results} == {str(folder)}

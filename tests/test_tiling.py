@@ -11,7 +11,6 @@ import pytest
 
 from unet_nuclei.tiling import blend_window, predict_tiled, tile_positions
 
-
 RNG_SEED = 1234
 CHANNEL_WEIGHTS = np.array([[0.8, -1.3], [-0.5, 0.7], [1.1, 0.4]], dtype=np.float32)
 CHANNEL_BIAS = np.array([0.1, -0.2], dtype=np.float32)
@@ -151,7 +150,7 @@ def test_blend_window_has_floor_for_large_tiles():
 def test_pointwise_model_matches_full_image(shape, tile_size, overlap):
     image = random_image(*shape)
     tiled = predict_tiled(pointwise, image, tile_size, overlap=overlap, batch_size=5)
-    assert tiled.shape == shape + (2,)
+    assert tiled.shape == (*shape, 2)
     assert tiled.dtype == np.float32
     np.testing.assert_allclose(tiled, pointwise(image), atol=1e-5, rtol=0)
 
@@ -195,7 +194,7 @@ def test_valid_mode_pointwise_exact(shape, tile_size, output_size, overlap):
 
     image = random_image(*shape)
     tiled = predict_tiled(valid_pointwise, image, tile_size, output_size, overlap)
-    assert tiled.shape == shape + (2,)
+    assert tiled.shape == (*shape, 2)
     np.testing.assert_allclose(tiled, pointwise(image), atol=1e-6, rtol=0)
 
 
@@ -369,7 +368,7 @@ def blend_reference(image, tile_size, overlap, tile_values):
     weights = np.zeros((height, width), np.float32)
     window = blend_window(tile_size)
     tops, lefts = tile_positions(height, tile_size, overlap), tile_positions(width, tile_size, overlap)
-    for index, (top, left) in enumerate((t, l) for t in tops for l in lefts):
+    for index, (top, left) in enumerate((t, c) for t in tops for c in lefts):
         rows, cols = min(tile_size, height - top), min(tile_size, width - left)
         tile = image[top:top + rows, left:left + cols] + tile_values[index]
         total[top:top + rows, left:left + cols] += tile * window[:rows, :cols, None]

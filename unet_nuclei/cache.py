@@ -25,8 +25,8 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -122,7 +122,7 @@ def _read_entry(entry: Path) -> tuple[list[LoadedSample], list[tuple[str, str]]]
     return loaded, [tuple(p) for p in index["problems"]]
 
 
-def load_folder(data_dir, progress: bool = True, root: Path | None | str = "default",
+def load_folder(data_dir, progress: bool = True, root: Path | str | None = "default",
                 desc: str = "Decoding images and masks",
                 channel: int | None = None) -> tuple[list[LoadedSample], list[tuple[str, str]], str]:
     """Every sample of a dataset folder, decoded: from the cache when it holds this exact folder, else

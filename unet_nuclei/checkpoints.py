@@ -115,7 +115,7 @@ class HistoryLog(keras.callbacks.Callback):
         if not _good_epoch(self.model, logs):
             return
         self.rows.append({"epoch": epoch, **{k: float(v) for k, v in logs.items()}})
-        keys = ["epoch"] + sorted({k for row in self.rows for k in row} - {"epoch"})
+        keys = ["epoch", *sorted({k for row in self.rows for k in row} - {"epoch"})]
         files.write_csv(self.path, [keys] + [[int(row["epoch"])] + [row.get(k, "") for k in keys[1:]]
                                              for row in self.rows])
 

@@ -10,10 +10,10 @@ that is four-fifths fluorescence hides how a model does on stained tissue.
 from __future__ import annotations
 
 import dataclasses
-import math
 import hashlib
+import math
 import time
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm

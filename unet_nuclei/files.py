@@ -14,8 +14,8 @@ import errno
 import io
 import os
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import cv2
 import numpy as np
@@ -91,11 +91,10 @@ def _write(handle, data: bytes) -> None:
 
 def write_bytes(path, data: bytes, overwrite: bool = True) -> Path:
     """Write ``data`` to ``path`` whole or not at all."""
-    with replacing(path, overwrite) as temporary:
-        with open(temporary, "wb") as handle:
-            _write(handle, bytes(data))
-            handle.flush()
-            os.fsync(handle.fileno())
+    with replacing(path, overwrite) as temporary, open(temporary, "wb") as handle:
+        _write(handle, bytes(data))
+        handle.flush()
+        os.fsync(handle.fileno())
     return Path(path)
 
 

@@ -10,7 +10,7 @@ them for one image (``Scores``) and ``mean_scores`` averages them over images.  
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -8,9 +8,8 @@ has saved these.  ``save`` writes a figure to a PNG; in a notebook, ``display(fi
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
-
 from typing import TYPE_CHECKING
 
 import numpy as np

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -186,7 +186,7 @@ class PostProcessing:
     min_confidence: float = 0.0  # smallest mean nucleus probability of a nucleus (0: keep every one)
 
     @classmethod
-    def of(cls, config) -> "PostProcessing":
+    def of(cls, config) -> PostProcessing:
         """The post-processing a run's ``Config`` holds."""
         return cls(config.threshold, config.marker_threshold, config.min_nucleus_size, config.min_confidence)
 

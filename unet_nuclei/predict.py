@@ -14,14 +14,23 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from unet_model_core import (IMAGE_EXTENSIONS, DataError, Sample, find_samples, is_image_file, is_stray, mask_stem,
-                             read_image, read_instance_labels)
+from unet_model_core import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    Sample,
+    find_samples,
+    is_image_file,
+    is_stray,
+    mask_stem,
+    read_image,
+    read_instance_labels,
+)
 from unet_nuclei import files
 from unet_nuclei.formats import write_label_png, write_label_tiff
 from unet_nuclei.image_files import ImageFile, open_image

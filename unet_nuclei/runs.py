@@ -22,8 +22,8 @@ from pathlib import Path
 
 from unet_model_core import Config, DataError, Sample, find_samples
 from unet_nuclei import files, synthetic
-from unet_nuclei.pretrained import resolve_model, run_and_model_file
 from unet_nuclei.checkpoints import CONFIG_FILE, LAST_FILE, MODEL_FILE, STATE_FILE, read_json
+from unet_nuclei.pretrained import resolve_model, run_and_model_file
 from unet_nuclei.stages import total_epochs
 
 DEFAULT_RUNS_DIR = "runs"

@@ -19,27 +19,54 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from unet_model_core import (DEFAULT_DATA_DIR, Config, DataError, LoadedSample, build_unet_from_config, compile_unet, make_datasets)
+from unet_model_core import (
+    DEFAULT_DATA_DIR,
+    Config,
+    DataError,
+    LoadedSample,
+    build_unet_from_config,
+    compile_unet,
+    make_datasets,
+)
 from unet_nuclei import cache, devices, files, plots, synthetic
 from unet_nuclei.cache import report_problems
-from unet_nuclei.checkpoints import (CONFIG_FILE, CURVES_FILE, HISTORY_FILE, LAST_FILE, MODEL_FILE, STATE_FILE,
-                                     VAL_FIGURE_FILE, HistoryLog, RunCheckpoint, StopOnNaN,
-                                     read_history, read_json, saved_epoch)
-from unet_nuclei.devices import configure_devices, get_strategy, set_precision  # noqa: F401
+from unet_nuclei.checkpoints import (
+    CONFIG_FILE,
+    CURVES_FILE,
+    HISTORY_FILE,
+    LAST_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    VAL_FIGURE_FILE,
+    HistoryLog,
+    RunCheckpoint,
+    StopOnNaN,
+    read_history,
+    read_json,
+    saved_epoch,
+)
+from unet_nuclei.devices import configure_devices, get_strategy, set_precision
 from unet_nuclei.finetune import copy_weights
-from unet_nuclei.pretrained import sha256
 from unet_nuclei.multiworker import fit_distributed, is_chief
-from unet_nuclei.postprocess import (CONFIDENCE_GRID, MARKER_GRID, MIN_SIZE_GRID, THRESHOLD_GRID,
-                                     choose_post_processing)
-from unet_nuclei.runs import (DEFAULT_RUNS_DIR, LATEST_FILE, find_run, new_run_dir, read_run_config, validation_samples,
-                              write_config, write_learned)
+from unet_nuclei.postprocess import CONFIDENCE_GRID, MARKER_GRID, MIN_SIZE_GRID, THRESHOLD_GRID, choose_post_processing
+from unet_nuclei.pretrained import sha256
+from unet_nuclei.runs import (
+    DEFAULT_RUNS_DIR,
+    LATEST_FILE,
+    find_run,
+    new_run_dir,
+    read_run_config,
+    validation_samples,
+    write_config,
+    write_learned,
+)
 from unet_nuclei.segmenter import Prediction, Segmenter
 from unet_nuclei.stages import check_resume, describe, describe_stage, total_epochs, training_stages
 

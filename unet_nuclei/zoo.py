@@ -30,8 +30,16 @@ import numpy as np
 
 from unet_model_core import Config
 from unet_nuclei import files
-from unet_nuclei.export import (INPUT_NAME, ONNX_FILE, ONNX_TOLERANCE, OUTPUT_NAME, ExportError, class_names,
-                                onnx_opset, onnx_predict)
+from unet_nuclei.export import (
+    INPUT_NAME,
+    ONNX_FILE,
+    ONNX_TOLERANCE,
+    OUTPUT_NAME,
+    ExportError,
+    class_names,
+    onnx_opset,
+    onnx_predict,
+)
 from unet_nuclei.plots import draw_outlines
 from unet_nuclei.postprocess import MIN_MARKER_SIZE, PostProcessing
 
