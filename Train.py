@@ -10,6 +10,7 @@ Every flag but the run's own (--runs-dir, --name, --resume, --init, --quick, --c
 ``unet_model_core.Config``, its help and default from there; ``python Train.py --help`` lists them.
 The work is ``unet_nuclei.training.train``; this script only parses flags and reports.
 """
+
 import argparse
 import sys
 import types
@@ -17,11 +18,15 @@ import typing
 
 import unet_model_core as core
 
-DESCRIPTION = ("Train a U-Net to segment cell nuclei. With no flags, trains on dataset/stage1_train (the DSB-2018 "
-               "data) when it exists, otherwise on a built-in synthetic sample, and saves the run to "
-               "runs/<timestamp>/.")
-EPILOG = ("A run folder holds model.keras, config.json, history.csv, training_curves.png and val_predictions.png; "
-          "Predict_mask.py uses the newest run unless told otherwise.")
+DESCRIPTION = (
+    "Train a U-Net to segment cell nuclei. With no flags, trains on dataset/stage1_train (the DSB-2018 "
+    "data) when it exists, otherwise on a built-in synthetic sample, and saves the run to "
+    "runs/<timestamp>/."
+)
+EPILOG = (
+    "A run folder holds model.keras, config.json, history.csv, training_curves.png and val_predictions.png; "
+    "Predict_mask.py uses the newest run unless told otherwise."
+)
 
 
 def config_flags() -> dict:
@@ -74,29 +79,47 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults) -> dict:
 def build_parser(defaults=None) -> argparse.ArgumentParser:
     """The flags: one per ``Config`` field with a group (their help showing ``defaults``, by default
     ``Config()``'s), and the script's own."""
-    parser = argparse.ArgumentParser(description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     groups = add_config_flags(parser, core.Config() if defaults is None else defaults)
     groups["training"].add_argument(
-        "--cpu-devices", type=int, default=0, metavar="N",
+        "--cpu-devices",
+        type=int,
+        default=0,
+        metavar="N",
         help="split the CPU into N logical devices and train data-parallel over them (tests the multi-device "
-             "path without GPUs; several GPUs are used automatically)")
+        "path without GPUs; several GPUs are used automatically)",
+    )
     run = parser.add_argument_group("run")
     run.add_argument("--runs-dir", default="runs", metavar="DIR", help="where run folders go (default: runs)")
-    run.add_argument("--name", metavar="NAME", help="run folder name (default: the date and time); "
-                     "an existing folder is never overwritten, a suffix is added")
-    run.add_argument("--resume", metavar="RUN", help="continue an interrupted run (its name or folder) from its "
-                     "last good checkpoint; architecture and data come from the run, which keeps its own "
-                     "epoch count unless --epochs is given; a new --lr restarts the optimizer at that rate")
-    run.add_argument("--init", metavar="MODEL",
-                     help="fine-tune: start from this model's weights instead of random ones; MODEL is a shipped "
-                          "model (dsb2018), a run name or folder, or a model.keras. Architecture, preprocessing "
-                          "and targets come from it (conflicting flags are refused); its patch size, nucleus "
-                          "scale and loss are the defaults; the schedule defaults to a fine-tuning one "
-                          "(--epochs 10, --nucleus-epochs 2, --lr 0.0002), with a fresh optimizer and the "
-                          "post-processing chosen again on your validation images")
-    run.add_argument("--quick", action="store_true",
-                     help="smoke run: tiny sample, small model, one short epoch (other flags still apply)")
+    run.add_argument(
+        "--name",
+        metavar="NAME",
+        help="run folder name (default: the date and time); an existing folder is never overwritten, a suffix is added",
+    )
+    run.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue an interrupted run (its name or folder) from its "
+        "last good checkpoint; architecture and data come from the run, which keeps its own "
+        "epoch count unless --epochs is given; a new --lr restarts the optimizer at that rate",
+    )
+    run.add_argument(
+        "--init",
+        metavar="MODEL",
+        help="fine-tune: start from this model's weights instead of random ones; MODEL is a shipped "
+        "model (dsb2018), a run name or folder, or a model.keras. Architecture, preprocessing "
+        "and targets come from it (conflicting flags are refused); its patch size, nucleus "
+        "scale and loss are the defaults; the schedule defaults to a fine-tuning one "
+        "(--epochs 10, --nucleus-epochs 2, --lr 0.0002), with a fresh optimizer and the "
+        "post-processing chosen again on your validation images",
+    )
+    run.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: tiny sample, small model, one short epoch (other flags still apply)",
+    )
     return parser
 
 
@@ -151,9 +174,16 @@ def main(argv=None) -> int:
         config = config_from_args(args, core, init_config)
         print("Configuration:", ", ".join(f"{k}={v}" for k, v in config.to_dict().items()), flush=True)
         # On resume only the flags given again count (a plain --resume keeps the run's own epochs).
-        result = training.train(config, runs_root=args.runs_dir, run_name=args.name, resume=args.resume,
-                                cpu_devices=args.cpu_devices, progress=True, changes=overrides_from_args(args),
-                                init_model=init_model)
+        result = training.train(
+            config,
+            runs_root=args.runs_dir,
+            run_name=args.name,
+            resume=args.resume,
+            cpu_devices=args.cpu_devices,
+            progress=True,
+            changes=overrides_from_args(args),
+            init_model=init_model,
+        )
     except KeyboardInterrupt as error:
         # Exit status 1, as for any run that did not finish; the message says what exists.
         print(f"\nInterrupted: {error or 'before training started; nothing new was saved'}.", file=sys.stderr)

@@ -155,8 +155,9 @@ def stretch_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
     uint8, in bands so that a large image never needs a float64 copy of itself."""
     out = np.empty(values.shape, np.uint8)
     scale = 255.0 / (high - low)
-    for band, target in zip(np.array_split(values, max(1, -(-len(values) // 512))),
-                            np.array_split(out, max(1, -(-len(out) // 512)))):
+    for band, target in zip(
+        np.array_split(values, max(1, -(-len(values) // 512))), np.array_split(out, max(1, -(-len(out) // 512)))
+    ):
         band = np.nan_to_num(band.astype(np.float64), nan=low, posinf=high, neginf=low)
         target[...] = np.clip((band - low) * scale, 0, 255).round()
     return out
@@ -180,7 +181,9 @@ def to_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
     elif image.dtype != np.uint8:
         if np.issubdtype(image.dtype, np.floating) and image.size and not np.isfinite(image).any():
             raise DataError(f"{name}: every pixel is NaN or infinite, so there is nothing to segment")
-        colour = image[:, :, :3] if image.ndim == 3 and image.shape[2] >= 3 else image[..., :1] if image.ndim == 3 else image
+        colour = (
+            image[:, :, :3] if image.ndim == 3 and image.shape[2] >= 3 else image[..., :1] if image.ndim == 3 else image
+        )
         image = stretch_to_uint8(image, *percentile_range(colour))
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
@@ -234,7 +237,7 @@ class DecodedImage:
         """The planes one after another: P x H x W, or P x H x W x S for colour (C must be resolved)."""
         if "C" in self.axes:
             raise ValueError("choose a channel (choose_channel) before taking the planes")
-        return self.pixels.reshape(self.plane_count, *self.pixels.shape[len(self.plane_axes):])
+        return self.pixels.reshape(self.plane_count, *self.pixels.shape[len(self.plane_axes) :])
 
 
 def _tiff_channel_names(tiff: tifffile.TiffFile) -> tuple[str, ...]:
@@ -257,11 +260,14 @@ def _tiff_pages_by_opencv(path: Path, shape: tuple[int, ...], axes: str, error: 
     with the optional imagecodecs package (LZW, which OpenCV itself writes, JPEG).  Colour samples come
     in OpenCV's order (blue first).  ``error`` is tifffile's, for the message when OpenCV fails too."""
     ok, pages = cv2.imreadmulti(str(path), flags=cv2.IMREAD_UNCHANGED)
-    page_shape = tuple(shape[axes.index("Y"):])
-    count = int(np.prod(shape[:axes.index("Y")]))
+    page_shape = tuple(shape[axes.index("Y") :])
+    count = int(np.prod(shape[: axes.index("Y")]))
     if not ok or len(pages) < count or any(p.shape != page_shape for p in pages[:count]):
-        hint = (" (pip install imagecodecs reads it)" if "imagecodecs" in str(error)
-                else ": the file may be damaged or cut short")
+        hint = (
+            " (pip install imagecodecs reads it)"
+            if "imagecodecs" in str(error)
+            else ": the file may be damaged or cut short"
+        )
         raise DataError(f"{path}: this TIFF could not be decoded ({error}){hint}")
     return np.stack(pages[:count]).reshape(shape)
 
@@ -294,17 +300,24 @@ def _decode_tiff(path: Path) -> DecodedImage | None:
     if "S" in axes:
         samples = shape[axes.index("S")]
         colour = (page.photometric == tifffile.PHOTOMETRIC.RGB and samples in (3, 4)) or (
-            samples == 2 and extra[:1] in ((1,), (2,)))  # grey + alpha
+            samples == 2 and extra[:1] in ((1,), (2,))
+        )  # grey + alpha
         if not colour:
             axes = axes.replace("S", "C")  # extra samples that are not colour: channels, chosen by --channel
         elif samples >= 3 and not opencv_order:
             pixels = pixels[..., [2, 1, 0, 3][:samples]]  # RGB(A) -> OpenCV's BGR(A), as for every format
     # Move C right before Y and X, drop the axes of length 1, keep the order of the plane axes.
-    order = [i for i, a in enumerate(axes) if a not in "CYXS"] + [i for a in "CYXS" for i, b in enumerate(axes) if a == b]
+    order = [i for i, a in enumerate(axes) if a not in "CYXS"] + [
+        i for a in "CYXS" for i, b in enumerate(axes) if a == b
+    ]
     pixels, axes = np.transpose(pixels, order), "".join(axes[i] for i in order)
     keep = [i for i, a in enumerate(axes) if pixels.shape[i] > 1 or a in "YX"]
-    return DecodedImage(pixels.reshape([pixels.shape[i] for i in keep]), "".join(axes[i] for i in keep),
-                        names if "C" in axes else (), others)
+    return DecodedImage(
+        pixels.reshape([pixels.shape[i] for i in keep]),
+        "".join(axes[i] for i in keep),
+        names if "C" in axes else (),
+        others,
+    )
 
 
 def decode_image(path) -> DecodedImage:
@@ -336,33 +349,47 @@ def choose_channel(image: DecodedImage, channel: int | None, name: str = "image"
     axes, pixels = image.axes, image.pixels
     if channel is not None and (int(channel) != channel or channel < 0):
         raise DataError(f"--channel {channel}: give a channel number, 0 for the first")
-    if "C" not in axes and channel is not None and "S" not in axes and len(image.plane_axes) == 1 \
-            and image.plane_axes in "QI":
+    if (
+        "C" not in axes
+        and channel is not None
+        and "S" not in axes
+        and len(image.plane_axes) == 1
+        and image.plane_axes in "QI"
+    ):
         axes = axes.replace(image.plane_axes, "C")  # unnamed pages, taken as channels since one is asked for
     if "C" in axes:
         count = pixels.shape[axes.index("C")]
         listing = _channel_list(image.channel_names, count)
         if channel is None:
-            raise DataError(f"{name} has {count} channels ({listing}); the model segments one nuclear stain "
-                            f"at a time: choose it with --channel N (0-based, 0 to {count - 1})")
+            raise DataError(
+                f"{name} has {count} channels ({listing}); the model segments one nuclear stain "
+                f"at a time: choose it with --channel N (0-based, 0 to {count - 1})"
+            )
         if channel >= count:
-            raise DataError(f"{name}: --channel {channel} does not exist; the file has {count} channels "
-                            f"({listing}), numbered from 0")
-        return DecodedImage(np.take(pixels, int(channel), axis=axes.index("C")), axes.replace("C", ""),
-                            other_series=image.other_series)
+            raise DataError(
+                f"{name}: --channel {channel} does not exist; the file has {count} channels "
+                f"({listing}), numbered from 0"
+            )
+        return DecodedImage(
+            np.take(pixels, int(channel), axis=axes.index("C")), axes.replace("C", ""), other_series=image.other_series
+        )
     if channel is None:
         return image
     if "S" in axes:
         count = pixels.shape[-1]
         colours = ("grey", "alpha") if count == 2 else ("red", "green", "blue", "alpha")[:count]
         if channel >= count:
-            raise DataError(f"{name}: --channel {channel} does not exist; the colour image has {count} "
-                            f"channels ({', '.join(f'{i} {c}' for i, c in enumerate(colours))})")
+            raise DataError(
+                f"{name}: --channel {channel} does not exist; the colour image has {count} "
+                f"channels ({', '.join(f'{i} {c}' for i, c in enumerate(colours))})"
+            )
         stored = ([0, 1] if count == 2 else [2, 1, 0, 3])[int(channel)]  # OpenCV's order: blue first
         return DecodedImage(np.ascontiguousarray(pixels[..., stored]), axes[:-1], other_series=image.other_series)
     if channel != 0:
-        raise DataError(f"{name} is a grey image with one channel, so --channel {channel} does not exist "
-                        f"(use --channel 0, or leave it out)")
+        raise DataError(
+            f"{name} is a grey image with one channel, so --channel {channel} does not exist "
+            f"(use --channel 0, or leave it out)"
+        )
     return image
 
 
@@ -379,9 +406,11 @@ def read_image(path, channel: int | None = None) -> np.ndarray:
     image = choose_channel(decode_image(path), channel, str(path))
     if image.plane_axes:
         sizes = [image.pixels.shape[image.axes.index(a)] for a in image.plane_axes]
-        raise DataError(f"{path} holds {describe_axes(image.plane_axes, sizes)}; one plane per image is read "
-                        f"here (Predict_mask.py segments each plane, or with --project max their projection): "
-                        f"save the plane you want as an image of its own")
+        raise DataError(
+            f"{path} holds {describe_axes(image.plane_axes, sizes)}; one plane per image is read "
+            f"here (Predict_mask.py segments each plane, or with --project max their projection): "
+            f"save the plane you want as an image of its own"
+        )
     return to_rgb_uint8(image.pixels, name=str(path))
 
 
@@ -421,19 +450,20 @@ def read_instance_labels(mask_paths: Sequence, shape: tuple[int, int], layout: s
     if layout == "pairs":
         raw = _read_mask_file(Path(mask_paths[0]))
         if raw.shape[:2] != tuple(shape):
-            raise DataError(f"{mask_paths[0]}: mask is {raw.shape[1]}x{raw.shape[0]} but its image is "
-                            f"{shape[1]}x{shape[0]}")
+            raise DataError(
+                f"{mask_paths[0]}: mask is {raw.shape[1]}x{raw.shape[0]} but its image is {shape[1]}x{shape[0]}"
+            )
         if raw.ndim == 2 and raw.dtype != np.uint8 and np.issubdtype(raw.dtype, np.integer) and len(np.unique(raw)) > 2:
             if raw.min() < 0 or raw.max() > np.iinfo(np.uint16).max:
-                raise DataError(f"{mask_paths[0]}: a label image needs labels from 0 to 65,535, found "
-                                f"{raw.min()} to {raw.max()}")
+                raise DataError(
+                    f"{mask_paths[0]}: a label image needs labels from 0 to 65,535, found {raw.min()} to {raw.max()}"
+                )
             return raw.astype(np.uint16)
         return cv2.connectedComponents(_binary(raw).astype(np.uint8), connectivity=8)[1].astype(np.uint16)
     for index, path in enumerate(mask_paths, start=1):
         mask = read_mask(path)
         if mask.shape != tuple(shape):
-            raise DataError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                            f"{shape[1]}x{shape[0]}")
+            raise DataError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {shape[1]}x{shape[0]}")
         labels[mask] = index
     return labels
 
@@ -459,8 +489,13 @@ def _pairs_samples(root: Path, require_masks: bool) -> tuple[list[Sample], list[
         if not is_image_file(path):
             problems.append((path.name, "not an image file (skipped)"))
         elif path.stem in duplicates:
-            problems.append((path.stem, f"several masks in {masks_dir} ({', '.join(duplicates[path.stem])}): "
-                                        f"keep one, so it is clear which is right"))
+            problems.append(
+                (
+                    path.stem,
+                    f"several masks in {masks_dir} ({', '.join(duplicates[path.stem])}): "
+                    f"keep one, so it is clear which is right",
+                )
+            )
         elif path.stem in masks:
             samples.append(Sample(path.stem, path, (masks[path.stem],), "pairs"))
         elif require_masks:
@@ -507,7 +542,8 @@ def find_samples(data_dir, require_masks: bool = True) -> tuple[list[Sample], li
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root}")
     is_pairs = (root / "images").is_dir() and not any(
-        (child / "images").is_dir() for child in root.iterdir() if child.is_dir())
+        (child / "images").is_dir() for child in root.iterdir() if child.is_dir()
+    )
     samples, problems = (_pairs_samples if is_pairs else _dsb_samples)(root, require_masks)
     if not samples:
         # Point at a real problem in the hint, not at a .DS_Store that happens to sort first.
@@ -516,7 +552,8 @@ def find_samples(data_dir, require_masks: bool = True) -> tuple[list[Sample], li
             f"no usable sample in {root}. Expected either the DSB-2018 layout "
             f"(<folder>/<id>/images/<id>.png with one PNG per nucleus in <folder>/<id>/masks/) or "
             f"<folder>/images/<name>.png with a matching binary mask <folder>/masks/<name>.png"
-            + (f"; {len(problems)} entries were skipped, first: {real[0][0]}: {real[0][1]}" if problems else ""))
+            + (f"; {len(problems)} entries were skipped, first: {real[0][0]}: {real[0][1]}" if problems else "")
+        )
     return samples, problems
 
 
@@ -529,17 +566,22 @@ def _load_one(sample: Sample, channel: int | None = None) -> LoadedSample:
     return LoadedSample(sample.sample_id, image, labels)
 
 
-def load_samples(samples: Sequence[Sample], progress: bool = True, workers: int | None = None,
-                 desc: str = "Decoding images and masks",
-                 channel: int | None = None) -> tuple[list[LoadedSample], list[tuple[str, str]]]:
+def load_samples(
+    samples: Sequence[Sample],
+    progress: bool = True,
+    workers: int | None = None,
+    desc: str = "Decoding images and masks",
+    channel: int | None = None,
+) -> tuple[list[LoadedSample], list[tuple[str, str]]]:
     """Decode images and merge their masks once, in parallel: ``(loaded, problems)`` in the order of
     ``samples``; bad samples are skipped and reported.  ``channel``: see ``read_image``."""
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
     loaded, problems = [], []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(_load_one, s, channel) for s in samples]
-        for sample, future in tqdm(zip(samples, futures), total=len(samples), desc=desc,
-                                   disable=not progress, unit="img"):
+        for sample, future in tqdm(
+            zip(samples, futures), total=len(samples), desc=desc, disable=not progress, unit="img"
+        ):
             try:
                 loaded.append(future.result())
             except DataError as error:
@@ -682,8 +724,8 @@ def _patch_arrays(views, size: int, targets: str) -> tuple[np.ndarray, np.ndarra
         target = pad_to_min_size(targets_from_labels(labels, targets), size)
         for top in grid_positions(image.shape[0], size):
             for left in grid_positions(image.shape[1], size):
-                images.append(image[top:top + size, left:left + size])
-                classes.append(target[top:top + size, left:left + size])
+                images.append(image[top : top + size, left : left + size])
+                classes.append(target[top : top + size, left : left + size])
     return np.stack(images), np.stack(classes)[..., None]
 
 
@@ -705,9 +747,16 @@ class PatchSampler:
     is relative to each image's ``nucleus_scale``, which brings its nuclei to that median diameter.
     """
 
-    def __init__(self, views, size: int, seed: int = 0, targets: str = "binary",
-                 scale_range: tuple[float, float] | None = None, area_power: float = 1.0,
-                 diameter: float | None = None):
+    def __init__(
+        self,
+        views,
+        size: int,
+        seed: int = 0,
+        targets: str = "binary",
+        scale_range: tuple[float, float] | None = None,
+        area_power: float = 1.0,
+        diameter: float | None = None,
+    ):
         if not views:
             raise DataError("no training samples to draw patches from")
         self.size, self.seed, self.targets = size, seed, targets
@@ -717,7 +766,7 @@ class PatchSampler:
         self.images = [pad_to_min_size(image, largest) for image, _ in views]
         self.labels = [pad_to_min_size(labels, largest) for _, labels in views]
         areas = np.array([labels.shape[0] * labels.shape[1] for _, labels in views], dtype=np.float64)
-        self.weights = areas ** area_power / (areas ** area_power).sum()
+        self.weights = areas**area_power / (areas**area_power).sum()
         self.total_area = float(areas.sum())
 
     def patches_per_epoch(self) -> int:
@@ -737,7 +786,7 @@ class PatchSampler:
             crop = max(1, int(round(size / scale)))
             top = int(rng.integers(0, image.shape[0] - crop + 1))
             left = int(rng.integers(0, image.shape[1] - crop + 1))
-            image, labels = image[top:top + crop, left:left + crop], labels[top:top + crop, left:left + crop]
+            image, labels = image[top : top + crop, left : left + crop], labels[top : top + crop, left : left + crop]
             if crop != size:
                 image = resize_image(image, size).reshape(size, size, -1)
                 labels = resize_mask(labels, size)
@@ -758,9 +807,11 @@ def augment_batch(images, masks, seed):
     def pick(flag, a, b):
         return tf.where(tf.reshape(flag, [-1, 1, 1, 1]), a, b)
 
-    for column, transform in ((0, lambda t: tf.reverse(t, axis=[2])),  # left-right flip
-                              (1, lambda t: tf.reverse(t, axis=[1])),  # up-down flip
-                              (2, lambda t: tf.transpose(t, [0, 2, 1, 3]))):  # with flips: rotations
+    for column, transform in (
+        (0, lambda t: tf.reverse(t, axis=[2])),  # left-right flip
+        (1, lambda t: tf.reverse(t, axis=[1])),  # up-down flip
+        (2, lambda t: tf.transpose(t, [0, 2, 1, 3])),
+    ):  # with flips: rotations
         flag = draws[:, column] < 0.5
         images, masks = pick(flag, transform(images), images), pick(flag, transform(masks), masks)
 
@@ -786,8 +837,9 @@ def _targets(masks, num_classes: int, crop: int):
     return tf.cast(masks, tf.float32)
 
 
-def make_datasets(train_samples: Sequence[LoadedSample], val_samples: Sequence[LoadedSample],
-                  config: Config) -> tuple[tf.data.Dataset, tf.data.Dataset, int]:
+def make_datasets(
+    train_samples: Sequence[LoadedSample], val_samples: Sequence[LoadedSample], config: Config
+) -> tuple[tf.data.Dataset, tf.data.Dataset, int]:
     """Build the training and validation ``tf.data`` pipelines from decoded samples.
 
     Returns ``(train_ds, val_ds, steps_per_epoch)``.  The training set repeats forever (Keras is told
@@ -801,22 +853,28 @@ def make_datasets(train_samples: Sequence[LoadedSample], val_samples: Sequence[L
     image_spec = tf.TensorSpec([size, size, config.input_channels], tf.uint8)
     mask_spec = tf.TensorSpec([size, size, 1], tf.uint8)
     # (preprocessed image, instance labels) of each sample: preprocessed once, before any random work.
-    train_views, val_views = ([(preprocess_image(s.image, config.preprocessing), s.labels) for s in samples]
-                              for samples in (train_samples, val_samples))
+    train_views, val_views = (
+        [(preprocess_image(s.image, config.preprocessing), s.labels) for s in samples]
+        for samples in (train_samples, val_samples)
+    )
     diameter = None if config.nucleus_epochs else config.nucleus_diameter  # of two stages, the first's: native
     if diameter:  # the validation patches at that nucleus size too
         val_views = [rescale_view(image, labels, nucleus_scale(labels, diameter)) for image, labels in val_views]
 
     if config.sampling == "patch":
-        sampler = PatchSampler(train_views, size, config.seed, config.targets, config.scale_range, config.area_power,
-                               diameter)
+        sampler = PatchSampler(
+            train_views, size, config.seed, config.targets, config.scale_range, config.area_power, diameter
+        )
         train = tf.data.Dataset.from_generator(sampler, output_signature=(image_spec, mask_spec))
         steps = config.steps_per_epoch or max(1, math.ceil(sampler.patches_per_epoch() / batch))
         val_images, val_masks = _patch_arrays(val_views, size, config.targets)
     else:
         images, masks = _resized_arrays(train_views, size, config.targets)
-        train = (tf.data.Dataset.from_tensor_slices((images, masks))
-                 .shuffle(len(images), seed=config.seed, reshuffle_each_iteration=True).repeat())
+        train = (
+            tf.data.Dataset.from_tensor_slices((images, masks))
+            .shuffle(len(images), seed=config.seed, reshuffle_each_iteration=True)
+            .repeat()
+        )
         steps = config.steps_per_epoch or max(1, math.ceil(len(images) / batch))
         val_images, val_masks = _resized_arrays(val_views, size, config.targets)
 
@@ -830,15 +888,21 @@ def make_datasets(train_samples: Sequence[LoadedSample], val_samples: Sequence[L
         # parallel map calls.
         seeds = tf.data.Dataset.counter().map(lambda i: tf.stack([tf.cast(config.seed, tf.int64), i]))
         train = tf.data.Dataset.zip((train, seeds)).map(
-            lambda pair, s: augment_batch(pair[0], pair[1], s), num_parallel_calls=autotune)
+            lambda pair, s: augment_batch(pair[0], pair[1], s), num_parallel_calls=autotune
+        )
     classes = config.num_classes
     train = train.map(lambda x, y: (x, _targets(y, classes, crop)), num_parallel_calls=autotune)
     train = train.prefetch(autotune)
 
-    val = (tf.data.Dataset.from_tensor_slices((val_images, val_masks)).batch(batch)
-           .map(lambda x, y: (tf.cast(x, tf.float32), _targets(y, classes, crop)), num_parallel_calls=autotune)
-           .cache().prefetch(autotune))
+    val = (
+        tf.data.Dataset.from_tensor_slices((val_images, val_masks))
+        .batch(batch)
+        .map(lambda x, y: (tf.cast(x, tf.float32), _targets(y, classes, crop)), num_parallel_calls=autotune)
+        .cache()
+        .prefetch(autotune)
+    )
     return train, val, steps
+
 
 # =====================================================================================================
 # 2. Hyperparameters
@@ -883,6 +947,7 @@ def flag(help: str, group: str | None = None, **hints) -> dict:
 def comma_separated(kind: type, example: str, none: bool = False) -> Callable[[str], tuple | None]:
     """A flag's parser for numbers of ``kind`` separated by commas, such as ``example``; with ``none``,
     the word 'none' gives None."""
+
     def parse(text: str) -> tuple | None:
         if none and text.strip().lower() == "none":
             return None
@@ -903,8 +968,10 @@ def pixels_or_none(text: str) -> float | None:
     except ValueError:
         raise ValueError(f"{text!r}: expected a number of pixels, or 'none'") from None
     if pixels == 0:  # once read as "none": say what each means instead
-        raise ValueError("0: give the nuclei's median diameter in pixels (a positive number, such as 20), or "
-                         "'none' to train at the images' own scale")
+        raise ValueError(
+            "0: give the nuclei's median diameter in pixels (a positive number, such as 20), or "
+            "'none' to train at the images' own scale"
+        )
     return pixels
 
 
@@ -916,95 +983,203 @@ class Config:
     from it, so a new hyperparameter is one field here."""
 
     # Data
-    data_dir: str | None = field(default=None, metadata=flag(
-        "dataset folder in the DSB layout (<id>/images, <id>/masks) or with images/ and masks/ subfolders",
-        "data", name="--data", metavar="DIR",
-        none="dataset/stage1_train if present, else the built-in synthetic sample"))
-    sample_images: int = field(default=128, metadata=flag(
-        "number of images in the built-in synthetic sample", "data", metavar="N"))
-    channel: int | None = field(default=None, metadata=flag(
-        "for multi-channel training images (ImageJ or OME-TIFF, one stain per channel): the channel that shows "
-        "the nuclei, 0-based; for RGB images 0 red, 1 green, 2 blue", "data", metavar="N",
-        none="none; grey and colour images are read as they are, and a multi-channel image is refused"))
-    sampling: str = field(default="patch", metadata=flag(
-        "'patch': random crops at native resolution, prediction at full resolution; 'resize': whole images "
-        "resized to --image-size, the original way", "data", choices=SAMPLING_MODES))
-    image_size: int = field(default=128, metadata=flag(
-        "patch side (or resize target) in pixels: the model's training input size", "data", metavar="PX"))
-    val_size: float = field(default=0.1, metadata=flag(
-        "validation images: a fraction below 1 or a count", "data", metavar="F"))
-    augment: bool = field(default=True, metadata=flag(
-        "flips, rotations and intensity jitter of the training batches", "data"))
-    scale_range: tuple[float, float] | None = field(default=(0.6, 1.8), metadata=flag(
-        "random patch scale, so the model meets smaller and larger nuclei; 'none' keeps the native scale",
-        "data", metavar="LOW,HIGH", parse=comma_separated(float, "0.6,1.8", none=True)))
-    preprocessing: str = field(default="grey", metadata=flag(
-        "'grey': grey, bright nuclei on dark, contrast-stretched, the same for every kind of microscopy; "
-        "'rgb': the image as it is", "data", choices=PREPROCESSING))
-    area_power: float = field(default=0.5, metadata=flag(
-        "patches come from images drawn with probability proportional to their area to this power: 1 gives "
-        "every pixel the same chance, 0 every image; in between, a few large images do not crowd out many "
-        "small ones of another kind", "data", metavar="P"))
-    nucleus_diameter: float | None = field(default=20.0, metadata=flag(
-        "a second stage of training (--nucleus-epochs) with each image rescaled so that its nuclei's median "
-        "diameter is PX pixels (training patches from the annotations, jittered 0.8-1.25 times); every "
-        "prediction then rescales likewise, from the nuclei of a first pass; 'none': native scale throughout",
-        "data", metavar="PX", parse=pixels_or_none))
-    nucleus_epochs: int = field(default=3, metadata=flag(
-        "epochs of that second stage, after --epochs at native scale, its learning rate starting again at a "
-        "fifth of --lr; 0: no first stage, the whole run at --nucleus-diameter, jittered by --scale-range",
-        "data", metavar="N"))
+    data_dir: str | None = field(
+        default=None,
+        metadata=flag(
+            "dataset folder in the DSB layout (<id>/images, <id>/masks) or with images/ and masks/ subfolders",
+            "data",
+            name="--data",
+            metavar="DIR",
+            none="dataset/stage1_train if present, else the built-in synthetic sample",
+        ),
+    )
+    sample_images: int = field(
+        default=128, metadata=flag("number of images in the built-in synthetic sample", "data", metavar="N")
+    )
+    channel: int | None = field(
+        default=None,
+        metadata=flag(
+            "for multi-channel training images (ImageJ or OME-TIFF, one stain per channel): the channel that shows "
+            "the nuclei, 0-based; for RGB images 0 red, 1 green, 2 blue",
+            "data",
+            metavar="N",
+            none="none; grey and colour images are read as they are, and a multi-channel image is refused",
+        ),
+    )
+    sampling: str = field(
+        default="patch",
+        metadata=flag(
+            "'patch': random crops at native resolution, prediction at full resolution; 'resize': whole images "
+            "resized to --image-size, the original way",
+            "data",
+            choices=SAMPLING_MODES,
+        ),
+    )
+    image_size: int = field(
+        default=128,
+        metadata=flag("patch side (or resize target) in pixels: the model's training input size", "data", metavar="PX"),
+    )
+    val_size: float = field(
+        default=0.1, metadata=flag("validation images: a fraction below 1 or a count", "data", metavar="F")
+    )
+    augment: bool = field(
+        default=True, metadata=flag("flips, rotations and intensity jitter of the training batches", "data")
+    )
+    scale_range: tuple[float, float] | None = field(
+        default=(0.6, 1.8),
+        metadata=flag(
+            "random patch scale, so the model meets smaller and larger nuclei; 'none' keeps the native scale",
+            "data",
+            metavar="LOW,HIGH",
+            parse=comma_separated(float, "0.6,1.8", none=True),
+        ),
+    )
+    preprocessing: str = field(
+        default="grey",
+        metadata=flag(
+            "'grey': grey, bright nuclei on dark, contrast-stretched, the same for every kind of microscopy; "
+            "'rgb': the image as it is",
+            "data",
+            choices=PREPROCESSING,
+        ),
+    )
+    area_power: float = field(
+        default=0.5,
+        metadata=flag(
+            "patches come from images drawn with probability proportional to their area to this power: 1 gives "
+            "every pixel the same chance, 0 every image; in between, a few large images do not crowd out many "
+            "small ones of another kind",
+            "data",
+            metavar="P",
+        ),
+    )
+    nucleus_diameter: float | None = field(
+        default=20.0,
+        metadata=flag(
+            "a second stage of training (--nucleus-epochs) with each image rescaled so that its nuclei's median "
+            "diameter is PX pixels (training patches from the annotations, jittered 0.8-1.25 times); every "
+            "prediction then rescales likewise, from the nuclei of a first pass; 'none': native scale throughout",
+            "data",
+            metavar="PX",
+            parse=pixels_or_none,
+        ),
+    )
+    nucleus_epochs: int = field(
+        default=3,
+        metadata=flag(
+            "epochs of that second stage, after --epochs at native scale, its learning rate starting again at a "
+            "fifth of --lr; 0: no first stage, the whole run at --nucleus-diameter, jittered by --scale-range",
+            "data",
+            metavar="N",
+        ),
+    )
     # Model
-    targets: str = field(default="instance", metadata=flag(
-        "'instance': background / nucleus interior / boundary classes, so touching nuclei separate; "
-        "'binary': one nucleus mask, the original U-Net", "model", choices=TARGETS))
-    channels: tuple[int, ...] = field(default=(16, 32, 64, 128, 256), metadata=flag(
-        "channels per level, the last being the bottleneck; the depth follows", "model", metavar="C1,C2,...",
-        parse=comma_separated(int, "16,32,64,128,256")))
-    padding: str = field(default="same", metadata=flag(
-        "'same' keeps the size; 'valid' is the unpadded original", "model", choices=PADDINGS))
+    targets: str = field(
+        default="instance",
+        metadata=flag(
+            "'instance': background / nucleus interior / boundary classes, so touching nuclei separate; "
+            "'binary': one nucleus mask, the original U-Net",
+            "model",
+            choices=TARGETS,
+        ),
+    )
+    channels: tuple[int, ...] = field(
+        default=(16, 32, 64, 128, 256),
+        metadata=flag(
+            "channels per level, the last being the bottleneck; the depth follows",
+            "model",
+            metavar="C1,C2,...",
+            parse=comma_separated(int, "16,32,64,128,256"),
+        ),
+    )
+    padding: str = field(
+        default="same",
+        metadata=flag("'same' keeps the size; 'valid' is the unpadded original", "model", choices=PADDINGS),
+    )
     batch_norm: bool = field(default=True, metadata=flag("batch normalisation after each convolution", "model"))
     dropout: float = field(default=0.0, metadata=flag("dropout after each block", "model", metavar="P"))
-    block: str = field(default="plain", metadata=flag(
-        "convolutional block per level: 'plain', two convolutions; 'residual', the same plus a shortcut",
-        "model", choices=BLOCKS))
+    block: str = field(
+        default="plain",
+        metadata=flag(
+            "convolutional block per level: 'plain', two convolutions; 'residual', the same plus a shortcut",
+            "model",
+            choices=BLOCKS,
+        ),
+    )
     # Training
-    epochs: int = field(default=20, metadata=flag(
-        "number of epochs (at native scale, before --nucleus-epochs)", "training", metavar="N"))
+    epochs: int = field(
+        default=20,
+        metadata=flag("number of epochs (at native scale, before --nucleus-epochs)", "training", metavar="N"),
+    )
     batch_size: int = field(default=8, metadata=flag("global batch size", "training", metavar="N"))
-    steps_per_epoch: int | None = field(default=None, metadata=flag(
-        "batches per epoch", "training", metavar="N", none="one pass over the training pixels"))
-    learning_rate: float = field(default=1e-3, metadata=flag(
-        "Adam learning rate", "training", name="--lr", metavar="LR"))
-    loss: str = field(default="bce+dice", metadata=flag(
-        "loss; cross-entropy is categorical and Dice per class for instance targets", "training",
-        choices=LOSSES))
-    lr_schedule: str = field(default="cosine", metadata=flag(
-        "'cosine': decay to 2% of --lr over the run; 'plateau': halve when the validation loss stalls",
-        "training", choices=LR_SCHEDULES))
-    seed: int = field(default=42, metadata=flag(
-        "random seed for the split, patches and weights", "training"))
-    mixed_precision: bool | None = field(default=None, metadata=flag(
-        "float16 compute on GPUs (bfloat16 on CPUs), float32 output", "training",
-        none="on where the hardware is fast at it: GPUs of compute capability 7+, CPUs with bfloat16 "
-             "instructions; --no-mixed-precision forces float32"))
+    steps_per_epoch: int | None = field(
+        default=None,
+        metadata=flag("batches per epoch", "training", metavar="N", none="one pass over the training pixels"),
+    )
+    learning_rate: float = field(
+        default=1e-3, metadata=flag("Adam learning rate", "training", name="--lr", metavar="LR")
+    )
+    loss: str = field(
+        default="bce+dice",
+        metadata=flag(
+            "loss; cross-entropy is categorical and Dice per class for instance targets", "training", choices=LOSSES
+        ),
+    )
+    lr_schedule: str = field(
+        default="cosine",
+        metadata=flag(
+            "'cosine': decay to 2% of --lr over the run; 'plateau': halve when the validation loss stalls",
+            "training",
+            choices=LR_SCHEDULES,
+        ),
+    )
+    seed: int = field(default=42, metadata=flag("random seed for the split, patches and weights", "training"))
+    mixed_precision: bool | None = field(
+        default=None,
+        metadata=flag(
+            "float16 compute on GPUs (bfloat16 on CPUs), float32 output",
+            "training",
+            none="on where the hardware is fast at it: GPUs of compute capability 7+, CPUs with bfloat16 "
+            "instructions; --no-mixed-precision forces float32",
+        ),
+    )
     xla: bool = field(default=False, metadata=flag("compile the training step with XLA", "training"))
     # Inference
-    threshold: float = field(default=0.5, metadata=flag(
-        "nucleus probability above which a pixel is nucleus; training replaces it with the one chosen on the "
-        "validation images"))
-    marker_threshold: float = field(default=0.5, metadata=flag(
-        "interior probability that seeds a nucleus (instance targets); chosen on the validation images too"))
-    tile_overlap: int | None = field(default=None, metadata=flag(
-        "pixels by which the tiles of a prediction overlap", none="1/8 of the output tile for padded models, "
-        "0 for unpadded ones"))
-    min_nucleus_size: int = field(default=15, metadata=flag(
-        "instances smaller than this many pixels are dropped"))
-    min_confidence: float = field(default=0.0, metadata=flag(
-        "nuclei whose mean nucleus probability is below this are dropped; chosen on the validation images too"))
-    tta: bool = field(default=True, metadata=flag(
-        "test-time augmentation (the 8 flips and rotations averaged, 8x the time) when the post-processing "
-        "is chosen on the validation images, kept as the run's setting for Predict_mask.py", "training"))
+    threshold: float = field(
+        default=0.5,
+        metadata=flag(
+            "nucleus probability above which a pixel is nucleus; training replaces it with the one chosen on the "
+            "validation images"
+        ),
+    )
+    marker_threshold: float = field(
+        default=0.5,
+        metadata=flag(
+            "interior probability that seeds a nucleus (instance targets); chosen on the validation images too"
+        ),
+    )
+    tile_overlap: int | None = field(
+        default=None,
+        metadata=flag(
+            "pixels by which the tiles of a prediction overlap",
+            none="1/8 of the output tile for padded models, 0 for unpadded ones",
+        ),
+    )
+    min_nucleus_size: int = field(default=15, metadata=flag("instances smaller than this many pixels are dropped"))
+    min_confidence: float = field(
+        default=0.0,
+        metadata=flag(
+            "nuclei whose mean nucleus probability is below this are dropped; chosen on the validation images too"
+        ),
+    )
+    tta: bool = field(
+        default=True,
+        metadata=flag(
+            "test-time augmentation (the 8 flips and rotations averaged, 8x the time) when the post-processing "
+            "is chosen on the validation images, kept as the run's setting for Predict_mask.py",
+            "training",
+        ),
+    )
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
@@ -1014,13 +1189,18 @@ class Config:
         if self.scale_range is not None:
             self.scale_range = tuple(float(v) for v in self.scale_range)
             if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1] <= 10:
-                raise ValueError(f"scale_range must be two scales 0 < low <= high <= 10, or None, got "
-                                 f"{self.scale_range}")
+                raise ValueError(
+                    f"scale_range must be two scales 0 < low <= high <= 10, or None, got {self.scale_range}"
+                )
         if self.sampling == "resize":  # whole images resized to image_size: no nucleus size to bring them to
             self.nucleus_diameter = None
-        if (self.nucleus_diameter is not None and not 0 < self.nucleus_diameter < math.inf) or int(self.nucleus_epochs) < 0:
-            raise ValueError(f"nucleus_diameter must be a positive number of pixels (or None) and nucleus_epochs 0 "
-                             f"or more; got {self.nucleus_diameter} and {self.nucleus_epochs}")
+        if (self.nucleus_diameter is not None and not 0 < self.nucleus_diameter < math.inf) or int(
+            self.nucleus_epochs
+        ) < 0:
+            raise ValueError(
+                f"nucleus_diameter must be a positive number of pixels (or None) and nucleus_epochs 0 "
+                f"or more; got {self.nucleus_diameter} and {self.nucleus_epochs}"
+            )
         if len(self.channels) < 2 or any(c < 1 for c in self.channels):
             raise ValueError(f"channels needs at least two positive counts (levels + bottleneck), got {self.channels}")
         for name in ("image_size", "batch_size", "epochs", "sample_images"):
@@ -1030,18 +1210,27 @@ class Config:
             raise ValueError(f"val_size must be a fraction below 1 or a whole number of images, got {self.val_size}")
         if self.steps_per_epoch is not None and int(self.steps_per_epoch) < 1:
             raise ValueError(f"steps_per_epoch must be a positive integer (or None), got {self.steps_per_epoch}")
-        for name, low, high in (("dropout", "[", ")"), ("area_power", "[", "]"), ("min_confidence", "[", ")"),
-                                ("threshold", "(", ")"), ("marker_threshold", "(", ")")):  # [ ]: that end is allowed
+        for name, low, high in (
+            ("dropout", "[", ")"),
+            ("area_power", "[", "]"),
+            ("min_confidence", "[", ")"),
+            ("threshold", "(", ")"),
+            ("marker_threshold", "(", ")"),
+        ):  # [ ]: that end is allowed
             value = getattr(self, name)
             if not ((value >= 0 if low == "[" else value > 0) and (value <= 1 if high == "]" else value < 1)):
                 raise ValueError(f"{name} must be in {low}0, 1{high}, got {value}")
         # NaN fails every comparison, so "not positive" is tested as "not (finite and > 0)".
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate (--lr) must be a positive number such as {Config.learning_rate}, "
-                             f"got {self.learning_rate}")
+            raise ValueError(
+                f"learning_rate (--lr) must be a positive number such as {Config.learning_rate}, "
+                f"got {self.learning_rate}"
+            )
         if int(self.min_nucleus_size) != self.min_nucleus_size or self.min_nucleus_size < 0:
-            raise ValueError(f"min_nucleus_size (Predict_mask.py --min-size) must be a whole number of pixels, 0 "
-                             f"or more, got {self.min_nucleus_size}")
+            raise ValueError(
+                f"min_nucleus_size (Predict_mask.py --min-size) must be a whole number of pixels, 0 "
+                f"or more, got {self.min_nucleus_size}"
+            )
         if self.channel is not None and (int(self.channel) != self.channel or self.channel < 0):
             raise ValueError(f"channel (--channel) must be a channel number, 0 for the first, got {self.channel}")
         # The size check gives the nearest sizes that work, so a user can fix the flag at once.
@@ -1107,8 +1296,17 @@ def flag_name(name: str) -> str:
 
 def quick_config(**overrides) -> Config:
     """Settings for smoke runs and tests: a tiny sample, a small model, one short epoch."""
-    values = dict(sample_images=8, image_size=64, channels=(8, 16, 32), epochs=1, steps_per_epoch=3,
-                  batch_size=4, val_size=0.25, nucleus_epochs=1, tta=False)
+    values = dict(
+        sample_images=8,
+        image_size=64,
+        channels=(8, 16, 32),
+        epochs=1,
+        steps_per_epoch=3,
+        batch_size=4,
+        val_size=0.25,
+        nucleus_epochs=1,
+        tta=False,
+    )
     values.update(overrides)
     return Config(**values)
 
@@ -1120,8 +1318,15 @@ def quick_config(**overrides) -> Config:
 # the summary reads like the architecture and weights can be located by name.
 
 
-def conv_block(x, filters: int, name: str, padding: str = "same", batch_norm: bool = False,
-               dropout: float = 0.0, block: str = "plain"):
+def conv_block(
+    x,
+    filters: int,
+    name: str,
+    padding: str = "same",
+    batch_norm: bool = False,
+    dropout: float = 0.0,
+    block: str = "plain",
+):
     """Two 3x3 convolutions, each followed by ReLU (with optional batch norm before it), then optional
     dropout.  With ``padding="valid"`` each convolution trims one pixel per side.  ``block="residual"``
     adds the block's input before the last ReLU, as in ResNet (through a 1x1 convolution where the
@@ -1131,14 +1336,16 @@ def conv_block(x, filters: int, name: str, padding: str = "same", batch_norm: bo
     shortcut = x
     for i in (1, 2):
         # A bias is redundant just before batch norm, which has its own shift.
-        x = layers.Conv2D(filters, 3, padding=padding, use_bias=not batch_norm,
-                          kernel_initializer="he_normal", name=f"{name}_conv{i}")(x)
+        x = layers.Conv2D(
+            filters, 3, padding=padding, use_bias=not batch_norm, kernel_initializer="he_normal", name=f"{name}_conv{i}"
+        )(x)
         if batch_norm:
             x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
         if i == 2 and block == "residual":
             if shortcut.shape[-1] != filters:
-                shortcut = layers.Conv2D(filters, 1, use_bias=not batch_norm, kernel_initializer="he_normal",
-                                         name=f"{name}_shortcut")(shortcut)
+                shortcut = layers.Conv2D(
+                    filters, 1, use_bias=not batch_norm, kernel_initializer="he_normal", name=f"{name}_shortcut"
+                )(shortcut)
                 if batch_norm:
                     shortcut = layers.BatchNormalization(name=f"{name}_shortcut_bn")(shortcut)
             if padding == "valid":
@@ -1150,8 +1357,15 @@ def conv_block(x, filters: int, name: str, padding: str = "same", batch_norm: bo
     return x
 
 
-def down_block(x, filters: int, name: str, padding: str = "same", batch_norm: bool = False,
-               dropout: float = 0.0, block: str = "plain"):
+def down_block(
+    x,
+    filters: int,
+    name: str,
+    padding: str = "same",
+    batch_norm: bool = False,
+    dropout: float = 0.0,
+    block: str = "plain",
+):
     """One contracting level: ``conv_block`` then 2x2 max pooling with stride 2.
 
     Returns ``(skip, pooled)``: the features kept for the skip connection and the half-size map."""
@@ -1160,14 +1374,29 @@ def down_block(x, filters: int, name: str, padding: str = "same", batch_norm: bo
     return skip, pooled
 
 
-def bottleneck(x, filters: int, name: str = "bottleneck", padding: str = "same", batch_norm: bool = False,
-               dropout: float = 0.0, block: str = "plain"):
+def bottleneck(
+    x,
+    filters: int,
+    name: str = "bottleneck",
+    padding: str = "same",
+    batch_norm: bool = False,
+    dropout: float = 0.0,
+    block: str = "plain",
+):
     """The lowest level: a ``conv_block`` with the most channels and no pooling."""
     return conv_block(x, filters, name, padding, batch_norm, dropout, block)
 
 
-def up_block(x, skip, filters: int, name: str, padding: str = "same", batch_norm: bool = False,
-             dropout: float = 0.0, block: str = "plain"):
+def up_block(
+    x,
+    skip,
+    filters: int,
+    name: str,
+    padding: str = "same",
+    batch_norm: bool = False,
+    dropout: float = 0.0,
+    block: str = "plain",
+):
     """One expanding level: 2x upsampling, a 2x2 "up-convolution" to ``filters`` channels, concatenation
     with the contracting path's skip map (centre-cropped when the convolutions are unpadded), then a
     ``conv_block``."""
@@ -1194,7 +1423,7 @@ def unet_output_size(input_size: int, depth: int = 4, padding: str = "same") -> 
     and every pooled map must have an even size (572 -> 388 for the paper's depth 4).
     """
     if padding == "same":
-        return input_size if input_size % (2 ** depth) == 0 and input_size > 0 else None
+        return input_size if input_size % (2**depth) == 0 and input_size > 0 else None
     size = input_size
     for _ in range(depth):
         size -= 4
@@ -1221,16 +1450,27 @@ def check_input_size(size: int | None, depth: int = 4, padding: str = "same") ->
         below = [s for s in sizes if s < size][-1:]
         above = [s for s in sizes if s > size][:1]
         nearest = " or ".join(str(s) for s in below + above) or "none below 1024"
-        rule = (f"a multiple of {2 ** depth}" if padding == "same"
-                else "a size whose maps stay even after each unpadded level")
-        raise ValueError(f"input size {size} does not fit a depth-{depth} U-Net with padding='{padding}' "
-                         f"(it needs {rule}); nearest sizes that work: {nearest}")
+        rule = (
+            f"a multiple of {2**depth}"
+            if padding == "same"
+            else "a size whose maps stay even after each unpadded level"
+        )
+        raise ValueError(
+            f"input size {size} does not fit a depth-{depth} U-Net with padding='{padding}' "
+            f"(it needs {rule}); nearest sizes that work: {nearest}"
+        )
 
 
-def build_unet(input_shape: tuple = (128, 128, 3), num_classes: int = 1,
-               channels: Sequence[int] = (16, 32, 64, 128, 256), padding: str = "same",
-               batch_norm: bool = False, dropout: float = 0.0, name: str = "unet",
-               block: str = "plain") -> keras.Model:
+def build_unet(
+    input_shape: tuple = (128, 128, 3),
+    num_classes: int = 1,
+    channels: Sequence[int] = (16, 32, 64, 128, 256),
+    padding: str = "same",
+    batch_norm: bool = False,
+    dropout: float = 0.0,
+    name: str = "unet",
+    block: str = "plain",
+) -> keras.Model:
     """Assemble the U-Net as a functional ``keras.Model``; ``block`` is ``conv_block``'s, at every level.
     ``input_shape`` is (height, width, channels); ``(None, None, C)`` gives a fully convolutional model for
     padded convolutions.  Inputs are raw pixel values in [0, 255]: the first layer rescales them, so the
@@ -1248,8 +1488,10 @@ def build_unet(input_shape: tuple = (128, 128, 3), num_classes: int = 1,
     height, width, _ = input_shape
     depth = len(channels) - 1
     if padding == "valid" and (height is None or width is None):
-        raise ValueError("an unpadded (padding='valid') U-Net needs a fixed input size, for example "
-                         "(572, 572, 1); it predicts large images tile by tile at that size")
+        raise ValueError(
+            "an unpadded (padding='valid') U-Net needs a fixed input size, for example "
+            "(572, 572, 1); it predicts large images tile by tile at that size"
+        )
     check_input_size(height, depth, padding)
     check_input_size(width, depth, padding)
 
@@ -1272,8 +1514,15 @@ def build_unet_from_config(config: Config, input_size: int | None = None, any_si
     """The model a Config describes, at ``input_size`` (default: the training size).  ``any_size`` gives a
     padded model a ``(None, None, C)`` input, for tiles of any size; an unpadded one keeps its size."""
     size = None if any_size and config.padding == "same" else input_size or config.image_size
-    return build_unet((size, size, config.input_channels), config.num_classes, config.channels,
-                      config.padding, config.batch_norm, config.dropout, block=config.block)
+    return build_unet(
+        (size, size, config.input_channels),
+        config.num_classes,
+        config.channels,
+        config.padding,
+        config.batch_norm,
+        config.dropout,
+        block=config.block,
+    )
 
 
 # --- Losses and metrics -----------------------------------------------------------------------------
@@ -1358,8 +1607,14 @@ class BceDiceLoss(keras.losses.Loss):
     Cross-entropy gives well-calibrated pixel probabilities; Dice counters the imbalance between the
     few nucleus pixels and the much larger background."""
 
-    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
-                 name: str = "bce_dice_loss", **kwargs):
+    def __init__(
+        self,
+        bce_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        smooth: float = 1.0,
+        name: str = "bce_dice_loss",
+        **kwargs,
+    ):
         super().__init__(name=name, **kwargs)
         self.bce_weight, self.dice_weight, self.smooth = bce_weight, dice_weight, smooth
 
@@ -1369,8 +1624,12 @@ class BceDiceLoss(keras.losses.Loss):
         return self.bce_weight * _pixel_crossentropy(y_true, y_pred) + self.dice_weight * dice_loss
 
     def get_config(self):
-        return {**super().get_config(), "bce_weight": self.bce_weight, "dice_weight": self.dice_weight,
-                "smooth": self.smooth}
+        return {
+            **super().get_config(),
+            "bce_weight": self.bce_weight,
+            "dice_weight": self.dice_weight,
+            "smooth": self.smooth,
+        }
 
 
 def _pixel_crossentropy(y_true, y_pred):
@@ -1400,14 +1659,19 @@ def make_loss(name: str) -> keras.losses.Loss:
     return losses[name]()
 
 
-def compile_unet(model: keras.Model, config: Config, jit_compile: bool | None = None,
-                 total_steps: int | None = None) -> keras.Model:
+def compile_unet(
+    model: keras.Model, config: Config, jit_compile: bool | None = None, total_steps: int | None = None
+) -> keras.Model:
     """Compile with Adam, the Config's loss, and the Dice/IoU metrics.  With the cosine schedule and
     ``total_steps`` (epochs x steps per epoch), the learning rate decays from ``config.learning_rate`` to
     2% of it over the run; otherwise it stays constant (a plateau callback may lower it)."""
     learning_rate = config.learning_rate
     if config.lr_schedule == "cosine" and total_steps:
         learning_rate = keras.optimizers.schedules.CosineDecay(config.learning_rate, int(total_steps), alpha=0.02)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=make_loss(config.loss),
-                  metrics=[dice, iou], jit_compile=config.xla if jit_compile is None else jit_compile)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=make_loss(config.loss),
+        metrics=[dice, iou],
+        jit_compile=config.xla if jit_compile is None else jit_compile,
+    )
     return model

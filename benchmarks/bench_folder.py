@@ -17,6 +17,7 @@ is one JSON object with ``folder_img_per_s`` and ``folder_vs_forward``.
     python benchmarks/bench_folder.py                       # about 3 minutes on 2 CPU cores
     python benchmarks/bench_folder.py --model runs/default --images 65
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,10 @@ for folder in (REPO, REPO / "benchmarks"):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Images per second predicting a folder, sequential vs read "
-                                                 "ahead, against the forward-pass bound; one JSON line last.")
+    parser = argparse.ArgumentParser(
+        description="Images per second predicting a folder, sequential vs read "
+        "ahead, against the forward-pass bound; one JSON line last."
+    )
     parser.add_argument("--images", type=int, default=None, help="images in the generated folder (65; 16 with --quick)")
     parser.add_argument("--quick", action="store_true", help="16 images (under a minute)")
     parser.add_argument("--model", metavar="RUN", help="a finished run (default: the untrained default model)")
@@ -74,8 +77,13 @@ def main(argv=None) -> int:
             started = time.perf_counter()
             stream = predict.read_ahead(inputs) if ahead else ((item, None) for item in inputs)
             for item, decoded in stream:
-                predict.predict_input(segmenter, item, Path(work) / out, progress=False,
-                                      image=decoded.result() if decoded is not None else None)
+                predict.predict_input(
+                    segmenter,
+                    item,
+                    Path(work) / out,
+                    progress=False,
+                    image=decoded.result() if decoded is not None else None,
+                )
             return time.perf_counter() - started
 
         sequential = run("sequential", ahead=False)
@@ -85,15 +93,24 @@ def main(argv=None) -> int:
             segmenter.native_probabilities(image)
         forward = time.perf_counter() - started
 
-    rows = [("sequential (read, predict, nuclei, write)", sequential), ("read ahead (Predict_mask.py)", ahead),
-            ("forward pass only, images in memory", forward)]
+    rows = [
+        ("sequential (read, predict, nuclei, write)", sequential),
+        ("read ahead (Predict_mask.py)", ahead),
+        ("forward pass only, images in memory", forward),
+    ]
     print(f"\n{'variant':<45} {'seconds':>8} {'images/s':>9} {'vs forward':>11}")
     for name, seconds in rows:
         print(f"{name:<45} {seconds:8.1f} {len(inputs) / seconds:9.2f} {forward / seconds:10.2f}x")
-    figures = {"images": len(inputs), "mpx": round(pixels / 1e6, 1), "model": what,
-               "sequential_img_per_s": round(len(inputs) / sequential, 2),
-               "folder_img_per_s": round(len(inputs) / ahead, 2), "forward_img_per_s": round(len(inputs) / forward, 2),
-               "folder_vs_forward": round(forward / ahead, 3), "ahead_vs_sequential": round(sequential / ahead, 3)}
+    figures = {
+        "images": len(inputs),
+        "mpx": round(pixels / 1e6, 1),
+        "model": what,
+        "sequential_img_per_s": round(len(inputs) / sequential, 2),
+        "folder_img_per_s": round(len(inputs) / ahead, 2),
+        "forward_img_per_s": round(len(inputs) / forward, 2),
+        "folder_vs_forward": round(forward / ahead, 3),
+        "ahead_vs_sequential": round(sequential / ahead, 3),
+    }
     flags = " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
     print(f"Rerun with: python benchmarks/bench_folder.py {flags}".rstrip())
     print(json.dumps(figures))

@@ -18,6 +18,7 @@ The last line printed is one JSON object with ``peak_mb_<size>`` and ``s_<size>`
     python benchmarks/bench_predict_memory.py --compare HEAD~1       # the same, before and after
     python benchmarks/bench_predict_memory.py --model runs/latest --quick   # a trained run, 4096x4096
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,9 +88,17 @@ def child(image_file: str, model_arg: str | None, smoke: bool) -> None:
     seconds = time.perf_counter() - start
     if prediction.labels.shape != image.shape[:2]:
         raise RuntimeError(f"labels of shape {prediction.labels.shape} for an image of shape {image.shape}")
-    print(json.dumps({"peak_mb": round(rss_mb("VmHWM"), 1), "before_mb": round(before, 1),
-                      "seconds": round(seconds, 2), "nuclei": prediction.count,
-                      "code": str(Path(core.__file__).resolve().parent)}))
+    print(
+        json.dumps(
+            {
+                "peak_mb": round(rss_mb("VmHWM"), 1),
+                "before_mb": round(before, 1),
+                "seconds": round(seconds, 2),
+                "nuclei": prediction.count,
+                "code": str(Path(core.__file__).resolve().parent),
+            }
+        )
+    )
 
 
 def run_child(code_root: Path, image_file: str, args) -> dict:
@@ -111,12 +120,10 @@ def run_child(code_root: Path, image_file: str, args) -> dict:
 
 def extract_commit(ref: str, folder: Path) -> str:
     """The tracked files of commit ``ref`` under ``folder``; returns the commit's short hash."""
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", ref], capture_output=True,
-                            text=True)
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", ref], capture_output=True, text=True)
     if commit.returncode != 0:
         raise SystemExit(f"--compare {ref}: not a commit of {REPO} ({commit.stderr.strip()})")
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", ref], capture_output=True,
-                             check=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", ref], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
     return commit.stdout.strip()
 
@@ -136,16 +143,22 @@ def make_image(side: int):
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description="Peak memory (whole process) and time of Segmenter.segment on large images, each in a fresh "
-                    "child process; optionally the same on an older commit, side by side. Prints a table "
-                    "and, as its last line, one JSON object.")
-    parser.add_argument("--sizes", type=int, nargs="+", default=None,
-                        help="square image sides to measure (default: 4096 8000)")
+        "child process; optionally the same on an older commit, side by side. Prints a table "
+        "and, as its last line, one JSON object."
+    )
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=None, help="square image sides to measure (default: 4096 8000)"
+    )
     parser.add_argument("--quick", action="store_true", help="the 4096x4096 image only")
-    parser.add_argument("--compare", metavar="REF", default=None,
-                        help="also measure the code of this git commit (e.g. HEAD~1), alternating with the "
-                             "working tree")
-    parser.add_argument("--model", default=None,
-                        help="a run folder or model.keras (default: the default architecture, untrained)")
+    parser.add_argument(
+        "--compare",
+        metavar="REF",
+        default=None,
+        help="also measure the code of this git commit (e.g. HEAD~1), alternating with the working tree",
+    )
+    parser.add_argument(
+        "--model", default=None, help="a run folder or model.keras (default: the default architecture, untrained)"
+    )
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # seconds; for the tests
     parser.add_argument("--child", metavar="IMAGE_NPY", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -185,8 +198,10 @@ def main(argv=None) -> int:
 
     model_text = f"run {args.model}" if args.model else "default architecture, untrained"
     print(f"Prediction memory benchmark: Segmenter.segment on synthetic nuclei images; model: {model_text}")
-    print("Peak = the child process's VmHWM (TensorFlow, the model, the image and everything Segmenter.segment "
-          "allocates); 'before' = its resident set just before Segmenter.segment; B/px = (peak - before) / pixels.")
+    print(
+        "Peak = the child process's VmHWM (TensorFlow, the model, the image and everything Segmenter.segment "
+        "allocates); 'before' = its resident set just before Segmenter.segment; B/px = (peak - before) / pixels."
+    )
     print()
     print(f"{'image':>10} {'code':>12} {'peak MB':>8} {'before MB':>9} {'B/px':>6} {'seconds':>8} {'nuclei':>7}")
     for side in sizes:
@@ -194,8 +209,10 @@ def main(argv=None) -> int:
             r = results[label][side]
             name = f"{label} {commit}" if label == "before" else ("after" if args.compare else "this tree")
             per_pixel = (r["peak_mb"] - r["before_mb"]) * 2**20 / side**2
-            print(f"{f'{side}x{side}':>10} {name:>12} {r['peak_mb']:>8.0f} {r['before_mb']:>9.0f} {per_pixel:>6.1f} "
-                  f"{r['seconds']:>8.1f} {r['nuclei']:>7}")
+            print(
+                f"{f'{side}x{side}':>10} {name:>12} {r['peak_mb']:>8.0f} {r['before_mb']:>9.0f} {per_pixel:>6.1f} "
+                f"{r['seconds']:>8.1f} {r['nuclei']:>7}"
+            )
     summary = {"benchmark": "bench_predict_memory", "model": model_text}
     for side in sizes:
         summary[f"peak_mb_{side}"] = results["after"][side]["peak_mb"]

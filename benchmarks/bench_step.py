@@ -22,6 +22,7 @@ folder (``unet_nuclei.synthetic`` in DSB-2018's size mix).  The last line is one
     python benchmarks/bench_step.py --data DIR --steps 200 --settings float32,mixed+xla
     python benchmarks/bench_step.py --settings onednn-off,onednn-on,mixed --steps 20 --warmup 5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -104,8 +105,21 @@ def time_in_child(setting: str, data_dir: Path, args) -> tuple[float | None, flo
     import subprocess
 
     env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": ONEDNN_SETTINGS[setting]}
-    command = [sys.executable, __file__, "--data", str(data_dir), "--settings", "float32", "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--predict-images", str(args.predict_images), "--child"] + (["--smoke"] if args.smoke else [])
+    command = [
+        sys.executable,
+        __file__,
+        "--data",
+        str(data_dir),
+        "--settings",
+        "float32",
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--predict-images",
+        str(args.predict_images),
+        "--child",
+    ] + (["--smoke"] if args.smoke else [])
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         log(f"{setting:>10}: failed: {result.stderr.strip().splitlines()[-1:]}")
@@ -118,19 +132,30 @@ def time_in_child(setting: str, data_dir: Path, args) -> tuple[float | None, flo
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Loading, training-step and prediction cost per numeric "
-                                                 "setting (float32, mixed precision, XLA); one JSON line last.")
-    parser.add_argument("--data", metavar="DIR", help="dataset folder (default: dataset/stage1_train if present, "
-                                                      "else a generated DSB-like folder)")
+    parser = argparse.ArgumentParser(
+        description="Loading, training-step and prediction cost per numeric "
+        "setting (float32, mixed precision, XLA); one JSON line last."
+    )
+    parser.add_argument(
+        "--data",
+        metavar="DIR",
+        help="dataset folder (default: dataset/stage1_train if present, else a generated DSB-like folder)",
+    )
     parser.add_argument("--images", type=int, default=120, help="images of the generated folder (120)")
     parser.add_argument("--steps", type=int, default=60, help="timed training steps per setting (60)")
     parser.add_argument("--warmup", type=int, default=15, help="untimed steps per setting first (15)")
-    parser.add_argument("--settings", default=",".join(SETTINGS),
-                        help=f"comma-separated, from {', '.join(SETTINGS)} (default: all)")
-    parser.add_argument("--predict-images", type=int, default=4,
-                        help="largest images predicted per setting for the throughput (4; 0 skips)")
-    parser.add_argument("--quick", action="store_true",
-                        help="float32 and mixed only, 15 timed steps (about a minute after loading)")
+    parser.add_argument(
+        "--settings", default=",".join(SETTINGS), help=f"comma-separated, from {', '.join(SETTINGS)} (default: all)"
+    )
+    parser.add_argument(
+        "--predict-images",
+        type=int,
+        default=4,
+        help="largest images predicted per setting for the throughput (4; 0 skips)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="float32 and mixed only, 15 timed steps (about a minute after loading)"
+    )
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # seconds; for the tests
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one oneDNN setting's process
     args = parser.parse_args(argv)
@@ -167,13 +192,17 @@ def main(argv=None) -> int:
     config = (core.quick_config if args.smoke else core.Config)(data_dir=str(data_dir))
     train_ids, val_ids = training.split_ids([s.sample_id for s in loaded], config.val_size, config.seed)
     by_id = {s.sample_id: s for s in loaded}
-    train_ds, _, steps_per_epoch = core.make_datasets([by_id[i] for i in train_ids], [by_id[i] for i in val_ids],
-                                                      config)
+    train_ds, _, steps_per_epoch = core.make_datasets(
+        [by_id[i] for i in train_ids], [by_id[i] for i in val_ids], config
+    )
     input_ms = time_input(train_ds, args.steps)
-    largest = sorted(loaded, key=lambda s: -s.image.shape[0] * s.image.shape[1])[:args.predict_images]
+    largest = sorted(loaded, key=lambda s: -s.image.shape[0] * s.image.shape[1])[: args.predict_images]
     gpu = tf.config.list_physical_devices("GPU")
-    device = (tf.config.experimental.get_device_details(gpu[0]).get("device_name", "GPU") if gpu
-              else platform.processor() or platform.machine())
+    device = (
+        tf.config.experimental.get_device_details(gpu[0]).get("device_name", "GPU")
+        if gpu
+        else platform.processor() or platform.machine()
+    )
 
     step_ms, predict_mpx = {}, {}
     for setting in settings:
@@ -189,8 +218,12 @@ def main(argv=None) -> int:
         policy = training.set_precision(mixed)
         try:
             keras.utils.set_random_seed(config.seed)
-            model = core.compile_unet(core.build_unet_from_config(config), config, jit_compile=xla,
-                                      total_steps=config.epochs * steps_per_epoch)
+            model = core.compile_unet(
+                core.build_unet_from_config(config),
+                config,
+                jit_compile=xla,
+                total_steps=config.epochs * steps_per_epoch,
+            )
             step_ms[setting] = round(time_steps(model, train_ds, args.warmup, args.steps), 2)
             if largest:
                 started = time.perf_counter()
@@ -198,8 +231,10 @@ def main(argv=None) -> int:
                     Segmenter(model, config).native_probabilities(sample.image)
                 pixels = sum(s.image.shape[0] * s.image.shape[1] for s in largest)
                 predict_mpx[setting] = round(pixels / 1e6 / (time.perf_counter() - started), 2)
-            log(f"{setting:>10} ({policy}): {step_ms[setting]:8.1f} ms/step"
-                + (f", prediction {predict_mpx[setting]} Mpx/s" if setting in predict_mpx else ""))
+            log(
+                f"{setting:>10} ({policy}): {step_ms[setting]:8.1f} ms/step"
+                + (f", prediction {predict_mpx[setting]} Mpx/s" if setting in predict_mpx else "")
+            )
         except Exception as error:  # XLA or a precision may be unsupported here; say so and go on.
             log(f"{setting:>10}: failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
         finally:
@@ -213,17 +248,33 @@ def main(argv=None) -> int:
     print(f"\n{'setting':>10} {'ms/step':>9} {'s/epoch':>9} {'vs float32':>11} {'predict Mpx/s':>14}")
     for setting, ms in step_ms.items():
         ratio = step_ms["float32"] / ms if "float32" in step_ms else float("nan")
-        print(f"{setting:>10} {ms:9.1f} {ms * steps_per_epoch / 1000:9.0f} {ratio:10.2f}x "
-              f"{predict_mpx.get(setting, float('nan')):14.2f}")
-    print(f"input pipeline alone: {input_ms:.1f} ms/batch ({input_ms / step_ms[best]:.0%} of the best step); "
-          f"{steps_per_epoch} steps per epoch; device: {device}")
+        print(
+            f"{setting:>10} {ms:9.1f} {ms * steps_per_epoch / 1000:9.0f} {ratio:10.2f}x "
+            f"{predict_mpx.get(setting, float('nan')):14.2f}"
+        )
+    print(
+        f"input pipeline alone: {input_ms:.1f} ms/batch ({input_ms / step_ms[best]:.0%} of the best step); "
+        f"{steps_per_epoch} steps per epoch; device: {device}"
+    )
     print(f"this process: {devices.describe_cpu_kernels(kernels)}")
-    figures = {"device": device, "data": source, "images": len(loaded), "load_cold_s": round(load_cold, 1),
-               "load_cached_s": round(load_cached, 2), "steps_per_epoch": steps_per_epoch, "step_ms": step_ms,
-               "step_ms_float32": step_ms.get("float32"), "step_ms_best": step_ms[best], "best_setting": best,
-               "speedup_best_vs_float32": round(step_ms["float32"] / step_ms[best], 2) if "float32" in step_ms else None,
-               "input_ms_per_batch": round(input_ms, 2), "input_share_of_best_step": round(input_ms / step_ms[best], 3),
-               "predict_mpx_per_s": predict_mpx, "cpu_kernels": kernels, "cpu_flags": cpu_flags()}
+    figures = {
+        "device": device,
+        "data": source,
+        "images": len(loaded),
+        "load_cold_s": round(load_cold, 1),
+        "load_cached_s": round(load_cached, 2),
+        "steps_per_epoch": steps_per_epoch,
+        "step_ms": step_ms,
+        "step_ms_float32": step_ms.get("float32"),
+        "step_ms_best": step_ms[best],
+        "best_setting": best,
+        "speedup_best_vs_float32": round(step_ms["float32"] / step_ms[best], 2) if "float32" in step_ms else None,
+        "input_ms_per_batch": round(input_ms, 2),
+        "input_share_of_best_step": round(input_ms / step_ms[best], 3),
+        "predict_mpx_per_s": predict_mpx,
+        "cpu_kernels": kernels,
+        "cpu_flags": cpu_flags(),
+    }
     flags = " ".join(argv if argv is not None else sys.argv[1:])
     print(f"Rerun with: python benchmarks/bench_step.py {flags}".rstrip())
     print(json.dumps(figures))

@@ -20,6 +20,7 @@ training step reaches.  The last line printed is one JSON object.
     python benchmarks/bench_train.py            # the full run (about 9 minutes on 2 cores)
     python benchmarks/bench_train.py --quick    # a smaller run (under two minutes)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,17 +41,30 @@ if str(REPO) not in sys.path:
 
 # A DSB-2018 stage1_train size mix (670 images: about half 256x256, then 256x320, 520x696, 360x360, a
 # few 1024x1024 and 1040x1388); repeated entries act as weights for ``write_synthetic_dataset``.
-DSB_SIZE_MIX = ([(256, 256)] * 50 + [(256, 320)] * 16 + [(260, 347)] * 2 + [(360, 360)] * 13
-                + [(520, 696)] * 14 + [(1024, 1024)] * 3 + [(1040, 1388)] * 2)
+DSB_SIZE_MIX = (
+    [(256, 256)] * 50
+    + [(256, 320)] * 16
+    + [(260, 347)] * 2
+    + [(360, 360)] * 13
+    + [(520, 696)] * 14
+    + [(1024, 1024)] * 3
+    + [(1040, 1388)] * 2
+)
 
 SETTINGS = {
     # images written, steps per epoch (None: make_datasets' one pass over the pixels), warm epochs of (a)
     # measured, epochs of (b) measured, epochs of (c) measured; model overrides for the smoke test.
     "full": dict(images=200, steps=None, warm_epochs=2, memory_epochs=2, sequence_epochs=1, model={}),
     "quick": dict(images=40, steps=24, warm_epochs=1, memory_epochs=1, sequence_epochs=1, model={}),
-    "smoke": dict(images=6, steps=3, warm_epochs=1, memory_epochs=1, sequence_epochs=1,
-                  model=dict(image_size=64, channels=(8, 16, 32), batch_size=4),
-                  sizes=[(96, 96), (128, 160)]),
+    "smoke": dict(
+        images=6,
+        steps=3,
+        warm_epochs=1,
+        memory_epochs=1,
+        sequence_epochs=1,
+        model=dict(image_size=64, channels=(8, 16, 32), batch_size=4),
+        sizes=[(96, 96), (128, 160)],
+    ),
 }
 
 
@@ -76,18 +90,27 @@ def machine_info() -> dict:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal"):
-                memory_gb = round(int(line.split()[1]) / 1024 ** 2, 1)
+                memory_gb = round(int(line.split()[1]) / 1024**2, 1)
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": cores, "memory_gb": memory_gb, "os": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
-            "gpu": bool(tf.config.list_physical_devices("GPU"))}
+    return {
+        "cpu": cpu,
+        "cores": cores,
+        "memory_gb": memory_gb,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "gpu": bool(tf.config.list_physical_devices("GPU")),
+    }
 
 
 def machine_line(info: dict) -> str:
-    return (f"{info['cpu']}, {info['cores']} cores, {info['memory_gb']} GB, {info['os']}, Python {info['python']}, "
-            f"TensorFlow {info['tensorflow']}, Keras {info['keras']}, {'GPU' if info['gpu'] else 'no GPU'}")
+    return (
+        f"{info['cpu']}, {info['cores']} cores, {info['memory_gb']} GB, {info['os']}, Python {info['python']}, "
+        f"TensorFlow {info['tensorflow']}, Keras {info['keras']}, {'GPU' if info['gpu'] else 'no GPU'}"
+    )
 
 
 def matmul_peak_gflops(size: int = 2048, repeats: int = 10, rounds: int = 3) -> float:
@@ -104,7 +127,7 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 10, rounds: int = 3) -> 
         for _ in range(repeats):
             c = matmul(a, b)
         c.numpy()
-        best = max(best, 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9)
+        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9)
     return best
 
 
@@ -143,8 +166,7 @@ def ensure_dataset(folder: Path, images: int, seed: int, sizes) -> Path:
         log(f"Reusing the dataset in {folder}")
         return folder
     if folder.exists() and any(folder.iterdir()):
-        raise SystemExit(f"{folder} exists but does not hold {images} samples; remove it or pass another "
-                         f"--data-dir")
+        raise SystemExit(f"{folder} exists but does not hold {images} samples; remove it or pass another --data-dir")
     log(f"Writing {images} DSB-like images with one PNG per nucleus to {folder} (once; reused after) ...")
     folder.parent.mkdir(parents=True, exist_ok=True)
     synthetic.write_synthetic_dataset(folder, num_images=images, seed=seed, sizes=sizes, progress=False)
@@ -161,8 +183,12 @@ def dataset_summary(samples) -> dict:
         key = f"{height}x{width}"
         sizes[key] = sizes.get(key, 0) + 1
     masks = [len(s.mask_paths) for s in samples]
-    return {"sizes": dict(sorted(sizes.items(), key=lambda kv: -kv[1])), "masks_mean": statistics.mean(masks),
-            "masks_min": min(masks), "masks_max": max(masks)}
+    return {
+        "sizes": dict(sorted(sizes.items(), key=lambda kv: -kv[1])),
+        "masks_mean": statistics.mean(masks),
+        "masks_min": min(masks),
+        "masks_max": max(masks),
+    }
 
 
 def make_starter_sequence(samples, batch_size: int, steps: int, size: int, seed: int):
@@ -193,7 +219,7 @@ def make_starter_sequence(samples, batch_size: int, steps: int, size: int, seed:
             image, mask = core.pad_to_min_size(image, size), core.pad_to_min_size(mask, size)
             top = int(rng.integers(0, image.shape[0] - size + 1))
             left = int(rng.integers(0, image.shape[1] - size + 1))
-            return image[top:top + size, left:left + size], mask[top:top + size, left:left + size] > 127
+            return image[top : top + size, left : left + size], mask[top : top + size, left : left + size] > 127
 
         def __getitem__(self, index):
             rng = np.random.default_rng([seed, self.epoch, index])
@@ -232,12 +258,15 @@ def epoch_timer(label: str, total_epochs: int, steps: int):
             self.steps.append(now - self.last)
             self.last = now
             if (batch + 1) % self.every == 0 or batch + 1 == steps:
-                log(f"  {label}: epoch {len(self.epochs) + 1}/{total_epochs}, step {batch + 1}/{steps}, "
-                    f"{now - self.start:.1f} s")
+                log(
+                    f"  {label}: epoch {len(self.epochs) + 1}/{total_epochs}, step {batch + 1}/{steps}, "
+                    f"{now - self.start:.1f} s"
+                )
 
         def on_epoch_end(self, epoch, logs=None):
-            self.epochs.append({"end": time.perf_counter(), "seconds": time.perf_counter() - self.start,
-                                "steps": list(self.steps)})
+            self.epochs.append(
+                {"end": time.perf_counter(), "seconds": time.perf_counter() - self.start, "steps": list(self.steps)}
+            )
 
     return EpochTimer()
 
@@ -253,9 +282,13 @@ def fresh_model(config):
 
 def summarise(seconds: list[float], images_per_epoch: int) -> dict:
     rates = [images_per_epoch / s for s in seconds]
-    return {"seconds": statistics.mean(seconds), "seconds_sd": statistics.stdev(seconds) if len(seconds) > 1 else 0.0,
-            "images_per_s": statistics.mean(rates), "images_per_s_sd": statistics.stdev(rates) if len(rates) > 1 else 0.0,
-            "epochs": len(seconds)}
+    return {
+        "seconds": statistics.mean(seconds),
+        "seconds_sd": statistics.stdev(seconds) if len(seconds) > 1 else 0.0,
+        "images_per_s": statistics.mean(rates),
+        "images_per_s_sd": statistics.stdev(rates) if len(rates) > 1 else 0.0,
+        "epochs": len(seconds),
+    }
 
 
 def median_step_ms(timer, epochs) -> float:
@@ -269,26 +302,44 @@ def median_step_ms(timer, epochs) -> float:
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description="Training-input benchmark: the project's pipeline (cold and warm epochs) against "
-                    "the same model on in-memory tensors (the bound) and against the DSB-starter "
-                    "PyDataset that reads every mask PNG for every batch. Prints a table and, as its "
-                    "last line, one JSON object.")
-    parser.add_argument("--quick", action="store_true",
-                        help="a smaller run: 40 images, 24 steps per epoch, one measured epoch each "
-                             "(under two minutes on 2 cores)")
+        "the same model on in-memory tensors (the bound) and against the DSB-starter "
+        "PyDataset that reads every mask PNG for every batch. Prints a table and, as its "
+        "last line, one JSON object."
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smaller run: 40 images, 24 steps per epoch, one measured epoch each (under two minutes on 2 cores)",
+    )
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # seconds; for the tests
-    parser.add_argument("--images", type=int, default=None,
-                        help="number of images in the generated dataset (200; 40 with --quick)")
-    parser.add_argument("--data-dir", default=None,
-                        help="where the generated dataset is written and reused across runs (default: "
-                             "<temp dir>/unet_bench_data/dsb_like_<N>img_seed<S>)")
+    parser.add_argument(
+        "--images", type=int, default=None, help="number of images in the generated dataset (200; 40 with --quick)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="where the generated dataset is written and reused across runs (default: "
+        "<temp dir>/unet_bench_data/dsb_like_<N>img_seed<S>)",
+    )
     parser.add_argument("--seed", type=int, default=2018, help="seed of the generated dataset (2018)")
-    parser.add_argument("--warm-epochs", type=int, default=None,
-                        help="warm epochs of (a) measured after the cold one (2; 1 with --quick)")
-    parser.add_argument("--mixed-precision", action="store_true",
-                        help="train all three in the project's mixed precision (bfloat16 on CPUs) instead of "
-                             "float32; the FLOP rate is then compared with the float32 matmul peak all the same")
-    parser.add_argument("--memory-epochs", type=int, default=None,
-                        help="epochs of (b) measured after a short warm-up (2; 1 with --quick)")
+    parser.add_argument(
+        "--warm-epochs",
+        type=int,
+        default=None,
+        help="warm epochs of (a) measured after the cold one (2; 1 with --quick)",
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        action="store_true",
+        help="train all three in the project's mixed precision (bfloat16 on CPUs) instead of "
+        "float32; the FLOP rate is then compared with the float32 matmul peak all the same",
+    )
+    parser.add_argument(
+        "--memory-epochs",
+        type=int,
+        default=None,
+        help="epochs of (b) measured after a short warm-up (2; 1 with --quick)",
+    )
     return parser.parse_args(argv)
 
 
@@ -303,8 +354,11 @@ def main(argv=None) -> int:
     sequence_epochs = setting["sequence_epochs"]
     sizes = setting.get("sizes", DSB_SIZE_MIX)
     tag = "_smoke" if mode == "smoke" else ""
-    data_dir = Path(args.data_dir) if args.data_dir else (
-        Path(tempfile.gettempdir()) / "unet_bench_data" / f"dsb_like_{images}img_seed{args.seed}{tag}")
+    data_dir = (
+        Path(args.data_dir)
+        if args.data_dir
+        else (Path(tempfile.gettempdir()) / "unet_bench_data" / f"dsb_like_{images}img_seed{args.seed}{tag}")
+    )
     command = rerun_command(argv)
     log(f"Rerun with: {command}")
 
@@ -332,8 +386,7 @@ def main(argv=None) -> int:
     train_ds, _, steps = core.make_datasets(train_samples, val_samples, config)
     model = fresh_model(config)
     timer_a = epoch_timer("(a)", 1 + warm_epochs, steps)
-    model.fit(train_ds, epochs=1 + warm_epochs, steps_per_epoch=steps, callbacks=[timer_a], verbose=0,
-              shuffle=False)
+    model.fit(train_ds, epochs=1 + warm_epochs, steps_per_epoch=steps, callbacks=[timer_a], verbose=0, shuffle=False)
     cold_seconds = timer_a.epochs[0]["end"] - start
     per_epoch = steps * batch
     flops_per_image = forward_flops(model)
@@ -370,8 +423,7 @@ def main(argv=None) -> int:
     # The starter feeds RGB patches and binary masks: the same network with an RGB input and one class.
     model = fresh_model(dataclasses.replace(config, targets="binary", preprocessing="rgb"))
     timer_c = epoch_timer("(c)", sequence_epochs, steps)
-    model.fit(sequence, epochs=sequence_epochs, steps_per_epoch=steps, callbacks=[timer_c], verbose=0,
-              shuffle=False)
+    model.fit(sequence, epochs=sequence_epochs, steps_per_epoch=steps, callbacks=[timer_c], verbose=0, shuffle=False)
     sequence_first = timer_c.epochs[0]["end"] - start_c
     del model
 
@@ -381,25 +433,36 @@ def main(argv=None) -> int:
     b = summarise([e["seconds"] for e in timer_b.epochs], per_epoch)
     c = summarise([sequence_first] + [e["seconds"] for e in timer_c.epochs[1:]], per_epoch)
     train_flops = 3 * flops_per_image  # forward + backward (activations and weights): about 3x forward
-    gflops = {name: train_flops * r["images_per_s"] / 1e9 for name, r in
-              (("a_warm", a_warm), ("b_memory", b), ("a_cold", a_cold), ("c_sequence", c))}
+    gflops = {
+        name: train_flops * r["images_per_s"] / 1e9
+        for name, r in (("a_warm", a_warm), ("b_memory", b), ("a_cold", a_cold), ("c_sequence", c))
+    }
     rows = [
         ("(a) project pipeline, cold: decode + epoch 1", a_cold, median_step_ms(timer_a, [0])),
-        (f"(a) project pipeline, warm: epoch{'s' if warm_epochs > 1 else ''} 2"
-         + (f"-{1 + warm_epochs}" if warm_epochs > 1 else ""), a_warm,
-         median_step_ms(timer_a, range(1, 1 + warm_epochs))),
+        (
+            f"(a) project pipeline, warm: epoch{'s' if warm_epochs > 1 else ''} 2"
+            + (f"-{1 + warm_epochs}" if warm_epochs > 1 else ""),
+            a_warm,
+            median_step_ms(timer_a, range(1, 1 + warm_epochs)),
+        ),
         ("(b) in-memory tensors (the bound)", b, median_step_ms(timer_b, range(memory_epochs))),
         ("(c) DSB-starter PyDataset, workers=1, epoch 1", c, median_step_ms(timer_c, [0])),
     ]
     result = {
-        "benchmark": "bench_train", "mode": mode,
+        "benchmark": "bench_train",
+        "mode": mode,
         "warm_vs_memory": round(a_warm["images_per_s"] / b["images_per_s"], 3),
         "cold_vs_sequence": round(a_cold["images_per_s"] / c["images_per_s"], 3),
         "cold_vs_memory": round(a_cold["images_per_s"] / b["images_per_s"], 3),
         "sequence_vs_memory": round(c["images_per_s"] / b["images_per_s"], 3),
-        "images_per_s": {"a_cold": round(a_cold["images_per_s"], 2), "a_warm": round(a_warm["images_per_s"], 2),
-                         "a_warm_sd": round(a_warm["images_per_s_sd"], 2), "b_memory": round(b["images_per_s"], 2),
-                         "b_memory_sd": round(b["images_per_s_sd"], 2), "c_sequence": round(c["images_per_s"], 2)},
+        "images_per_s": {
+            "a_cold": round(a_cold["images_per_s"], 2),
+            "a_warm": round(a_warm["images_per_s"], 2),
+            "a_warm_sd": round(a_warm["images_per_s_sd"], 2),
+            "b_memory": round(b["images_per_s"], 2),
+            "b_memory_sd": round(b["images_per_s_sd"], 2),
+            "c_sequence": round(c["images_per_s"], 2),
+        },
         "gflops_per_s": round(gflops["a_warm"], 1),
         "gflops_per_s_memory": round(gflops["b_memory"], 1),
         "matmul_gflops_per_s": round(peak, 1),
@@ -409,43 +472,61 @@ def main(argv=None) -> int:
         "a_epoch1_seconds": round(timer_a.epochs[0]["seconds"], 2),
         "pipeline_alone_seconds": round(pipeline_seconds, 2),
         "precision": policy,
-        "steps_per_epoch": steps, "batch_size": batch, "patch": config.image_size,
-        "train_images": len(train_samples), "dataset_images": images,
+        "steps_per_epoch": steps,
+        "batch_size": batch,
+        "patch": config.image_size,
+        "train_images": len(train_samples),
+        "dataset_images": images,
         "masks_per_image": round(summary["masks_mean"], 1),
-        "sequence_workers": 1, "command": command,
+        "sequence_workers": 1,
+        "command": command,
     }
 
     print(f"Training input benchmark ({mode} run)")
     print(f"Machine: {machine_line(info)}")
-    print(f"Data:    {data_dir}: {images} DSB-like images ({', '.join(f'{k}: {v}' for k, v in summary['sizes'].items())}), "
-          f"{summary['masks_mean']:.1f} mask PNGs per image on average ({summary['masks_min']}-{summary['masks_max']}); "
-          f"{len(train_samples)} used for training")
-    print(f"Model:   U-Net channels {'-'.join(map(str, config.channels))}, {config.image_size}x{config.image_size} "
-          f"patches, batch {batch}, {policy}; epoch = {steps} steps x {batch} = {per_epoch} patches for (a), (b), (c)")
+    print(
+        f"Data:    {data_dir}: {images} DSB-like images ({', '.join(f'{k}: {v}' for k, v in summary['sizes'].items())}), "
+        f"{summary['masks_mean']:.1f} mask PNGs per image on average ({summary['masks_min']}-{summary['masks_max']}); "
+        f"{len(train_samples)} used for training"
+    )
+    print(
+        f"Model:   U-Net channels {'-'.join(map(str, config.channels))}, {config.image_size}x{config.image_size} "
+        f"patches, batch {batch}, {policy}; epoch = {steps} steps x {batch} = {per_epoch} patches for (a), (b), (c)"
+    )
     print()
     print(f"{'variant':<48} {'seconds':>12} {'images/s':>13} {'median step ms':>14} {'vs (b)':>7} {'GFLOP/s':>8}")
     for label, r, step_ms in rows:
         seconds = f"{r['seconds']:.1f}" + (f" ±{r['seconds_sd']:.1f}" if r["epochs"] > 1 else "")
         rate = f"{r['images_per_s']:.2f}" + (f" ±{r['images_per_s_sd']:.2f}" if r["epochs"] > 1 else "")
-        print(f"{label:<48} {seconds:>12} {rate:>13} {step_ms:>14.0f} "
-              f"{r['images_per_s'] / b['images_per_s']:>7.3f} {train_flops * r['images_per_s'] / 1e9:>8.1f}")
+        print(
+            f"{label:<48} {seconds:>12} {rate:>13} {step_ms:>14.0f} "
+            f"{r['images_per_s'] / b['images_per_s']:>7.3f} {train_flops * r['images_per_s'] / 1e9:>8.1f}"
+        )
     print()
-    print(f"(a) cold = {decoded - start:.1f} s finding and decoding {len(train_samples) + len(val_samples)} images "
-          f"and all their mask PNGs once (load_samples, threads) + make_datasets, building the model and epoch 1 "
-          f"({timer_a.epochs[0]['seconds']:.1f} s, tracing included); (c) epoch 1 includes building the model and "
-          f"tracing too. ± is the sd over the measured epochs.")
-    print(f"The input pipeline alone (no model) makes one epoch of {steps} batches in {pipeline_seconds:.1f} s "
-          f"({per_epoch / pipeline_seconds:.0f} images/s, {per_epoch / pipeline_seconds / b['images_per_s']:.0f}x "
-          f"what the model consumes).")
+    print(
+        f"(a) cold = {decoded - start:.1f} s finding and decoding {len(train_samples) + len(val_samples)} images "
+        f"and all their mask PNGs once (load_samples, threads) + make_datasets, building the model and epoch 1 "
+        f"({timer_a.epochs[0]['seconds']:.1f} s, tracing included); (c) epoch 1 includes building the model and "
+        f"tracing too. ± is the sd over the measured epochs."
+    )
+    print(
+        f"The input pipeline alone (no model) makes one epoch of {steps} batches in {pipeline_seconds:.1f} s "
+        f"({per_epoch / pipeline_seconds:.0f} images/s, {per_epoch / pipeline_seconds / b['images_per_s']:.0f}x "
+        f"what the model consumes)."
+    )
     print(f"warm_vs_memory   = (a) warm / (b)  = {result['warm_vs_memory']:.3f}   (target >= 0.9)")
-    print(f"cold_vs_sequence = (a) cold / (c)  = {result['cold_vs_sequence']:.3f}   (target >= 5); "
-          f"upper limit here: (b) / (c) = {1 / result['sequence_vs_memory']:.3f}")
-    print(f"Compute: {flops_per_image / 1e9:.2f} GFLOP forward per {config.image_size}x{config.image_size} patch "
-          f"(convolution multiply-adds x 2), training step = 3 x forward per image = "
-          f"{train_flops * batch / 1e9:.1f} GFLOP per step of {batch}; (a) warm {gflops['a_warm']:.1f} GFLOP/s "
-          f"and (b) {gflops['b_memory']:.1f} GFLOP/s = {result['fraction_of_matmul_peak']:.0%} and "
-          f"{result['fraction_of_matmul_peak_memory']:.0%} of the float32 matmul peak measured in this run "
-          f"({peak:.0f} GFLOP/s, float32 {matmul_size}x{matmul_size} tf.linalg.matmul, best of 3 x 10)")
+    print(
+        f"cold_vs_sequence = (a) cold / (c)  = {result['cold_vs_sequence']:.3f}   (target >= 5); "
+        f"upper limit here: (b) / (c) = {1 / result['sequence_vs_memory']:.3f}"
+    )
+    print(
+        f"Compute: {flops_per_image / 1e9:.2f} GFLOP forward per {config.image_size}x{config.image_size} patch "
+        f"(convolution multiply-adds x 2), training step = 3 x forward per image = "
+        f"{train_flops * batch / 1e9:.1f} GFLOP per step of {batch}; (a) warm {gflops['a_warm']:.1f} GFLOP/s "
+        f"and (b) {gflops['b_memory']:.1f} GFLOP/s = {result['fraction_of_matmul_peak']:.0%} and "
+        f"{result['fraction_of_matmul_peak_memory']:.0%} of the float32 matmul peak measured in this run "
+        f"({peak:.0f} GFLOP/s, float32 {matmul_size}x{matmul_size} tf.linalg.matmul, best of 3 x 10)"
+    )
     print(f"Rerun: {command}")
     keras_policy_reset()
     print(json.dumps(result))

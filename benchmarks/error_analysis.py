@@ -17,6 +17,7 @@ several ways and scored with the competition's metric:
 
 It prints one table (mean DSB score per image set and kind) and, last, one JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,16 +34,31 @@ sys.path.insert(0, str(ROOT))
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Score a trained instance-aware run's nuclei found in several ways (its own post-processing, "
-                    "two oracles, post-processing variants) on its validation images and the held-out fifth, per "
-                    "image kind; the last line is one JSON object.")
+        "two oracles, post-processing variants) on its validation images and the held-out fifth, per "
+        "image kind; the last line is one JSON object."
+    )
     parser.add_argument("--run", default=None, help="run folder or name (default: the newest run)")
-    parser.add_argument("--data", default="dataset/stage1_train", metavar="DIR",
-                        help="the DSB-2018 training folder the run used (default: dataset/stage1_train)")
+    parser.add_argument(
+        "--data",
+        default="dataset/stage1_train",
+        metavar="DIR",
+        help="the DSB-2018 training folder the run used (default: dataset/stage1_train)",
+    )
     return parser
 
 
-def nuclei(output, post, *, min_marker=None, sigma=0.0, surface="interior", fill=False, grow=0,
-           true_area=None, true_markers=None) -> np.ndarray:
+def nuclei(
+    output,
+    post,
+    *,
+    min_marker=None,
+    sigma=0.0,
+    surface="interior",
+    fill=False,
+    grow=0,
+    true_area=None,
+    true_markers=None,
+) -> np.ndarray:
     """Instances from an H x W x 3 output, as ``instances_from_classes`` finds them, with one change."""
     from scipy import ndimage as ndi
     from skimage import filters, segmentation
@@ -59,8 +75,9 @@ def nuclei(output, post, *, min_marker=None, sigma=0.0, surface="interior", fill
         markers, _ = ndi.label(blobs > post.marker_threshold)
         markers = remove_small(markers, min_marker or postprocess.MIN_MARKER_SIZE)
     area = (true_area if true_area is not None else (1.0 - output[..., 0]) > post.threshold) | (markers > 0)
-    heights = {"interior": -interior, "background": output[..., 0],
-               "distance": -ndi.distance_transform_edt(area)}[surface]
+    heights = {"interior": -interior, "background": output[..., 0], "distance": -ndi.distance_transform_edt(area)}[
+        surface
+    ]
     labels = segmentation.watershed(heights, markers, mask=area)
     orphans, _ = ndi.label(area & (labels == 0), structure=np.ones((3, 3)))
     labels = np.where(orphans > 0, orphans + labels.max(), labels).astype(np.int32)
@@ -154,16 +171,26 @@ def main(argv=None) -> int:
     columns = sorted(scores["as chosen"], key=lambda k: (k.split()[0] != "validation", len(k.split()), k))
     means = {way: {c: float(np.mean(v[c])) for c in columns} for way, v in scores.items()}
     counts = {c: len(scores["as chosen"][c]) for c in columns}
-    print(f"DSB-2018 score of {run_dir} (post-processing: nucleus {post.threshold:.2f}, markers "
-          f"{post.marker_threshold:.2f}, nuclei of {post.min_size}+ px, confidence {post.min_confidence:.2f}+), "
-          f"mean per image:")
+    print(
+        f"DSB-2018 score of {run_dir} (post-processing: nucleus {post.threshold:.2f}, markers "
+        f"{post.marker_threshold:.2f}, nuclei of {post.min_size}+ px, confidence {post.min_confidence:.2f}+), "
+        f"mean per image:"
+    )
     heads = [f"{c} ({counts[c]})" for c in columns]
     width = max(len(h) for h in heads) + 2
     print(f"{'':30}" + "".join(f"{h:>{width}}" for h in heads))
     for way in WAYS:
         print(f"{way:30}" + "".join(f"{means[way][c]:>{width}.4f}" for c in columns))
-    print(json.dumps({"benchmark": "error_analysis", "run": str(run_dir), "images": counts,
-                      "dsb_score": {w: {c: round(v, 4) for c, v in m.items()} for w, m in means.items()}}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "error_analysis",
+                "run": str(run_dir),
+                "images": counts,
+                "dsb_score": {w: {c: round(v, 4) for c, v in m.items()} for w, m in means.items()},
+            }
+        )
+    )
     return 0
 
 

@@ -20,6 +20,7 @@ run that trained on ``--data``.
 A run that trained on held-out images is refused.  The per-image scores go to
 ``<run>/holdout_scores.json`` (a new name if that exists).
 """
+
 import argparse
 import json
 import sys
@@ -34,19 +35,34 @@ import Train  # noqa: E402  (the flags of Train.py are the flags of a training h
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Score a U-Net on the held-out fifth of the real DSB-2018 training set, per image kind. "
-                    "Flags not listed here are Train.py's (see python Train.py --help).",
-        epilog="Example: python benchmarks/evaluate_real.py --epochs 5 --name proxy")
-    parser.add_argument("--data", default="dataset/stage1_train", metavar="DIR",
-                        help="the DSB-2018 training folder (default: dataset/stage1_train)")
+        "Flags not listed here are Train.py's (see python Train.py --help).",
+        epilog="Example: python benchmarks/evaluate_real.py --epochs 5 --name proxy",
+    )
+    parser.add_argument(
+        "--data",
+        default="dataset/stage1_train",
+        metavar="DIR",
+        help="the DSB-2018 training folder (default: dataset/stage1_train)",
+    )
     parser.add_argument("--run", metavar="RUN", help="score this finished run instead of training one")
-    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                        help="test-time augmentation (default: the run's setting)")
-    parser.add_argument("--train-kinds", metavar="KIND[,KIND]",
-                        help="train only on the training images of these kinds (fluorescence, stained, "
-                             "brightfield), for example to fine-tune on one kind (--init); scored on every kind")
-    parser.add_argument("--all", action="store_true",
-                        help="score every image of --data, not only the held-out fifth; only for a finished "
-                             "--run that trained on other data (the synthetic-to-real measure)")
+    parser.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="test-time augmentation (default: the run's setting)",
+    )
+    parser.add_argument(
+        "--train-kinds",
+        metavar="KIND[,KIND]",
+        help="train only on the training images of these kinds (fluorescence, stained, "
+        "brightfield), for example to fine-tune on one kind (--init); scored on every kind",
+    )
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="score every image of --data, not only the held-out fifth; only for a finished "
+        "--run that trained on other data (the synthetic-to-real measure)",
+    )
     return parser
 
 
@@ -57,15 +73,19 @@ def check_unseen(info: dict, data_dir: Path, held_out: list[str]) -> None:
         return  # another dataset (the synthetic sample, say): every image here is unseen
     leaked = sorted(set(held_out) - set(info.get("held_out_ids", [])))
     if leaked:
-        raise ValueError(f"this run trained or tuned on {len(leaked)} of the {len(held_out)} held-out images "
-                         f"(for example {leaked[0]}); train with this script so they stay unseen")
+        raise ValueError(
+            f"this run trained or tuned on {len(leaked)} of the {len(held_out)} held-out images "
+            f"(for example {leaked[0]}); train with this script so they stay unseen"
+        )
 
 
 def check_other_data(info: dict, data_dir: Path) -> None:
     """Refuse ``--all`` for a run that trained on ``data_dir``: its training images would be scored."""
     if Path(info.get("data_dir", "")).resolve() == data_dir.resolve():
-        raise ValueError(f"--all scores every image of {data_dir}, but this run trained on that folder; "
-                         "score its held-out fifth without --all")
+        raise ValueError(
+            f"--all scores every image of {data_dir}, but this run trained on that folder; "
+            "score its held-out fifth without --all"
+        )
 
 
 def main(argv=None) -> int:
@@ -100,9 +120,15 @@ def main(argv=None) -> int:
                 check_unseen(training.read_run_config(init_model.parent)[1], data_dir, held_out)
             config = Train.config_from_args(train_args, core, init_config)
             excluded = set(held_out) | left_out_kinds(kinds, args.train_kinds)
-            result = training.train(config, runs_root=train_args.runs_dir, run_name=train_args.name,
-                                    resume=train_args.resume, exclude_ids=sorted(excluded),
-                                    changes=Train.overrides_from_args(train_args), init_model=init_model)
+            result = training.train(
+                config,
+                runs_root=train_args.runs_dir,
+                run_name=train_args.name,
+                resume=train_args.resume,
+                exclude_ids=sorted(excluded),
+                changes=Train.overrides_from_args(train_args),
+                init_model=init_model,
+            )
             segmenter = Segmenter.load(result.run_dir, tta=args.tta)
     except (core.DataError, ModelError, training.TrainingError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -111,22 +137,33 @@ def main(argv=None) -> int:
     config, run_dir = segmenter.config, segmenter.run_dir
     by_id = {s.sample_id: s for s in loaded}
     which = "all" if args.all else "held-out"
-    print(f"Scoring {run_dir} on {len(held_out)} {which} images of {data_dir} "
-          f"({', '.join(f'{n} {k}' for k, n in _counts(kinds, held_out).items())})", file=sys.stderr)
+    print(
+        f"Scoring {run_dir} on {len(held_out)} {which} images of {data_dir} "
+        f"({', '.join(f'{n} {k}' for k, n in _counts(kinds, held_out).items())})",
+        file=sys.stderr,
+    )
     result = evaluation.evaluate(segmenter, [by_id[i] for i in held_out])
     tta = bool(segmenter.tta)
     out = predict.unique_path(Path(run_dir) / ("all_scores.json" if args.all else "holdout_scores.json"))
     summary = result.summary()
-    out.write_text(json.dumps({"run": str(run_dir), "tta": tta, "summary": summary, "images": result.rows()},
-                              indent=1) + "\n")
+    out.write_text(
+        json.dumps({"run": str(run_dir), "tta": tta, "summary": summary, "images": result.rows()}, indent=1) + "\n"
+    )
     print(result.table())
     print(f"per image: {out}; {result.seconds:.0f} s to predict and score")
-    figures = {"run": str(run_dir), "images": which, "targets": config.targets, "tta": tta,
-               "n": summary["all"]["n"], "dsb_score": summary["all"]["dsb_score"], "ap50": summary["all"]["ap50"],
-               "dice": summary["all"]["dice"],
-               "per_kind": {k: v["dsb_score"] for k, v in summary.items() if k != "all"},
-               "per_size": {k: v["dsb_score"] for k, v in result.by_size().items()},
-               "predict_seconds": round(result.seconds, 1)}
+    figures = {
+        "run": str(run_dir),
+        "images": which,
+        "targets": config.targets,
+        "tta": tta,
+        "n": summary["all"]["n"],
+        "dsb_score": summary["all"]["dsb_score"],
+        "ap50": summary["all"]["ap50"],
+        "dice": summary["all"]["dice"],
+        "per_kind": {k: v["dsb_score"] for k, v in summary.items() if k != "all"},
+        "per_size": {k: v["dsb_score"] for k, v in result.by_size().items()},
+        "predict_seconds": round(result.seconds, 1),
+    }
     print(json.dumps(figures))
     return 0
 
@@ -138,8 +175,10 @@ def left_out_kinds(kinds: dict, train_kinds: str | None) -> set:
     wanted = {k.strip() for k in train_kinds.split(",") if k.strip()}
     unknown = wanted - set(kinds.values())
     if unknown:
-        raise ValueError(f"--train-kinds: no image of kind {sorted(unknown)[0]!r}; the kinds are "
-                         f"{', '.join(sorted(set(kinds.values())))}")
+        raise ValueError(
+            f"--train-kinds: no image of kind {sorted(unknown)[0]!r}; the kinds are "
+            f"{', '.join(sorted(set(kinds.values())))}"
+        )
     return {i for i, kind in kinds.items() if kind not in wanted}
 
 

@@ -10,6 +10,7 @@ decoded arrays are identical (checked after writing).  DSB-2018's stage1_train (
 Grey images (all three channels equal) are written with one channel.  The output folder must not exist.
 Never commit the packed copy: it is made from the data (``dataset/`` is git-ignored).
 """
+
 import argparse
 import json
 import sys
@@ -27,25 +28,31 @@ def _write_one(sample, images_dir: Path, masks_dir: Path, level: int) -> int:
 
     image = np.ascontiguousarray(sample.image)
     if (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all():
-        encoded_image = cv2.imencode(".png", np.ascontiguousarray(image[..., 0]),
-                                     [cv2.IMWRITE_PNG_COMPRESSION, level])[1]
+        encoded_image = cv2.imencode(".png", np.ascontiguousarray(image[..., 0]), [cv2.IMWRITE_PNG_COMPRESSION, level])[
+            1
+        ]
     else:
-        encoded_image = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                                     [cv2.IMWRITE_PNG_COMPRESSION, level])[1]
-    encoded_labels = cv2.imencode(".png", np.ascontiguousarray(sample.labels, dtype=np.uint16),
-                                  [cv2.IMWRITE_PNG_COMPRESSION, level])[1]
+        encoded_image = cv2.imencode(
+            ".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, level]
+        )[1]
+    encoded_labels = cv2.imencode(
+        ".png", np.ascontiguousarray(sample.labels, dtype=np.uint16), [cv2.IMWRITE_PNG_COMPRESSION, level]
+    )[1]
     encoded_image.tofile(str(images_dir / f"{sample.sample_id}.png"))
     encoded_labels.tofile(str(masks_dir / f"{sample.sample_id}.png"))
     return encoded_image.size + encoded_labels.size
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Pack a dataset folder (any layout the loader reads) into "
-                                                 "images/ + 16-bit label masks/ PNGs, decoded-identical.")
+    parser = argparse.ArgumentParser(
+        description="Pack a dataset folder (any layout the loader reads) into "
+        "images/ + 16-bit label masks/ PNGs, decoded-identical."
+    )
     parser.add_argument("data", help="dataset folder, e.g. dataset/stage1_train")
     parser.add_argument("out", help="new output folder (must not exist)")
-    parser.add_argument("--level", type=int, default=6, choices=range(10), metavar="0-9",
-                        help="PNG compression level (default 6)")
+    parser.add_argument(
+        "--level", type=int, default=6, choices=range(10), metavar="0-9", help="PNG compression level (default 6)"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists():
@@ -71,12 +78,19 @@ def main(argv=None) -> int:
         sizes = list(pool.map(lambda s: _write_one(s, staging / "images", staging / "masks", args.level), loaded))
     # Check the promise before handing the copy over: every decoded array identical to the original.
     copies = {s.sample_id: s for s in core.load_samples(core.find_samples(staging)[0], progress=False)[0]}
-    different = [s.sample_id for s in loaded if s.sample_id not in copies
-                 or not np.array_equal(copies[s.sample_id].image, s.image)
-                 or not np.array_equal(copies[s.sample_id].labels, s.labels)]
+    different = [
+        s.sample_id
+        for s in loaded
+        if s.sample_id not in copies
+        or not np.array_equal(copies[s.sample_id].image, s.image)
+        or not np.array_equal(copies[s.sample_id].labels, s.labels)
+    ]
     if different:
-        print(f"error: {len(different)} samples decode differently from the original (first: {different[0]}); "
-              f"the partial copy is in {staging}", file=sys.stderr)
+        print(
+            f"error: {len(different)} samples decode differently from the original (first: {different[0]}); "
+            f"the partial copy is in {staging}",
+            file=sys.stderr,
+        )
         return 1
     staging.rename(out)
     figures = {"samples": len(loaded), "mb": round(sum(sizes) / 2**20, 1), "seconds": round(time.time() - started, 1)}

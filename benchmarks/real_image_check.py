@@ -12,6 +12,7 @@ installed, nothing is committed).  Run from the repository root:
 It prints Dice, IoU and the DSB-2018 score and writes ``real_image_check.png`` (image, truth, prediction)
 into the run's folder (or --out).
 """
+
 import argparse
 import subprocess
 import sys
@@ -27,8 +28,21 @@ MEMBERS = ("stardist/data/images/img2d.tif", "stardist/data/images/mask2d.tif")
 
 def fetch_real_image(folder: Path) -> tuple[Path, Path]:
     """Download the StarDist wheel (no dependencies, no install) and extract the 2-D image and labels."""
-    subprocess.run([sys.executable, "-m", "pip", "download", WHEEL_PACKAGE, "--no-deps", "--only-binary=:all:",
-                    "-q", "-d", str(folder)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            WHEEL_PACKAGE,
+            "--no-deps",
+            "--only-binary=:all:",
+            "-q",
+            "-d",
+            str(folder),
+        ],
+        check=True,
+    )
     wheel = next(folder.glob("stardist-*.whl"))
     with zipfile.ZipFile(wheel) as archive:
         for member in MEMBERS:
@@ -60,9 +74,11 @@ def main() -> int:
     scores = result.scores
     out = Path(args.out) if args.out else run_dir / "real_image_check.png"
     plots.save(plots.prediction_grid([result]), out, dpi=80)
-    print(f"Run {run_dir} on a real 512x512 fluorescence image ({scores.nuclei_true} annotated nuclei): "
-          f"Dice {scores.dice:.3f}  IoU {scores.iou:.3f}  DSB score {scores.dsb_score:.3f}  "
-          f"({scores.nuclei_pred} nuclei found; threshold {segmenter.post.threshold:.2f}). Figure: {out}")
+    print(
+        f"Run {run_dir} on a real 512x512 fluorescence image ({scores.nuclei_true} annotated nuclei): "
+        f"Dice {scores.dice:.3f}  IoU {scores.iou:.3f}  DSB score {scores.dsb_score:.3f}  "
+        f"({scores.nuclei_pred} nuclei found; threshold {segmenter.post.threshold:.2f}). Figure: {out}"
+    )
     return 0
 
 

@@ -17,6 +17,7 @@ model's stretch), nuclear texture (mean over nuclei of the grey standard deviati
 the contrast) and background texture (standard deviation of the background after a 1-pixel Gaussian
 smoothing, over the contrast).  Per nucleus: equivalent diameter, eccentricity and solidity.
 """
+
 import argparse
 import json
 import sys
@@ -35,8 +36,12 @@ PER_NUCLEUS = ("diameter", "eccentricity", "solidity")
 def touching_labels(labels: np.ndarray) -> np.ndarray:
     """The label values of nuclei that share an edge (4- or 8-neighbourhood) with another nucleus."""
     touching = set()
-    for a, b in ((labels[1:, :], labels[:-1, :]), (labels[:, 1:], labels[:, :-1]),
-                 (labels[1:, 1:], labels[:-1, :-1]), (labels[1:, :-1], labels[:-1, 1:])):
+    for a, b in (
+        (labels[1:, :], labels[:-1, :]),
+        (labels[:, 1:], labels[:, :-1]),
+        (labels[1:, 1:], labels[:-1, :-1]),
+        (labels[1:, :-1], labels[:-1, 1:]),
+    ):
         contact = (a != b) & (a > 0) & (b > 0)
         touching.update(np.unique(a[contact]).tolist())
         touching.update(np.unique(b[contact]).tolist())
@@ -53,8 +58,7 @@ def image_statistics(image: np.ndarray, labels: np.ndarray) -> tuple[dict, dict]
 
     labels = np.asarray(labels, dtype=np.int32)
     grey = core.preprocess_image(image, "grey")[..., 0].astype(np.float32)
-    props = regionprops_table(labels, properties=("label", "equivalent_diameter_area", "eccentricity",
-                                                  "solidity"))
+    props = regionprops_table(labels, properties=("label", "equivalent_diameter_area", "eccentricity", "solidity"))
     ids = props["label"]
     nuclei = labels > 0
     # The background a nucleus does not blur into: two pixels away from every mask.
@@ -73,8 +77,11 @@ def image_statistics(image: np.ndarray, labels: np.ndarray) -> tuple[dict, dict]
         "nuclear_texture": float(np.mean(inner_std) / contrast) if len(ids) else float("nan"),
         "background_texture": float(smooth[background].std() / contrast) if background.sum() > 100 else float("nan"),
     }
-    per_nucleus = {"diameter": props["equivalent_diameter_area"], "eccentricity": props["eccentricity"],
-                   "solidity": props["solidity"]}
+    per_nucleus = {
+        "diameter": props["equivalent_diameter_area"],
+        "eccentricity": props["eccentricity"],
+        "solidity": props["solidity"],
+    }
     return per_image, per_nucleus
 
 
@@ -109,8 +116,7 @@ def summarise(stats: dict) -> dict:
         for key in PER_IMAGE + PER_NUCLEUS:
             values = np.asarray(group[key], dtype=float)
             values = values[np.isfinite(values)]
-            row[key] = ([round(float(v), 3) for v in np.percentile(values, (50, 10, 90))]
-                        if len(values) else None)
+            row[key] = [round(float(v), 3) for v in np.percentile(values, (50, 10, 90))] if len(values) else None
         summary[kind] = row
     return summary
 
@@ -121,8 +127,7 @@ def table(summaries: dict) -> str:
     lines = [f"{'source':<11}{'kind':<14}{'n':>5} " + " ".join(f"{c[:18]:>20}" for c in columns)]
     for source, summary in summaries.items():
         for kind, row in summary.items():
-            cells = [("-" if row[c] is None else f"{row[c][0]:.3g} ({row[c][1]:.3g}-{row[c][2]:.3g})")
-                     for c in columns]
+            cells = [("-" if row[c] is None else f"{row[c][0]:.3g} ({row[c][1]:.3g}-{row[c][2]:.3g})") for c in columns]
             lines.append(f"{source:<11}{kind:<14}{row['images']:>5} " + " ".join(f"{c:>20}" for c in cells))
     return "\n".join(lines)
 
@@ -158,17 +163,30 @@ def draw(stats_by_source: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Compare the statistics of the built-in synthetic sample "
-                                                 "with a real dataset, per image kind.")
-    parser.add_argument("--synthetic", metavar="DIR",
-                        help="synthetic folder (default: the built-in sample, generated if missing)")
-    parser.add_argument("--sample-images", type=int, metavar="N",
-                        help="size of the built-in sample when --synthetic is not given (default: the "
-                             "size Train.py uses)")
-    parser.add_argument("--real", default="dataset/stage1_train", metavar="DIR",
-                        help="real dataset folder in the DSB layout (default: dataset/stage1_train)")
-    parser.add_argument("--figure", default="synthetic_vs_real.png", metavar="PNG",
-                        help="where to draw the figure (default: synthetic_vs_real.png)")
+    parser = argparse.ArgumentParser(
+        description="Compare the statistics of the built-in synthetic sample with a real dataset, per image kind."
+    )
+    parser.add_argument(
+        "--synthetic", metavar="DIR", help="synthetic folder (default: the built-in sample, generated if missing)"
+    )
+    parser.add_argument(
+        "--sample-images",
+        type=int,
+        metavar="N",
+        help="size of the built-in sample when --synthetic is not given (default: the size Train.py uses)",
+    )
+    parser.add_argument(
+        "--real",
+        default="dataset/stage1_train",
+        metavar="DIR",
+        help="real dataset folder in the DSB layout (default: dataset/stage1_train)",
+    )
+    parser.add_argument(
+        "--figure",
+        default="synthetic_vs_real.png",
+        metavar="PNG",
+        help="where to draw the figure (default: synthetic_vs_real.png)",
+    )
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -188,12 +206,13 @@ def main(argv=None) -> int:
             args.synthetic = synthetic.ensure_sample_dataset(args.sample_images or core.Config.sample_images)
         real = Path(args.real)
         if not real.is_dir():
-            print(f"error: {real} is not a folder; give the real DSB-2018 training set with --real",
-                  file=sys.stderr)
+            print(f"error: {real} is not a folder; give the real DSB-2018 training set with --real", file=sys.stderr)
             return 2
         try:
-            stats = {"synthetic": folder_statistics(Path(args.synthetic), progress=not args.smoke),
-                     "real": folder_statistics(real, progress=not args.smoke)}
+            stats = {
+                "synthetic": folder_statistics(Path(args.synthetic), progress=not args.smoke),
+                "real": folder_statistics(real, progress=not args.smoke),
+            }
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -202,8 +221,16 @@ def main(argv=None) -> int:
         figure = Path(args.figure)
         draw(stats, figure)
         print(f"figure: {figure}")
-    print(json.dumps({"synthetic": str(args.synthetic), "real": str(args.real), "figure": str(figure),
-                      "median_p10_p90": summaries}))
+    print(
+        json.dumps(
+            {
+                "synthetic": str(args.synthetic),
+                "real": str(args.real),
+                "figure": str(figure),
+                "median_p10_p90": summaries,
+            }
+        )
+    )
     return 0
 
 

@@ -3,6 +3,7 @@ and nuclei counts, from a trained run (the newest by default).
 
     python docs/make_example_figure.py [--model RUN]
 """
+
 import argparse
 import sys
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Shared test set-up: CPU only, quiet TensorFlow, the repository root importable."""
+
 import contextlib
 import io
 import os
@@ -23,8 +24,9 @@ import pytest
 def run_script(script: str, *args: str, cwd, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run one of the project's scripts as a user would: a fresh Python process, in ``cwd``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def snapshot(root) -> dict:
@@ -67,7 +69,8 @@ def quick_run(tmp_path_factory, tiny_dataset):
     import Train
 
     work = tmp_path_factory.mktemp("work")
-    status, out, err = run_main(Train, "--quick", "--data", str(tiny_dataset), "--name", "first",
-                                "--runs-dir", str(work / "runs"))
+    status, out, err = run_main(
+        Train, "--quick", "--data", str(tiny_dataset), "--name", "first", "--runs-dir", str(work / "runs")
+    )
     assert status == 0, out + err
     return work, work / "runs" / "first", out

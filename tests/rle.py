@@ -1,5 +1,6 @@
 """DSB-2018 run-length encoding of one mask and its strict decoder: the reference the tests check
 ``unet_nuclei.formats.rle_rows`` (the encoder the project writes submissions with) against."""
+
 import numpy as np
 
 
@@ -48,15 +49,16 @@ def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
     if tokens:
         values = np.array([int(token) for token in tokens], dtype=np.int64).reshape(-1, 2)
         starts, lengths = values[:, 0], values[:, 1]
-        ends = starts + lengths - 1   # The last pixel of each run, 1-based.
+        ends = starts + lengths - 1  # The last pixel of each run, 1-based.
         if np.any(starts < 1):
             raise ValueError("run starts must be >= 1 (pixels are numbered from 1)")
         if np.any(lengths < 1):
             raise ValueError("run lengths must be >= 1")
         if np.any(ends > n_pixels):
             run = int(np.argmax(ends > n_pixels))
-            raise ValueError(f"run {int(starts[run])} {int(lengths[run])} goes past the last pixel "
-                             f"({n_pixels} = {height} x {width})")
+            raise ValueError(
+                f"run {int(starts[run])} {int(lengths[run])} goes past the last pixel ({n_pixels} = {height} x {width})"
+            )
         if np.any(starts[1:] <= ends[:-1]):
             raise ValueError("runs must be sorted by start and must not overlap")
         # Marking +1 at each start and -1 after each end, then summing, fills the runs without a loop.

@@ -1,6 +1,7 @@
 """The benchmarks run as a user runs them and end with their JSON line.  Timings are never checked: they
 depend on the machine.  The hidden --smoke setting shrinks each benchmark to seconds (tiny model, a few
 images, a few steps); --quick takes a minute or two and is left to the user."""
+
 import json
 import os
 import subprocess
@@ -13,8 +14,14 @@ from conftest import ROOT
 
 def run_benchmark(script: str, *args: str, cwd) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def last_json(result: subprocess.CompletedProcess) -> dict:
@@ -28,14 +35,26 @@ def last_json(result: subprocess.CompletedProcess) -> dict:
 def test_bench_train_smoke_prints_its_table_and_json(tmp_path):
     result = run_benchmark("bench_train.py", "--smoke", "--data-dir", str(tmp_path / "data"), cwd=tmp_path)
     data = last_json(result)
-    for key in ("warm_vs_memory", "cold_vs_sequence", "gflops_per_s", "fraction_of_matmul_peak",
-                "matmul_gflops_per_s", "masks_per_image", "steps_per_epoch"):
+    for key in (
+        "warm_vs_memory",
+        "cold_vs_sequence",
+        "gflops_per_s",
+        "fraction_of_matmul_peak",
+        "matmul_gflops_per_s",
+        "masks_per_image",
+        "steps_per_epoch",
+    ):
         assert key in data, key
     assert data["warm_vs_memory"] > 0 and data["cold_vs_sequence"] > 0 and data["gflops_per_s"] > 0
     assert data["fraction_of_matmul_peak"] > 0
     assert data["sequence_workers"] == 1
-    for label in ("(a) project pipeline, cold", "(a) project pipeline, warm", "(b) in-memory tensors",
-                  "(c) DSB-starter PyDataset", "Machine:"):
+    for label in (
+        "(a) project pipeline, cold",
+        "(a) project pipeline, warm",
+        "(b) in-memory tensors",
+        "(c) DSB-starter PyDataset",
+        "Machine:",
+    ):
         assert label in result.stdout, label
     assert "python benchmarks/bench_train.py --smoke" in result.stdout  # how to rerun
     # The generated dataset is reused by the next run rather than written again.
@@ -48,8 +67,7 @@ def test_bench_train_smoke_prints_its_table_and_json(tmp_path):
 def test_bench_predict_smoke_prints_its_table_and_json(tmp_path):
     result = run_benchmark("bench_predict.py", "--smoke", cwd=tmp_path)
     data = last_json(result)
-    for key in ("tiled_vs_forward", "peak_mb_4096", "tiled_vs_forward_by_size", "tiled_mpx_per_s",
-                "forward_mpx_per_s"):
+    for key in ("tiled_vs_forward", "peak_mb_4096", "tiled_vs_forward_by_size", "tiled_mpx_per_s", "forward_mpx_per_s"):
         assert key in data, key
     assert data["tiled_vs_forward"] > 0
     assert data["peak_mb_4096"] > 0  # measured in a child process
@@ -87,8 +105,9 @@ def test_bench_step_smoke_times_each_setting(tmp_path):
     assert data["best_setting"] in data["step_ms"] and data["steps_per_epoch"] > 0
 
 
-@pytest.mark.parametrize("script", ["bench_train.py", "bench_predict.py", "bench_predict_memory.py",
-                                    "bench_folder.py", "bench_step.py"])
+@pytest.mark.parametrize(
+    "script", ["bench_train.py", "bench_predict.py", "bench_predict_memory.py", "bench_folder.py", "bench_step.py"]
+)
 def test_benchmarks_explain_their_flags(script, tmp_path):
     result = run_benchmark(script, "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -1,5 +1,6 @@
 """The decoded-dataset cache: decode once, memory-map after, rebuild on any change, never trust a damaged
 entry, work without a writable cache folder; and the compact packed copy of a dataset."""
+
 import json
 import os
 import sys

@@ -1,4 +1,5 @@
 """The Config dataclass: one source of truth, JSON round trip, clear errors."""
+
 import json
 
 import pytest
@@ -21,11 +22,21 @@ def test_defaults_describe_the_default_model():
 
 
 def test_a_run_of_an_earlier_version_keeps_its_meaning():
-    old = {"image_size": 128, "input_channels": 3, "num_classes": 1, "channels": [16, 32, 64, 128, 256],
-           "batch_norm": False, "threshold": 0.65}
+    old = {
+        "image_size": 128,
+        "input_channels": 3,
+        "num_classes": 1,
+        "channels": [16, 32, 64, 128, 256],
+        "batch_norm": False,
+        "threshold": 0.65,
+    }
     config = core.Config.from_dict(old)
     assert (config.targets, config.preprocessing, config.scale_range, config.lr_schedule) == (
-        "binary", "rgb", None, "plateau")
+        "binary",
+        "rgb",
+        None,
+        "plateau",
+    )
     assert (config.num_classes, config.input_channels, config.threshold) == (1, 3, 0.65)
     # A dict of today's fields only takes today's defaults.
     assert core.Config.from_dict({"image_size": 64}).targets == "instance"
@@ -46,26 +57,29 @@ def test_json_round_trip_keeps_every_field(tmp_path):
     assert core.Config.from_json(path) == config  # ...and ignored when reading a Config back
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("sampling", "crop", r"sampling\b.*\bpatch\b"),  # the field and a value that works
-    ("padding", "full", r"padding\b.*\bsame\b"),
-    ("loss", "mse", r"loss\b.*\bbce\b"),
-    ("image_size", 100, r"\b96\b.*\b112\b"),  # the nearest sizes that work
-    ("batch_size", 0, r"batch_size\b.*\bpositive"),
-    ("dropout", 1.5, "dropout"),
-    ("channels", (16,), r"channels\b.*\btwo\b"),
-    ("targets", "contour", r"targets\b.*\binstance\b"),
-    ("preprocessing", "hsv", r"preprocessing\b.*\bgrey\b"),
-    ("scale_range", (2.0, 1.0), "scale_range"),
-    ("lr_schedule", "step", r"lr_schedule\b.*\bcosine\b"),
-    ("marker_threshold", 1.0, r"marker_threshold\b.*\(0, 1\).*\b1\.0\b"),
-    ("threshold", 0.0, r"threshold\b.*\(0, 1\)"),
-    ("area_power", 1.5, r"area_power\b.*\[0, 1\].*\b1\.5\b"),
-    ("min_confidence", 1.0, r"min_confidence\b.*\[0, 1\)"),
-    ("min_confidence", -0.1, "min_confidence"),
-    ("nucleus_diameter", 0.0, r"nucleus_diameter\b.*\bpositive"),
-    ("nucleus_epochs", -1, r"nucleus_epochs\b.*-1\b"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("sampling", "crop", r"sampling\b.*\bpatch\b"),  # the field and a value that works
+        ("padding", "full", r"padding\b.*\bsame\b"),
+        ("loss", "mse", r"loss\b.*\bbce\b"),
+        ("image_size", 100, r"\b96\b.*\b112\b"),  # the nearest sizes that work
+        ("batch_size", 0, r"batch_size\b.*\bpositive"),
+        ("dropout", 1.5, "dropout"),
+        ("channels", (16,), r"channels\b.*\btwo\b"),
+        ("targets", "contour", r"targets\b.*\binstance\b"),
+        ("preprocessing", "hsv", r"preprocessing\b.*\bgrey\b"),
+        ("scale_range", (2.0, 1.0), "scale_range"),
+        ("lr_schedule", "step", r"lr_schedule\b.*\bcosine\b"),
+        ("marker_threshold", 1.0, r"marker_threshold\b.*\(0, 1\).*\b1\.0\b"),
+        ("threshold", 0.0, r"threshold\b.*\(0, 1\)"),
+        ("area_power", 1.5, r"area_power\b.*\[0, 1\].*\b1\.5\b"),
+        ("min_confidence", 1.0, r"min_confidence\b.*\[0, 1\)"),
+        ("min_confidence", -0.1, "min_confidence"),
+        ("nucleus_diameter", 0.0, r"nucleus_diameter\b.*\bpositive"),
+        ("nucleus_epochs", -1, r"nucleus_epochs\b.*-1\b"),
+    ],
+)
 def test_bad_values_raise_clear_errors(field, value, message):
     with pytest.raises(ValueError, match=message):
         core.Config(**{field: value})

@@ -1,5 +1,6 @@
 """oneDNN CPU kernels: turned on before TensorFlow loads where TensorFlow would leave them off, a user's
 own ``TF_ENABLE_ONEDNN_OPTS`` respected, and every run saying which kernels ran."""
+
 import json
 import os
 import platform

@@ -2,6 +2,7 @@
 and augmentation.  Every test writes its own tiny fixture under ``tmp_path``; nothing in the repository
 is read or written.  The train/validation split and the choice of data folder (``unet_nuclei.training``)
 are tested in test_training_data.py, the built-in sample in test_synthetic.py, the cache in test_cache.py."""
+
 import io
 import os
 from pathlib import Path
@@ -34,7 +35,7 @@ def _rect(shape, y0, y1, x0, x1):
 
 
 def _disc(shape, cy, cx, r):
-    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
     return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
 
 
@@ -95,8 +96,16 @@ def _config(**overrides):
     # The pipeline's mechanics are tested on binary targets of RGB patches at their native scale, where
     # every target pixel can be checked against the image; the instance targets, the grey preprocessing
     # and the scaled patches have tests of their own below.
-    base = dict(image_size=32, batch_size=4, channels=(4, 8), steps_per_epoch=2, seed=0, targets="binary",
-                preprocessing="rgb", scale_range=None)
+    base = dict(
+        image_size=32,
+        batch_size=4,
+        channels=(4, 8),
+        steps_per_epoch=2,
+        seed=0,
+        targets="binary",
+        preprocessing="rgb",
+        scale_range=None,
+    )
     base.update(overrides)
     return core.Config(**base)
 
@@ -110,8 +119,13 @@ def _take(dataset, n=None):
 # --------------------------------------------------------------------------------------------------
 def test_dsb_masks_merge_into_exact_union_with_one_label_per_file(tmp_path):
     shape = (30, 40)
-    masks = [_rect(shape, 2, 9, 3, 15), _disc(shape, 20, 10, 6), _rect(shape, 22, 28, 25, 38),
-             _disc(shape, 8, 30, 4), _rect(shape, 15, 16, 30, 31)]  # the last: a single pixel
+    masks = [
+        _rect(shape, 2, 9, 3, 15),
+        _disc(shape, 20, 10, 6),
+        _rect(shape, 22, 28, 25, 38),
+        _disc(shape, 8, 30, 4),
+        _rect(shape, 15, 16, 30, 31),
+    ]  # the last: a single pixel
     assert sum(m.sum() for m in masks) == np.logical_or.reduce(masks).sum(), "fixture masks must not overlap"
     image = (np.arange(30 * 40) % 251).astype(np.uint8).reshape(shape)
     _dsb_sample(tmp_path, "cells", image, masks)
@@ -216,7 +230,7 @@ def test_jpeg_is_read_approximately_in_rgb_order(tmp_path):
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0), (200, 120, 40)]
     rgb = np.zeros((32, 48, 3), np.uint8)
     for i, colour in enumerate(colours):
-        rgb[(i // 3) * 16:(i // 3 + 1) * 16, (i % 3) * 16:(i % 3 + 1) * 16] = colour
+        rgb[(i // 3) * 16 : (i // 3 + 1) * 16, (i % 3) * 16 : (i % 3 + 1) * 16] = colour
     path = _write(tmp_path / "photo.jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), (cv2.IMWRITE_JPEG_QUALITY, 95))
     image = core.read_image(path)
     assert image.shape == (32, 48, 3) and image.dtype == np.uint8
@@ -236,8 +250,9 @@ def test_to_rgb_uint8_other_arrays():
         core.to_rgb_uint8(np.zeros((2, 2, 5), np.uint8))
 
 
-@pytest.mark.parametrize("values, kind", [((0, 255), "png"), ((0, 1), "png"), ((0, 255), "colour"),
-                                          ((0, 255), "jpg"), ((0, 7), "png16")])
+@pytest.mark.parametrize(
+    "values, kind", [((0, 255), "png"), ((0, 1), "png"), ((0, 255), "colour"), ((0, 255), "jpg"), ((0, 7), "png16")]
+)
 def test_read_mask_is_binary_whatever_the_encoding(tmp_path, values, kind):
     truth = _disc((20, 24), 9, 11, 6) | _rect((20, 24), 0, 3, 18, 24)
     array = np.where(truth, values[1], values[0]).astype(np.uint16 if kind == "png16" else np.uint8)
@@ -332,8 +347,9 @@ def test_pairs_layout_reads_16_bit_label_masks_as_instances(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # 3. Resizing
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("src, dst", [((37, 23), 64), ((37, 23), (11, 7)), ((37, 23), (75, 13)),
-                                      ((9, 9), 33), ((64, 48), 5)])
+@pytest.mark.parametrize(
+    "src, dst", [((37, 23), 64), ((37, 23), (11, 7)), ((37, 23), (75, 13)), ((9, 9), 33), ((64, 48), 5)]
+)
 def test_resize_mask_stays_binary_and_resize_image_has_the_right_shape(src, dst):
     mask = _block_pattern(*src, seed=3, block=3)
     mask[0, 0], mask[-1, -1] = 0, 1
@@ -369,8 +385,18 @@ def test_pad_to_min_size_mirrors_at_bottom_right():
     assert core.pad_to_min_size(image, 16) is image
 
 
-@pytest.mark.parametrize("length, size, exact", [(40, 32, [0, 8]), (32, 32, [0]), (20, 32, [0]), (33, 32, [0, 1]),
-                                                 (100, 32, None), (97, 16, None), (64, 32, [0, 32])])
+@pytest.mark.parametrize(
+    "length, size, exact",
+    [
+        (40, 32, [0, 8]),
+        (32, 32, [0]),
+        (20, 32, [0]),
+        (33, 32, [0, 1]),
+        (100, 32, None),
+        (97, 16, None),
+        (64, 32, [0, 32]),
+    ],
+)
 def test_validation_grid_covers_the_length_with_windows_inside(length, size, exact):
     positions = core.grid_positions(length, size)
     if exact is not None:
@@ -382,7 +408,7 @@ def test_validation_grid_covers_the_length_with_windows_inside(length, size, exa
     covered = np.zeros(max(length, size), bool)
     for p in positions:
         assert p + size <= max(length, size)
-        covered[p:p + size] = True
+        covered[p : p + size] = True
     assert covered[:length].all()
 
 
@@ -398,12 +424,16 @@ def test_validation_patches_cover_every_pixel_of_a_large_image():
     assert len(x) == 3 * 2  # ceil(70/32) x ceil(45/32) windows
     covered = np.zeros((70, 45), bool)
     for patch, target in zip(x, y):
-        found = [(t, c) for t in range(70 - 31) for c in range(45 - 31)
-                 if np.array_equal(image[t:t + 32, c:c + 32], patch)]
+        found = [
+            (t, c)
+            for t in range(70 - 31)
+            for c in range(45 - 31)
+            if np.array_equal(image[t : t + 32, c : c + 32], patch)
+        ]
         assert len(found) == 1, "each validation patch is one window of the image"
         t, c = found[0]
-        np.testing.assert_array_equal(target[..., 0], mask[t:t + 32, c:c + 32])
-        covered[t:t + 32, c:c + 32] = True
+        np.testing.assert_array_equal(target[..., 0], mask[t : t + 32, c : c + 32])
+        covered[t : t + 32, c : c + 32] = True
     assert covered.all(), "validation must see every pixel"
 
 
@@ -417,8 +447,8 @@ def _expected_val_patches(samples, size=32):
     images, masks = [], []
     for top in (0, 8):
         for left in (0, 16):
-            images.append(big.image[top:top + size, left:left + size])
-            masks.append(big.mask[top:top + size, left:left + size])
+            images.append(big.image[top : top + size, left : left + size])
+            masks.append(big.mask[top : top + size, left : left + size])
     images.append(np.pad(small.image, ((0, 12), (0, 7), (0, 0)), mode="symmetric"))
     masks.append(np.pad(small.mask, ((0, 12), (0, 7)), mode="symmetric"))
     return np.stack(images), np.stack(masks)[..., None]
@@ -448,9 +478,12 @@ def test_train_batches_have_the_model_dtypes_shapes_and_ranges(pipeline_samples,
         resized = [(core.resize_image(s.image, 32), core.resize_mask(s.mask, 32)) for s in pipeline_samples]
         for x, y in batches:
             for image, mask in zip(x, y):
-                matches = [(src_img, t_img) for src_img, src_mask in resized
-                           for (_, t_mask), (_, t_img) in zip(_dihedral(src_mask), _dihedral(src_img))
-                           if np.array_equal(t_mask, mask[..., 0])]
+                matches = [
+                    (src_img, t_img)
+                    for src_img, src_mask in resized
+                    for (_, t_mask), (_, t_img) in zip(_dihedral(src_mask), _dihedral(src_img))
+                    if np.array_equal(t_mask, mask[..., 0])
+                ]
                 assert matches, "mask is not a flip/rotation of any resized mask"
                 assert any(_monotone_ok(image, t_img) for _, t_img in matches)
 
@@ -504,11 +537,12 @@ def test_unaugmented_train_patches_are_real_windows_and_small_images_are_mirror_
     offsets = set()
     for x, y in _take(train, 3):
         for image, mask in zip(x, y):
-            found = [(t, c) for t in range(9) for c in range(17)
-                     if np.array_equal(big.image[t:t + 32, c:c + 32], image)]
+            found = [
+                (t, c) for t in range(9) for c in range(17) if np.array_equal(big.image[t : t + 32, c : c + 32], image)
+            ]
             assert found, "a training patch is not a window of its image"
             t, c = found[0]
-            np.testing.assert_array_equal(mask[..., 0], big.mask[t:t + 32, c:c + 32])
+            np.testing.assert_array_equal(mask[..., 0], big.mask[t : t + 32, c : c + 32])
             offsets.add((t, c))
     assert len(offsets) > 1, "random patches should come from different places"
 
@@ -534,13 +568,13 @@ def test_valid_padding_centre_crops_the_target(pipeline_samples):
     for x, y in _take(train, 2):
         assert x.shape == (4, size, size, 3) and y.shape == (4, out, out, 1)
         for image, mask in zip(x, y):  # the target is the centre of the input patch's own mask
-            np.testing.assert_array_equal(mask[..., 0], _mask_from_red(image)[crop:crop + out, crop:crop + out])
+            np.testing.assert_array_equal(mask[..., 0], _mask_from_red(image)[crop : crop + out, crop : crop + out])
     images, masks = _expected_val_patches(pipeline_samples)
     vx = np.concatenate([b[0] for b in _take(val)])
     vy = np.concatenate([b[1] for b in _take(val)])
     assert vx.shape == (5, size, size, 3) and vy.shape == (5, out, out, 1)
     np.testing.assert_array_equal(vx, images.astype(np.float32))
-    np.testing.assert_array_equal(vy, masks[:, crop:crop + out, crop:crop + out].astype(np.float32))
+    np.testing.assert_array_equal(vy, masks[:, crop : crop + out, crop : crop + out].astype(np.float32))
 
 
 def test_instance_targets_give_three_one_hot_classes_from_the_labels(pipeline_samples):
@@ -553,11 +587,12 @@ def test_instance_targets_give_three_one_hot_classes_from_the_labels(pipeline_sa
         for image, target in zip(x, y):
             # Interior and boundary together are the nuclei; the classes are those of the window's labels.
             np.testing.assert_array_equal(target[..., 1] + target[..., 2], _mask_from_red(image))
-            found = [(t, c) for t in range(9) for c in range(17)
-                     if np.array_equal(big.image[t:t + 32, c:c + 32], image)]
+            found = [
+                (t, c) for t in range(9) for c in range(17) if np.array_equal(big.image[t : t + 32, c : c + 32], image)
+            ]
             if found:
                 t, c = found[0]
-                expected = core.instance_targets(big.labels[t:t + 32, c:c + 32])
+                expected = core.instance_targets(big.labels[t : t + 32, c : c + 32])
                 np.testing.assert_array_equal(target.argmax(axis=-1), expected)
     vy = np.concatenate([b[1] for b in _take(val)])
     assert vy.shape == (5, 32, 32, 3)
@@ -568,7 +603,7 @@ def test_patch_sampler_weights_and_epoch_length(pipeline_samples):
     views = [(s.image, s.labels) for s in pipeline_samples]
     sampler = core.PatchSampler(views, 32, seed=0)
     np.testing.assert_allclose(sampler.weights, np.array([40 * 48, 20 * 25]) / (40 * 48 + 20 * 25))
-    assert sampler.patches_per_epoch() == int(np.ceil((40 * 48 + 20 * 25) / 32 ** 2))
+    assert sampler.patches_per_epoch() == int(np.ceil((40 * 48 + 20 * 25) / 32**2))
     # area_power 0: every image as likely; 0.5: in proportion to the square roots of the areas.
     np.testing.assert_allclose(core.PatchSampler(views, 32, area_power=0.0).weights, [0.5, 0.5])
     roots = np.sqrt([40 * 48, 20 * 25])
@@ -584,7 +619,7 @@ def test_scaled_patches_resize_image_and_labels_together():
     # nuclei about 6 * s px wide, and the image's red channel still marks the target's nuclei.
     labels = np.zeros((200, 200), np.uint16)
     for index, (top, left) in enumerate((t, c) for t in range(3, 200, 12) for c in range(3, 200, 12)):
-        labels[top:top + 6, left:left + 6] = index + 1
+        labels[top : top + 6, left : left + 6] = index + 1
     image = np.zeros((200, 200, 3), np.uint8)
     image[..., 0] = (labels > 0) * 255
     sampler = core.PatchSampler([(image, labels)], 32, seed=3, targets="instance", scale_range=(0.5, 2.0))
@@ -606,8 +641,10 @@ def _square_nuclei(side: int, step: int, size: int = 200):
     """Instance labels of ``side`` x ``side`` squares on a ``step`` px grid, and an image whose red channel
     marks them."""
     labels = np.zeros((size, size), np.uint16)
-    for index, (top, left) in enumerate((t, c) for t in range(3, size - side, step) for c in range(3, size - side, step)):
-        labels[top:top + side, left:left + side] = index + 1
+    for index, (top, left) in enumerate(
+        (t, c) for t in range(3, size - side, step) for c in range(3, size - side, step)
+    ):
+        labels[top : top + side, left : left + side] = index + 1
     image = np.zeros((size, size, 3), np.uint8)
     image[..., 0] = (labels > 0) * 255
     return image, labels
@@ -649,9 +686,11 @@ def test_the_pipelines_of_a_two_stage_config_are_its_first_stage_s():
     image, labels = _square_nuclei(6, 12, size=96)
     samples = [core.LoadedSample(name, image, labels) for name in ("a", "b")]
     common = dict(image_size=32, channels=(4, 8), batch_size=64, augment=False, seed=1)
-    for config, patches in ((core.Config(nucleus_diameter=None, **common), 9),
-                            (core.Config(nucleus_diameter=12.0, **common), 9),  # two stages: the first, native
-                            (core.Config(nucleus_diameter=12.0, nucleus_epochs=0, **common), 36)):  # one size
+    for config, patches in (
+        (core.Config(nucleus_diameter=None, **common), 9),
+        (core.Config(nucleus_diameter=12.0, **common), 9),  # two stages: the first, native
+        (core.Config(nucleus_diameter=12.0, nucleus_epochs=0, **common), 36),
+    ):  # one size
         _, val, _ = core.make_datasets(samples[:1], samples[1:], config)
         assert sum(len(batch[0]) for batch in val) == patches, config
 
@@ -663,8 +702,9 @@ def test_preprocessing_makes_every_kind_bright_on_dark_and_stretched():
     # Brightfield: dark nuclei (60) on a bright background (200); dim fluorescence: 30 on 10.
     brightfield = np.repeat(np.where(nuclei, 60, 200).astype(np.uint8)[..., None], 3, axis=2)
     fluorescence = np.repeat(np.where(nuclei, 30, 10).astype(np.uint8)[..., None], 3, axis=2)
-    stained = np.stack([np.where(nuclei, 90, 230), np.where(nuclei, 40, 180), np.where(nuclei, 150, 220)],
-                       axis=2).astype(np.uint8)
+    stained = np.stack(
+        [np.where(nuclei, 90, 230), np.where(nuclei, 40, 180), np.where(nuclei, 150, 220)], axis=2
+    ).astype(np.uint8)
     for image, kind in ((brightfield, "brightfield"), (fluorescence, "fluorescence"), (stained, "stained")):
         assert evaluation.image_kind(image) == kind
         grey = core.preprocess_image(image, "grey")
@@ -755,9 +795,14 @@ def _messy_dsb(root):
     _write(root / "noimages" / "masks" / "m.png", np.zeros(shape, np.uint8))
     _dsb_sample(root, "mismatch", np.zeros(shape, np.uint8), [])
     _write(root / "mismatch" / "masks" / "m.png", np.full((10, 12), 255, np.uint8))
-    for stray in (root / ".DS_Store", root / "Thumbs.db", root / "good1" / ".DS_Store",
-                  root / "good1" / "images" / ".DS_Store", root / "good1" / "masks" / "Thumbs.db",
-                  root / "good1" / "masks" / "._good1_nucleus00.png"):
+    for stray in (
+        root / ".DS_Store",
+        root / "Thumbs.db",
+        root / "good1" / ".DS_Store",
+        root / "good1" / "images" / ".DS_Store",
+        root / "good1" / "masks" / "Thumbs.db",
+        root / "good1" / "masks" / "._good1_nucleus00.png",
+    ):
         stray.write_bytes(b"\0\0\0\1junk")
     return good_masks
 

@@ -6,6 +6,7 @@ on two workers and checks that both finish, that only the chief writes the run f
 model it saved is the one both trained.  The last test runs the upstream failure itself on a toy model,
 as strictly expected to fail: the day a Keras release fixes it, that test passes, fails the suite as
 XPASS(strict), and says ``model.fit`` could be used there again."""
+
 import contextlib
 import json
 import os
@@ -88,11 +89,18 @@ def _launch(args: list[str], cwd, ports: list[int], timeout: int) -> list[subpro
     workers, logs = [], []
     try:
         for index in range(len(ports)):
-            env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2",
-                   "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+            env = {
+                **os.environ,
+                "PYTHONPATH": str(ROOT),
+                "TF_CPP_MIN_LOG_LEVEL": "2",
+                "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+            }
             logs.append(tempfile.TemporaryFile("w+"))  # noqa: SIM115 (closed when the workers are done, below)
-            workers.append(subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=logs[-1],
-                                            stderr=subprocess.STDOUT, text=True))
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, *args], cwd=cwd, env=env, stdout=logs[-1], stderr=subprocess.STDOUT, text=True
+                )
+            )
         deadline = time.monotonic() + timeout
         while any(worker.poll() is None for worker in workers):
             if any(worker.returncode not in (None, 0) for worker in workers):
@@ -125,8 +133,20 @@ def run_workers(args: list[str], cwd, timeout: int = 300) -> list[subprocess.Com
 @pytest.mark.slow
 def test_two_workers_train_one_run_and_only_the_chief_writes_it(tmp_path, tiny_dataset):
     runs = tmp_path / "runs"
-    args = [str(ROOT / "Train.py"), "--quick", "--epochs", "2", "--steps-per-epoch", "3", "--data",
-            str(tiny_dataset), "--runs-dir", str(runs), "--name", "together"]
+    args = [
+        str(ROOT / "Train.py"),
+        "--quick",
+        "--epochs",
+        "2",
+        "--steps-per-epoch",
+        "3",
+        "--data",
+        str(tiny_dataset),
+        "--runs-dir",
+        str(runs),
+        "--name",
+        "together",
+    ]
     chief, worker = run_workers(args, cwd=tmp_path)
     for result in (chief, worker):
         assert result.returncode == 0, result.stdout[-3000:]
@@ -149,8 +169,12 @@ def test_two_workers_train_one_run_and_only_the_chief_writes_it(tmp_path, tiny_d
     assert rows[0].split(",")[:4] == ["epoch", "dice", "iou", "loss"] and len(rows) == 1 + 3
     assert not list(tmp_path.glob("unet_worker_*"))
     # Both workers logged the same validation loss: they hold the same weights.
-    last_val = [line.split("val_loss: ")[1].split()[0] for line in (chief.stdout, worker.stdout)
-                for line in line.splitlines() if line.startswith("Epoch 3/3")]
+    last_val = [
+        line.split("val_loss: ")[1].split()[0]
+        for line in (chief.stdout, worker.stdout)
+        for line in line.splitlines()
+        if line.startswith("Epoch 3/3")
+    ]
     assert len(last_val) == 2 and last_val[0] == last_val[1]
 
 
@@ -160,9 +184,14 @@ def test_a_malformed_tf_config_is_named(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", "{not json")
     with pytest.raises(ValueError, match="TF_CONFIG"):
         multiworker.is_chief()
-    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}))
+    monkeypatch.setenv(
+        "TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}})
+    )
     assert not multiworker.is_chief() and multiworker.worker_name() == "worker 1 of 2"
-    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:2"]}, "task": {"type": "worker", "index": 0}}))
+    monkeypatch.setenv(
+        "TF_CONFIG",
+        json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:2"]}, "task": {"type": "worker", "index": 0}}),
+    )
     assert not multiworker.is_chief()
     monkeypatch.delenv("TF_CONFIG")
     assert multiworker.is_chief()

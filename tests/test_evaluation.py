@@ -1,4 +1,5 @@
 """The held-out evaluation: a fixed split by image kind, and a benchmark that never scores seen images."""
+
 import json
 import re
 import sys
@@ -61,8 +62,11 @@ def test_scores_by_nucleus_size():
     assert evaluation.median_diameter(np.zeros((4, 4), np.int32)) == 0.0
     scores = [Scores(1, 1, 0.8, 1, 3, 3), Scores(1, 1, 0.2, 1, 3, 3), Scores(1, 1, 0.6, 1, 3, 3)]
     result = evaluation.Evaluation(["a", "b", "c"], ["fluorescence"] * 3, scores, diameters=[8.6, 30.0, 50.0])
-    assert result.by_size() == {"< 12 px": {"n": 1, "dsb_score": 0.8}, "24-48 px": {"n": 1, "dsb_score": 0.2},
-                                ">= 48 px": {"n": 1, "dsb_score": 0.6}}
+    assert result.by_size() == {
+        "< 12 px": {"n": 1, "dsb_score": 0.8},
+        "24-48 px": {"n": 1, "dsb_score": 0.2},
+        ">= 48 px": {"n": 1, "dsb_score": 0.6},
+    }
     assert re.search(r"24-48 px\W+0\.200\b", result.table()) and result.rows()[2]["median_diameter"] == 50.0
 
 
@@ -75,8 +79,9 @@ def test_a_run_that_saw_the_held_out_images_is_refused(quick_run, tiny_dataset):
 @pytest.mark.slow
 def test_trains_without_the_held_out_images_then_scores_them(tiny_dataset, tmp_path):
     runs = tmp_path / "runs"
-    status, stdout, stderr = run_main(evaluate_real, "--data", str(tiny_dataset), "--quick", "--runs-dir", str(runs),
-                                      "--name", "eval")
+    status, stdout, stderr = run_main(
+        evaluate_real, "--data", str(tiny_dataset), "--quick", "--runs-dir", str(runs), "--name", "eval"
+    )
     assert status == 0, stderr
     figures = json.loads(stdout.strip().splitlines()[-1])
     info = json.loads((runs / "eval" / "config.json").read_text())
@@ -91,8 +96,7 @@ def test_trains_without_the_held_out_images_then_scores_them(tiny_dataset, tmp_p
     assert (runs / "eval" / "holdout_scores-2.json").is_file()  # the first report is kept
 
 
-def test_all_scores_every_image_of_other_data_and_is_refused_on_the_training_data(quick_run, tiny_dataset,
-                                                                                 tmp_path):
+def test_all_scores_every_image_of_other_data_and_is_refused_on_the_training_data(quick_run, tiny_dataset, tmp_path):
     from unet_nuclei import synthetic
 
     _, run, _ = quick_run  # trained on tiny_dataset

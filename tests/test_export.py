@@ -3,6 +3,7 @@ validates with bioimageio.spec and reproduces its own test tensors (and passes b
 
 These need the export tools (requirements-export.txt, which requirements-dev.txt includes); without them
 the tests are skipped, saying so."""
+
 import json
 import os
 import tempfile
@@ -49,7 +50,9 @@ def test_onnx_matches_keras_on_a_test_image_of_another_size(quick_run, exported)
     assert got.shape == expected.shape == (1, 96, 128, 3)
     assert np.abs(got - expected).max() <= 1e-3
     proto = onnx.load(str(out / "model.onnx"))
-    assert [i.name for i in proto.graph.input] == ["image"] and [o.name for o in proto.graph.output] == ["probabilities"]
+    assert [i.name for i in proto.graph.input] == ["image"] and [o.name for o in proto.graph.output] == [
+        "probabilities"
+    ]
     dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", "height", "width", 1]
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT

@@ -6,6 +6,7 @@ exit status 1 or 2 without a traceback; and no lost or partial file.  Fixtures a
 in temporary folders.  The real full and read-only disks are small tmpfs and read-only bind mounts, which
 need root; where they cannot be staged the test skips and says why, and a simulated full disk (a write
 that raises ENOSPC) still runs everywhere."""
+
 import errno
 import hashlib
 import json
@@ -42,8 +43,17 @@ def no_traceback(*texts):
 
 def train(tmp_path, data, *flags):
     # One stage at native scale: these tests are about faults, not stages (test_stages.py).
-    return run_main(Train, "--quick", "--data", str(data), "--runs-dir", str(tmp_path / "runs"),
-                    "--nucleus-diameter", "none", *flags)
+    return run_main(
+        Train,
+        "--quick",
+        "--data",
+        str(data),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--nucleus-diameter",
+        "none",
+        *flags,
+    )
 
 
 @pytest.fixture()
@@ -89,6 +99,7 @@ def mounted(tmp_path):
 
 # 1. A NaN stop never saves non-finite weights --------------------------------------------------------
 
+
 def test_a_diverging_first_epoch_saves_nothing_and_says_so(tmp_path, tiny_dataset):
     status, out, err = train(tmp_path, tiny_dataset, "--lr", "1e9", "--epochs", "2", "--name", "nan")
     assert status == 1 and no_traceback(err), err
@@ -110,6 +121,7 @@ def test_a_diverging_resume_keeps_the_last_good_checkpoint_and_a_new_lr_recovers
     assert status == 0, err
     assert "optimizer" in out and "0.0001" in out
     import keras
+
     assert checkpoints.weights_are_finite(keras.saving.load_model(run / "last.keras"))
     assert json.loads((run / "state.json").read_text())["epoch"] == 2
     assert json.loads((run / "config.json").read_text())["learning_rate"] == 1e-4
@@ -127,11 +139,13 @@ def test_the_checkpoint_skips_an_epoch_with_non_finite_weights(tmp_path):
 
 # 2, 3. Every output path is checked before the first image ----------------------------------------
 
+
 def test_rle_into_a_missing_folder_fails_before_any_image(quick_run, images, tmp_path):
     work, run, _ = quick_run
     out = tmp_path / "out"
-    status, stdout, err = run_main(Predict_mask, str(images), "--model", str(run), "--out", str(out),
-                                   "--rle", str(tmp_path / "nodir" / "sub.csv"))
+    status, stdout, err = run_main(
+        Predict_mask, str(images), "--model", str(run), "--out", str(out), "--rle", str(tmp_path / "nodir" / "sub.csv")
+    )
     assert status == 2 and no_traceback(err), err
     assert "--rle" in err and "nodir" in err and "does not exist" in err
     assert not list(out.glob("*.png"))  # refused before the work, not after it
@@ -146,13 +160,15 @@ def test_scores_csv_is_never_replaced_without_overwrite(quick_run, tiny_dataset,
     assert status == 2 and no_traceback(err), err
     assert "scores.csv" in err and "--overwrite" in err
     assert (out / "scores.csv").read_text() == "an earlier experiment\n" and not list(out.glob("*.png"))
-    status, stdout, err = run_main(Predict_mask, str(tiny_dataset), "--model", str(run), "--out", str(out),
-                                   "--overwrite")
+    status, stdout, err = run_main(
+        Predict_mask, str(tiny_dataset), "--model", str(run), "--out", str(out), "--overwrite"
+    )
     assert status == 0, err
     assert (out / "scores.csv").read_text().startswith("image,")
 
 
 # 4, 7. Interrupts and resume -----------------------------------------------------------------------
+
 
 def interrupt_at(monkeypatch, epoch):
     """Ctrl-C at the start of ``epoch`` (0-based), as a user would press it mid-run."""
@@ -202,6 +218,7 @@ def test_resume_refuses_fewer_epochs_than_it_has(copied_run):
 
 # 5. Filesystem errors: whole files or none, and a message naming the folder ---------------------------
 
+
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     target = tmp_path / "last.keras"
     target.write_bytes(b"the good checkpoint")
@@ -239,8 +256,9 @@ def test_a_full_disk_during_prediction_stops_cleanly_and_a_rerun_finishes(quick_
     status, stdout, err = run_main(Predict_mask, str(images), "--model", str(run), "--out", str(out))
     assert status == 1 and no_traceback(err), err
     assert "disk is full" in err and str(out) in err and "1 of 3" in err
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{p.stem}_{kind}.png" for p in sorted(images.iterdir())[:1]
-                                                           for kind in ("mask", "overlay"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{p.stem}_{kind}.png" for p in sorted(images.iterdir())[:1] for kind in ("mask", "overlay")
+    )
     monkeypatch.undo()
     status, stdout, err = run_main(Predict_mask, str(images), "--model", str(run), "--out", str(out))
     assert status == 1 and "exists" in err  # the first image is kept, not replaced
@@ -272,7 +290,9 @@ def test_a_real_full_disk_during_prediction(quick_run, images, mounted):
     assert leftovers(out) == []
     for path in out.iterdir():  # every file there is whole, and every image has both files or none
         assert cv2.imread(str(path), cv2.IMREAD_UNCHANGED) is not None, path.name
-        partner = path.name.replace("_mask", "_overlay") if "_mask" in path.name else path.name.replace("_overlay", "_mask")
+        partner = (
+            path.name.replace("_mask", "_overlay") if "_mask" in path.name else path.name.replace("_overlay", "_mask")
+        )
         assert (out / partner).is_file(), partner
 
 
@@ -300,8 +320,21 @@ def test_a_read_only_output_folder_as_an_unprivileged_user(quick_run, images):
         os.chmod(shared, 0o755)  # readable by everyone, writable only by root
         shutil.copytree(run, f"{shared}/run")
         shutil.copytree(images, f"{shared}/in")
-        result = subprocess.run([*user, sys.executable, str(ROOT / "Predict_mask.py"), f"{shared}/in", "--model", f"{shared}/run", "--out", shared], capture_output=True, text=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT), "HOME": shared})
+        result = subprocess.run(
+            [
+                *user,
+                sys.executable,
+                str(ROOT / "Predict_mask.py"),
+                f"{shared}/in",
+                "--model",
+                f"{shared}/run",
+                "--out",
+                shared,
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "HOME": shared},
+        )
         assert result.returncode == 2 and no_traceback(result.stderr), result.stderr
         assert "--out" in result.stderr and "no permission" in result.stderr
     finally:
@@ -310,11 +343,13 @@ def test_a_read_only_output_folder_as_an_unprivileged_user(quick_run, images):
 
 # 6. Tile sizes the model cannot use ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("size", ["16", "-5", "0", "66"])
 def test_tile_sizes_below_the_models_context_are_refused(quick_run, images, tmp_path, size):
     work, run, _ = quick_run
-    status, stdout, err = run_main(Predict_mask, str(images), "--model", str(run), "--out", str(tmp_path / "o"),
-                                   "--tile-size", size)
+    status, stdout, err = run_main(
+        Predict_mask, str(images), "--model", str(run), "--out", str(tmp_path / "o"), "--tile-size", size
+    )
     assert status == 2 and no_traceback(err), err
     assert f"--tile-size {size}" in err and "--tile-size 64" in err  # the smallest that works
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
@@ -328,6 +363,7 @@ def test_the_smallest_tile_is_the_training_patch():
 
 
 # 8. Messages that name the flag or file --------------------------------------------------------------
+
 
 def test_a_malformed_channels_flag_is_named():
     status, out, err = run_main(Train, "--quick", "--channels", "abc")
@@ -358,7 +394,7 @@ def test_a_damaged_resume_checkpoint_is_named_and_the_run_kept(copied_run):
     assert sorted(p.name for p in copied_run.iterdir()) == before
 
 
-@pytest.mark.parametrize("text", ["", "{\"epoch\": "])
+@pytest.mark.parametrize("text", ["", '{"epoch": '])
 def test_an_empty_or_damaged_state_file_is_named(copied_run, text):
     (copied_run / "state.json").write_text(text)
     status, out, err = run_main(Train, "--resume", str(copied_run))

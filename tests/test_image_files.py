@@ -4,6 +4,7 @@ Every file is made in a temporary folder from one known answer, an image of sepa
 against the 8-bit PNG of the same image: the model's input (``preprocess_image(read_image(...))``) must
 show the same nuclei, so these tests need no model.  The scripts' behaviour with each kind of file is
 at the end, through ``Predict_mask.main`` on the session's quickly trained run."""
+
 import csv
 import json
 import re
@@ -141,7 +142,10 @@ def test_the_bright_background_decision_is_taken_on_the_stretched_image(scene):
     assert np.median(offset) / offset.max() > 0.5
     assert not core.has_bright_background(offset, np.uint16)
     # Dark nuclei on a bright background (brightfield) are still inverted, at 8 bits and at 16.
-    for brightfield in (np.round(255 - 150 * image).astype(np.uint8), np.round(60000 - 40000 * image).astype(np.uint16)):
+    for brightfield in (
+        np.round(255 - 150 * image).astype(np.uint8),
+        np.round(60000 - 40000 * image).astype(np.uint16),
+    ):
         assert core.has_bright_background(brightfield.astype(np.float32), brightfield.dtype)
         view = core.preprocess_image(core.to_rgb_uint8(brightfield), "grey")[..., 0]
         assert view[truth > 0].mean() > view[truth == 0].mean() + 100
@@ -173,12 +177,12 @@ def reference(tmp_path, scene):
     return model_input(path)
 
 
-def test_a_two_channel_imagej_file_is_refused_without_a_channel_and_gives_the_nuclei_with_one(tmp_path, scene,
-                                                                                              reference):
+def test_a_two_channel_imagej_file_is_refused_without_a_channel_and_gives_the_nuclei_with_one(
+    tmp_path, scene, reference
+):
     image, truth = scene
     path = tmp_path / "two.tif"
-    tifffile.imwrite(path, np.stack([other_stain(image), nuclear_stain(image)]), imagej=True,
-                     metadata={"axes": "CYX"})
+    tifffile.imwrite(path, np.stack([other_stain(image), nuclear_stain(image)]), imagej=True, metadata={"axes": "CYX"})
     with pytest.raises(core.DataError) as refused:
         core.read_image(path)
     assert "2 channels" in str(refused.value) and "--channel" in str(refused.value)
@@ -192,14 +196,22 @@ def test_a_two_channel_imagej_file_is_refused_without_a_channel_and_gives_the_nu
 def test_an_ome_tiff_lists_its_channel_names_and_more_than_four_channels_are_refused(tmp_path, scene, reference):
     image, truth = scene
     stains = np.stack([other_stain(image), other_stain(image) // 2, nuclear_stain(image)])
-    tifffile.imwrite(tmp_path / "named.ome.tif", stains, ome=True,
-                     metadata={"axes": "CYX", "Channel": {"Name": ["Actin", "Tubulin", "DAPI"]}})
+    tifffile.imwrite(
+        tmp_path / "named.ome.tif",
+        stains,
+        ome=True,
+        metadata={"axes": "CYX", "Channel": {"Name": ["Actin", "Tubulin", "DAPI"]}},
+    )
     with pytest.raises(core.DataError, match=r"3 channels.*0\W+Actin.*1\W+Tubulin.*2\W+DAPI.*--channel"):
         core.read_image(tmp_path / "named.ome.tif")
     assert_same_nuclei(model_input(tmp_path / "named.ome.tif", channel=2), reference, truth)
     # Five interleaved samples per pixel with no colour meaning: channels, refused without a choice.
-    tifffile.imwrite(tmp_path / "five.tif", np.stack([nuclear_stain(image)] * 5, axis=-1), planarconfig="contig",
-                     photometric="minisblack")
+    tifffile.imwrite(
+        tmp_path / "five.tif",
+        np.stack([nuclear_stain(image)] * 5, axis=-1),
+        planarconfig="contig",
+        photometric="minisblack",
+    )
     with pytest.raises(core.DataError, match="5 channels"):
         core.read_image(tmp_path / "five.tif")
     assert_same_nuclei(model_input(tmp_path / "five.tif", channel=4), reference, truth)
@@ -226,8 +238,12 @@ def test_training_reads_the_channel_of_its_config_and_caches_each_channel_apart(
     (data / "images").mkdir(parents=True)
     (data / "masks").mkdir()
     for name in ("a", "b", "c"):
-        tifffile.imwrite(data / "images" / f"{name}.tif", np.stack([other_stain(image), nuclear_stain(image)]),
-                         imagej=True, metadata={"axes": "CYX"})
+        tifffile.imwrite(
+            data / "images" / f"{name}.tif",
+            np.stack([other_stain(image), nuclear_stain(image)]),
+            imagej=True,
+            metadata={"axes": "CYX"},
+        )
         tifffile.imwrite(data / "masks" / f"{name}.tif", truth)
     samples, _ = core.find_samples(data)
     assert cache.dataset_key(samples, 1) != cache.dataset_key(samples, 0) != cache.dataset_key(samples)
@@ -301,19 +317,26 @@ def test_a_hyperstack_keeps_its_time_points_when_projected_and_pages_without_nam
 # --------------------------------------------------------------------------------------------------
 def test_the_pixel_size_is_read_from_imagej_ome_and_resolution_tags(tmp_path):
     plane = np.zeros((20, 24), np.uint16)
-    tifffile.imwrite(tmp_path / "ij.tif", plane, imagej=True, resolution=(1 / 0.325, 1 / 0.325),
-                     metadata={"unit": "micron"})
-    tifffile.imwrite(tmp_path / "ij-nm.tif", plane, imagej=True, resolution=(1 / 650, 1 / 650),
-                     metadata={"unit": "nm"})
-    tifffile.imwrite(tmp_path / "ome.ome.tif", plane, ome=True,
-                     metadata={"PhysicalSizeX": 108.3, "PhysicalSizeXUnit": "nm"})
+    tifffile.imwrite(
+        tmp_path / "ij.tif", plane, imagej=True, resolution=(1 / 0.325, 1 / 0.325), metadata={"unit": "micron"}
+    )
+    tifffile.imwrite(tmp_path / "ij-nm.tif", plane, imagej=True, resolution=(1 / 650, 1 / 650), metadata={"unit": "nm"})
+    tifffile.imwrite(
+        tmp_path / "ome.ome.tif", plane, ome=True, metadata={"PhysicalSizeX": 108.3, "PhysicalSizeXUnit": "nm"}
+    )
     tifffile.imwrite(tmp_path / "cm.tif", plane, resolution=(1e4 / 0.2, 1e4 / 0.2), resolutionunit="CENTIMETER")
     tifffile.imwrite(tmp_path / "dpi.tif", plane, resolution=(72, 72), resolutionunit="INCH")
     cv2.imwrite(str(tmp_path / "plain.png"), plane)
     formats.write_label_tiff(tmp_path / "labels.tif", plane, pixel_size=0.5)  # what --labels tif writes
-    expected = {"ij.tif": (0.325, "ImageJ metadata"), "ij-nm.tif": (0.65, "ImageJ metadata"),
-                "ome.ome.tif": (0.1083, "OME-TIFF metadata"), "cm.tif": (0.2, "TIFF resolution tags"),
-                "dpi.tif": (None, ""), "plain.png": (None, ""), "labels.tif": (0.5, "ImageJ metadata")}
+    expected = {
+        "ij.tif": (0.325, "ImageJ metadata"),
+        "ij-nm.tif": (0.65, "ImageJ metadata"),
+        "ome.ome.tif": (0.1083, "OME-TIFF metadata"),
+        "cm.tif": (0.2, "TIFF resolution tags"),
+        "dpi.tif": (None, ""),
+        "plain.png": (None, ""),
+        "labels.tif": (0.5, "ImageJ metadata"),
+    }
     for name, (size, source) in expected.items():
         found = image_files.read_pixel_size(tmp_path / name)
         assert found[1] == source and (found[0] == pytest.approx(size, rel=1e-6) if size else found[0] is None), name
@@ -345,8 +368,9 @@ def test_every_kind_of_file_gives_the_8_bit_image_s_mask(run, tmp_path, scene):
     cv2.imwrite(str(folder / "reference.png"), eight_bit(image))
     for name in ("offset-16bit.tif", "hot-4095.tif", "negative-float.tif"):
         tifffile.imwrite(folder / name, DEPTHS[name](image))
-    tifffile.imwrite(folder / "two.tif", np.stack([other_stain(image), nuclear_stain(image)]), imagej=True,
-                     metadata={"axes": "CYX"})
+    tifffile.imwrite(
+        folder / "two.tif", np.stack([other_stain(image), nuclear_stain(image)]), imagej=True, metadata={"axes": "CYX"}
+    )
     status, stdout, stderr = predict(run, tmp_path / "out", str(folder), "--channel", "1")
     assert status == 1 and "Traceback" not in stderr  # the grey images have no channel 1: skipped, named
     assert re.search(r"reference\b.*\bskipped", stderr) and "--channel 1" in stderr
@@ -388,8 +412,9 @@ def test_a_time_and_z_hyperstack_gives_outline_files_on_each_plane_s_z_and_time(
     image, truth = scene
     values, _ = stack_of(image, truth, planes=2)
     tifffile.imwrite(tmp_path / "tz.tif", np.stack([values, values]), imagej=True, metadata={"axes": "TZYX"})
-    status, stdout, stderr = predict(run, tmp_path / "out", str(tmp_path / "tz.tif"), "--labels", "tif",
-                                     "--rois", "--geojson")
+    status, stdout, stderr = predict(
+        run, tmp_path / "out", str(tmp_path / "tz.tif"), "--labels", "tif", "--rois", "--geojson"
+    )
     assert status == 0, stderr
     labels = tifffile.imread(tmp_path / "out" / "tz_labels.tif")  # T=2, Z=2
     features = json.loads((tmp_path / "out" / "tz.geojson").read_text())["features"]
@@ -421,14 +446,16 @@ def test_each_page_is_the_plane_s_own_prediction_and_the_projection_the_projecti
     assert status == 0 and re.search(r"stack\b.*\bprojection\b.*\b3 z-planes", stdout), stderr
     status, _, stderr = predict(run, tmp_path / "max", str(tmp_path / "projection.png"))
     assert status == 0, stderr
-    np.testing.assert_array_equal(read(tmp_path / "max" / "stack_mask.png"),
-                                  read(tmp_path / "max" / "projection_mask.png"))
+    np.testing.assert_array_equal(
+        read(tmp_path / "max" / "stack_mask.png"), read(tmp_path / "max" / "projection_mask.png")
+    )
 
 
 def test_the_file_s_pixel_size_reaches_the_tables_and_the_label_tiff_and_the_flag_overrides_it(run, tmp_path, scene):
     image, _ = scene
-    tifffile.imwrite(tmp_path / "cells.tif", nuclear_stain(image), imagej=True, resolution=(2, 2),
-                     metadata={"unit": "um"})
+    tifffile.imwrite(
+        tmp_path / "cells.tif", nuclear_stain(image), imagej=True, resolution=(2, 2), metadata={"unit": "um"}
+    )
     status, stdout, stderr = predict(run, tmp_path / "out", str(tmp_path / "cells.tif"), "--measure", "--labels", "tif")
     assert status == 0 and "0.5 um" in stdout and "ImageJ" in stdout, stderr
     with open(tmp_path / "out" / "images.csv", newline="") as handle:
@@ -438,8 +465,17 @@ def test_the_file_s_pixel_size_reaches_the_tables_and_the_label_tiff_and_the_fla
         nuclei = list(csv.DictReader(handle))
     assert nuclei and all(float(n["area_um2"]) == pytest.approx(float(n["area_px"]) / 4, abs=1e-3) for n in nuclei)
     assert image_files.read_pixel_size(tmp_path / "out" / "cells_labels.tif") == (0.5, "ImageJ metadata")
-    status, stdout, stderr = predict(run, tmp_path / "out", str(tmp_path / "cells.tif"), "--measure", "--labels", "tif",
-                                     "--pixel-size", "0.25", "--overwrite")
+    status, stdout, stderr = predict(
+        run,
+        tmp_path / "out",
+        str(tmp_path / "cells.tif"),
+        "--measure",
+        "--labels",
+        "tif",
+        "--pixel-size",
+        "0.25",
+        "--overwrite",
+    )
     assert status == 0 and "0.25 um" in stdout and "--pixel-size" in stdout, stderr
     with open(tmp_path / "out" / "images.csv", newline="") as handle:
         assert next(csv.DictReader(handle))["pixel_size_from"] == "--pixel-size"
@@ -497,16 +533,19 @@ def test_recursive_prediction_mirrors_the_subfolders_and_other_files_leave_the_e
 # --------------------------------------------------------------------------------------------------
 # 7. Messages: every flag checked before the model loads; runs that have not finished
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("flags, words", [
-    (("--min-size", "-5"), ("--min-size -5", "0 or more")),
-    (("--threshold", "1.5"), ("threshold", "(0, 1)")),
-    (("--threshold", "nan"), ("--threshold nan",)),
-    (("--batch-size", "0"), ("--batch-size 0",)),
-    (("--channel", "-1"), ("--channel -1",)),
-    (("--tile-size", "16"), ("--tile-size 16", "--tile-size 64")),
-    (("--project", "mean"), ("invalid choice", "max")),
-    (("--pixel-size", "inf", "--measure"), ("--pixel-size inf",)),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (("--min-size", "-5"), ("--min-size -5", "0 or more")),
+        (("--threshold", "1.5"), ("threshold", "(0, 1)")),
+        (("--threshold", "nan"), ("--threshold nan",)),
+        (("--batch-size", "0"), ("--batch-size 0",)),
+        (("--channel", "-1"), ("--channel -1",)),
+        (("--tile-size", "16"), ("--tile-size 16", "--tile-size 64")),
+        (("--project", "mean"), ("invalid choice", "max")),
+        (("--pixel-size", "inf", "--measure"), ("--pixel-size inf",)),
+    ],
+)
 def test_bad_flags_are_refused_before_the_model_loads(run, tmp_path, monkeypatch, flags, words):
     def must_not_load(path):
         raise AssertionError("the model was loaded before the flags were checked")

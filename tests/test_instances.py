@@ -42,6 +42,7 @@ def _squares(shape, *boxes):
 # binary_dice_iou
 # ----------------------------------------------------------------------------------------------------
 
+
 def test_dice_iou_identical_masks():
     mask = _squares((5, 5), (1, 3, 1, 4, 1))
     assert binary_dice_iou(mask, mask) == (1.0, 1.0)
@@ -85,6 +86,7 @@ def test_dice_iou_shape_mismatch_names_both_shapes():
 # ----------------------------------------------------------------------------------------------------
 # instance_iou_matrix
 # ----------------------------------------------------------------------------------------------------
+
 
 def _slow_iou_matrix(true_labels, pred_labels):
     true_ids = [v for v in np.unique(true_labels) if v != 0]
@@ -202,6 +204,7 @@ def test_dsb_custom_thresholds_and_validation():
 # count_instances
 # ----------------------------------------------------------------------------------------------------
 
+
 def test_count_instances():
     assert count_instances(np.array([[0, 3], [9, 9]])) == 2
     assert count_instances(np.zeros((4, 4), np.int32)) == 0
@@ -214,6 +217,7 @@ def test_count_instances():
 # Run-length encoding
 # ----------------------------------------------------------------------------------------------------
 
+
 def test_rle_hand_example_is_column_major_and_one_based():
     # Column-major numbering of a 3x3 image:   1 4 7
     #                                           2 5 8
@@ -221,9 +225,7 @@ def test_rle_hand_example_is_column_major_and_one_based():
     # The foreground pixels are 3 (row 2, column 0), 4 and 5 (column 1, rows 0-1) and 7 (row 0,
     # column 2).  Pixels 3, 4, 5 form one run across the column break: "3 3"; pixel 7 alone: "7 1".
     # (Row-major numbering would give "2 2 5 1 7 1".)
-    mask = np.array([[0, 1, 1],
-                     [0, 1, 0],
-                     [1, 0, 0]], np.uint8)
+    mask = np.array([[0, 1, 1], [0, 1, 0], [1, 0, 0]], np.uint8)
     assert rle_encode(mask) == "3 3 7 1"
     np.testing.assert_array_equal(rle_decode("3 3 7 1", (3, 3)), mask)
 
@@ -246,18 +248,21 @@ def test_rle_round_trip_on_random_masks(shape):
         np.testing.assert_array_equal(decoded, mask)
 
 
-@pytest.mark.parametrize("text", [
-    "1 2 3",       # An odd number of values.
-    "0 2",         # Pixels are numbered from 1.
-    "8 3",         # Pixels 8, 9, 10: past the 9 pixels of a 3x3 image.
-    "9 2",         # Pixels 9 and 10: one past the end.
-    "1 x",         # Not a number.
-    "1.5 2",       # Not an integer.
-    "-1 2",        # Negative.
-    "3 0",         # An empty run.
-    "5 2 1 1",     # Unsorted runs.
-    "1 3 2 2",     # Overlapping runs.
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1 2 3",  # An odd number of values.
+        "0 2",  # Pixels are numbered from 1.
+        "8 3",  # Pixels 8, 9, 10: past the 9 pixels of a 3x3 image.
+        "9 2",  # Pixels 9 and 10: one past the end.
+        "1 x",  # Not a number.
+        "1.5 2",  # Not an integer.
+        "-1 2",  # Negative.
+        "3 0",  # An empty run.
+        "5 2 1 1",  # Unsorted runs.
+        "1 3 2 2",  # Overlapping runs.
+    ],
+)
 def test_rle_decode_rejects_malformed_strings(text):
     with pytest.raises(ValueError):
         rle_decode(text, (3, 3))
@@ -291,6 +296,7 @@ def test_rle_rows_empty_image_gives_one_empty_row():
 # ----------------------------------------------------------------------------------------------------
 # label_instances
 # ----------------------------------------------------------------------------------------------------
+
 
 def _discs(shape, *circles):
     probability = np.zeros(shape, np.float32)
@@ -333,13 +339,22 @@ def test_split_follows_the_neck_between_unequal_discs():
     assert abs(change - 23.0) <= 1.5
 
 
-@pytest.mark.parametrize("axes, angle", [
-    ((25, 25), 0), ((40, 18), 0), ((20, 8), 63), ((35, 20), 120),
-    # Thin ellipses at 45 degrees have the largest pixelation ripples along their ridge (about 0.4 px).
-    ((30, 9), 45), ((42, 12), 45),
-    # These have two equally high distance peaks a little apart, which must still give one marker.
-    ((27, 12), 30), ((15, 5), 30), ((36, 16), 30),
-])
+@pytest.mark.parametrize(
+    "axes, angle",
+    [
+        ((25, 25), 0),
+        ((40, 18), 0),
+        ((20, 8), 63),
+        ((35, 20), 120),
+        # Thin ellipses at 45 degrees have the largest pixelation ripples along their ridge (about 0.4 px).
+        ((30, 9), 45),
+        ((42, 12), 45),
+        # These have two equally high distance peaks a little apart, which must still give one marker.
+        ((27, 12), 30),
+        ((15, 5), 30),
+        ((36, 16), 30),
+    ],
+)
 def test_single_convex_ellipse_is_not_split(axes, angle):
     labels = label_instances(_ellipse((128, 128), (64, 63), axes, angle), min_size=1)
     assert count_instances(labels) == 1
@@ -347,8 +362,8 @@ def test_single_convex_ellipse_is_not_split(axes, angle):
 
 def test_small_specks_are_removed_and_labels_are_consecutive_int32():
     probability = _discs((100, 100), (25, 25, 8), (70, 70, 10))
-    probability[2:5, 90:93] = 0.9       # 9 pixels: below min_size = 10.
-    probability[90:94, 2:6] = 0.9       # 16 pixels: kept.
+    probability[2:5, 90:93] = 0.9  # 9 pixels: below min_size = 10.
+    probability[90:94, 2:6] = 0.9  # 16 pixels: kept.
     labels = label_instances(probability, min_size=10)
     assert labels.dtype == np.int32
     assert labels.shape == probability.shape
@@ -377,6 +392,7 @@ def test_empty_map_and_bad_input():
 # choose_post_processing, Prediction and the instance-aware (3-class) path
 # ----------------------------------------------------------------------------------------------------
 
+
 def _one_hot_output(probability):
     """A binary model's H x W x 1 output from a probability map."""
     return probability.astype(np.float32)[..., None]
@@ -389,8 +405,9 @@ def test_choose_post_processing_picks_the_best_dsb_score():
     probability = np.where(truth > 0, 0.9, 0.0).astype(np.float32)
     probability[(_discs((60, 60), (30, 30, 17)) > 0) & (truth == 0)] = 0.4
     output = _one_hot_output(probability)
-    post, mean, per_image = choose_post_processing([truth, truth], [output, output], min_sizes=[5],
-                                                   thresholds=[0.3, 0.5, 0.7])
+    post, mean, per_image = choose_post_processing(
+        [truth, truth], [output, output], min_sizes=[5], thresholds=[0.3, 0.5, 0.7]
+    )
     assert post.threshold == 0.5  # 0.5 and 0.7 tie on both scores: the first one wins
     assert mean == {"dice": 1.0, "iou": 1.0, "dsb_score": 1.0, "ap50": 1.0}
     assert [s.nuclei_pred for s in per_image] == [1, 1]
@@ -475,8 +492,9 @@ def test_choose_post_processing_tries_marker_thresholds_for_instance_outputs():
     output[cores, 1] = 0.65
     output[..., 2] = np.where(truth > 0, 0.4, 0.0) - np.where(cores, 0.1, 0.0)
     output[..., 0] = 1.0 - output[..., 1] - output[..., 2]
-    post, mean, _ = choose_post_processing([truth], [output], min_sizes=[5], thresholds=[0.5],
-                                           marker_thresholds=[0.5, 0.6])
+    post, mean, _ = choose_post_processing(
+        [truth], [output], min_sizes=[5], thresholds=[0.5], marker_thresholds=[0.5, 0.6]
+    )
     assert post.marker_threshold == 0.6 and mean["dsb_score"] > 0.5
     assert score_image(truth, PostProcessing(0.5, 0.5, 5).nuclei(output)).nuclei_pred == 1
 
@@ -492,7 +510,7 @@ TOUCHING = _squares((12, 16), (2, 8, 2, 8, 1), (2, 8, 8, 14, 2))
 def _ring(shape, r0, r1, c0, c1, width=1):
     ring = np.zeros(shape, bool)
     ring[r0:r1, c0:c1] = True
-    ring[r0 + width:r1 - width, c0 + width:c1 - width] = False
+    ring[r0 + width : r1 - width, c0 + width : c1 - width] = False
     return ring
 
 
@@ -507,7 +525,7 @@ def test_outlines_of_touching_instances_are_separate():
     coloured = np.all(result == (255, 0, 0), axis=2)
     np.testing.assert_array_equal(coloured, expected)
     assert coloured[4, 7] and coloured[4, 8]
-    assert not coloured[4, 4]                       # Interior of A.
+    assert not coloured[4, 4]  # Interior of A.
     np.testing.assert_array_equal(result[~expected], image[~expected])
 
 
@@ -574,13 +592,12 @@ def test_choose_post_processing_drops_unsure_blobs_only_when_that_scores_better(
     output = _class_output(truth)
     sure = output.copy()
     output[_discs((40, 70), (52, 20, 8)) > 0] = (0.22, 0.5, 0.28)  # (x, y, radius)
-    post, mean, _ = choose_post_processing([truth], [output], thresholds=[0.5], marker_thresholds=[0.5],
-                                           min_sizes=[5])
+    post, mean, _ = choose_post_processing([truth], [output], thresholds=[0.5], marker_thresholds=[0.5], min_sizes=[5])
     assert post.min_confidence == 0.8 and mean["dsb_score"] == 1.0  # 0.8 to 0.95 tie: the first wins
     assert score_image(truth, PostProcessing(0.5, 0.5, 5).nuclei(output)).dsb_score == 0.5
-    post, mean, _ = choose_post_processing([truth], [sure], thresholds=[0.5], marker_thresholds=[0.5],
-                                           min_sizes=[5])
+    post, mean, _ = choose_post_processing([truth], [sure], thresholds=[0.5], marker_thresholds=[0.5], min_sizes=[5])
     assert post.min_confidence == 0.0 and mean["dsb_score"] == 1.0  # nothing to drop: every nucleus kept
-    post, _, _ = choose_post_processing([truth], [output], thresholds=[0.5], marker_thresholds=[0.5],
-                                        min_sizes=[5], confidences=[0.0])
+    post, _, _ = choose_post_processing(
+        [truth], [output], thresholds=[0.5], marker_thresholds=[0.5], min_sizes=[5], confidences=[0.0]
+    )
     assert post.min_confidence == 0.0

@@ -1,4 +1,5 @@
 """Known-answer tests for the Dice/IoU math, and each loss actually trains."""
+
 import keras
 import numpy as np
 import pytest
@@ -12,12 +13,15 @@ def arr(values):
     return np.array(values, np.float32).reshape(1, -1, 1, 1)
 
 
-@pytest.mark.parametrize("true, pred, dice, iou", [
-    ([1, 1, 0, 0], [1, 1, 0, 0], 1.0, 1.0),      # identical
-    ([1, 1, 0, 0], [0, 0, 1, 1], 0.0, 0.0),      # disjoint
-    ([1, 1, 1, 1], [1, 1, 0, 0], 2 * 2 / 6, 2 / 4),  # half: |A.B|=2, |A|+|B|=6, union 4
-    ([1, 1, 0, 0], [1, 0.5, 0, 0], 2 * 1.5 / 3.5, 1.5 / 2.0),  # soft prediction
-])
+@pytest.mark.parametrize(
+    "true, pred, dice, iou",
+    [
+        ([1, 1, 0, 0], [1, 1, 0, 0], 1.0, 1.0),  # identical
+        ([1, 1, 0, 0], [0, 0, 1, 1], 0.0, 0.0),  # disjoint
+        ([1, 1, 1, 1], [1, 1, 0, 0], 2 * 2 / 6, 2 / 4),  # half: |A.B|=2, |A|+|B|=6, union 4
+        ([1, 1, 0, 0], [1, 0.5, 0, 0], 2 * 1.5 / 3.5, 1.5 / 2.0),  # soft prediction
+    ],
+)
 def test_dice_and_iou_known_answers(true, pred, dice, iou):
     assert float(core.dice_coefficient(arr(true), arr(pred), smooth=EPS)) == pytest.approx(dice, abs=1e-6)
     assert float(core.iou_coefficient(arr(true), arr(pred), smooth=EPS)) == pytest.approx(iou, abs=1e-6)
@@ -65,11 +69,18 @@ def test_each_loss_trains_a_toy_segmentation(name):
     y = np.zeros((16, 16, 16, 1), np.float32)
     for i in range(16):
         top, left = rng.integers(0, 10, 2)
-        x[i, top:top + 6, left:left + 6] = 200
-        y[i, top:top + 6, left:left + 6] = 1
+        x[i, top : top + 6, left : left + 6] = 200
+        y[i, top : top + 6, left : left + 6] = 1
     x += rng.normal(0, 10, x.shape).astype(np.float32)
-    config = core.Config(image_size=16, channels=(8, 16), loss=name, learning_rate=1e-2, targets="binary",
-                         preprocessing="rgb", batch_norm=False)
+    config = core.Config(
+        image_size=16,
+        channels=(8, 16),
+        loss=name,
+        learning_rate=1e-2,
+        targets="binary",
+        preprocessing="rgb",
+        batch_norm=False,
+    )
     model = core.compile_unet(core.build_unet_from_config(config), config)
     before = model.evaluate(x, y, verbose=0, return_dict=True)
     model.fit(x, y, epochs=40, batch_size=8, verbose=0)

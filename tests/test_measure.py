@@ -1,5 +1,6 @@
 """Per-nucleus measurements (unet_nuclei/measure.py) with known answers, the label TIFF, and
 ``Predict_mask.py --measure`` end to end on a quickly trained model."""
+
 import csv
 import math
 import re
@@ -43,7 +44,7 @@ def test_discs_of_known_size_and_intensity_give_their_measurements():
     assert list(columns["label"]) == [1, 2, 3, 4]
     for index, (row, col, radius, value) in enumerate(DISCS[:3]):  # the three discs inside the image
         # A digital disc's edge is off the true circle by up to half a pixel: allow a half-pixel ring.
-        assert columns["area_px"][index] == pytest.approx(math.pi * radius ** 2, abs=math.pi * radius)
+        assert columns["area_px"][index] == pytest.approx(math.pi * radius**2, abs=math.pi * radius)
         assert columns["equivalent_diameter_px"][index] == pytest.approx(2 * radius, abs=1)
         assert columns["perimeter_px"][index] == pytest.approx(2 * math.pi * radius, rel=0.1)
         assert columns["centroid_y"][index] == pytest.approx(row, abs=0.5)
@@ -54,7 +55,7 @@ def test_discs_of_known_size_and_intensity_give_their_measurements():
         assert columns["touches_border"][index] == 0
     # The disc cut by the right edge touches the border, and only the part inside the image counts.
     assert columns["touches_border"][3] == 1
-    assert columns["area_px"][3] < 0.75 * math.pi * 12 ** 2
+    assert columns["area_px"][3] < 0.75 * math.pi * 12**2
     assert columns["centroid_x"][3] < 235
 
 
@@ -123,8 +124,14 @@ def test_image_summary_counts_areas_and_coverage():
     labels[5:9, 12:18] = 3  # 24 px
     areas = measure.measure_nuclei(labels, labels)["area_px"]
     summary = measure.summarize_image(labels, areas)
-    assert summary == {"width": 20, "height": 10, "count": 3, "mean_area_px": 18.0, "median_area_px": 20.0,
-                       "coverage": 54 / 200}
+    assert summary == {
+        "width": 20,
+        "height": 10,
+        "count": 3,
+        "mean_area_px": 18.0,
+        "median_area_px": 20.0,
+        "coverage": 54 / 200,
+    }
     empty = measure.summarize_image(np.zeros((4, 5), np.uint8), [])
     assert empty["count"] == 0 and empty["mean_area_px"] is None and empty["coverage"] == 0
 
@@ -196,17 +203,33 @@ def test_pixel_size_and_labels_flags_are_checked_before_any_work():
     assert status == 2 and "invalid choice" in stderr
     # The bare flag keeps working anywhere on the line, also right before an image.
     parser = Predict_mask.build_parser()
-    for argv, expected in ((["--labels", "a.png"], ("png", ["a.png"])), (["a.png", "--labels"], ("png", ["a.png"])),
-                           (["--labels", "tif", "a.png"], ("tif", ["a.png"])), (["a.png"], (None, ["a.png"]))):
+    for argv, expected in (
+        (["--labels", "a.png"], ("png", ["a.png"])),
+        (["a.png", "--labels"], ("png", ["a.png"])),
+        (["--labels", "tif", "a.png"], ("tif", ["a.png"])),
+        (["a.png"], (None, ["a.png"])),
+    ):
         args = parser.parse_args(Predict_mask._labels_value_given(argv))
         assert (args.labels, args.images) == expected, argv
 
 
-def test_predict_mask_measure_writes_the_tables_and_figure_and_refuses_to_replace_them(quick_run, tiny_dataset, tmp_path):
+def test_predict_mask_measure_writes_the_tables_and_figure_and_refuses_to_replace_them(
+    quick_run, tiny_dataset, tmp_path
+):
     work, run, _ = quick_run
     out = tmp_path / "out"
-    argv = (str(tiny_dataset), "--model", str(run), "--out", str(out), "--measure", "--labels", "tif",
-            "--pixel-size", "0.5")
+    argv = (
+        str(tiny_dataset),
+        "--model",
+        str(run),
+        "--out",
+        str(out),
+        "--measure",
+        "--labels",
+        "tif",
+        "--pixel-size",
+        "0.5",
+    )
     status, stdout, stderr = run_main(Predict_mask, *argv)
     assert status == 0, stderr
     ids = sorted(p.name for p in tiny_dataset.iterdir())

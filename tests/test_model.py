@@ -1,4 +1,5 @@
 """The U-Net builder: shapes, parameter counts, size validation, blocks and a save/load round trip."""
+
 import keras
 import numpy as np
 import pytest
@@ -118,6 +119,7 @@ def test_residual_blocks_project_and_crop_the_shortcut_where_needed():
 
 def test_a_residual_run_exports_the_same_model_for_prediction():
     from unet_nuclei import checkpoints
+
     config = core.Config(image_size=32, channels=(4, 8, 16), block="residual")
     model = core.build_unet_from_config(config)
     exported = checkpoints.export_inference_model(model, config)

@@ -1,4 +1,5 @@
 """The notebook runs top to bottom (quick mode), keeps its eight sections in order, and shows its figures."""
+
 import shutil
 
 import nbformat
@@ -6,13 +7,26 @@ import pytest
 
 from conftest import ROOT
 
-SECTIONS = ["0. Required Imports", "1. Data Preprocessing", "2. Hyperparameters", "3. Data Preview",
-            "4. Different Convolutional Blocks", "5. UNet Model", "6. Training the Model", "7. Testing the Model"]
+SECTIONS = [
+    "0. Required Imports",
+    "1. Data Preprocessing",
+    "2. Hyperparameters",
+    "3. Data Preview",
+    "4. Different Convolutional Blocks",
+    "5. UNet Model",
+    "6. Training the Model",
+    "7. Testing the Model",
+]
 
 
 def headings(notebook):
-    return [line.lstrip("#").strip() for cell in notebook.cells if cell.cell_type == "markdown"
-            for line in cell.source.splitlines() if line.startswith("## ")]
+    return [
+        line.lstrip("#").strip()
+        for cell in notebook.cells
+        if cell.cell_type == "markdown"
+        for line in cell.source.splitlines()
+        if line.startswith("## ")
+    ]
 
 
 def test_the_eight_sections_are_there_in_order():
@@ -31,9 +45,13 @@ def test_the_committed_notebook_has_clean_outputs():
 
 def cells_missing_their_figure(notebook):
     """Indices of code cells that call ``plt.show()`` but hold no image output."""
-    return [index for index, cell in enumerate(notebook.cells)
-            if cell.cell_type == "code" and "plt.show()" in cell.source
-            and not any(kind.startswith("image/") for output in cell.outputs for kind in output.get("data", {}))]
+    return [
+        index
+        for index, cell in enumerate(notebook.cells)
+        if cell.cell_type == "code"
+        and "plt.show()" in cell.source
+        and not any(kind.startswith("image/") for output in cell.outputs for kind in output.get("data", {}))
+    ]
 
 
 def test_every_figure_of_the_committed_notebook_is_in_its_outputs():
@@ -66,8 +84,9 @@ def test_the_notebook_runs_top_to_bottom_in_quick_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     # The kernel's own inline backend, so that the figures land in the outputs as they do for a user.
     monkeypatch.delenv("MPLBACKEND", raising=False)
-    client = NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()  # raises CellExecutionError, naming the cell, on any error
     outputs = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
     assert "quick mode: True" in outputs

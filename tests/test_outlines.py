@@ -1,5 +1,6 @@
 """Nucleus outlines for Fiji (ImageJ ROI sets) and QuPath (GeoJSON): the polygons enclose exactly each
 label's pixels, holes and border nuclei included, and Predict_mask.py writes both on request."""
+
 import json
 
 import cv2
@@ -155,8 +156,20 @@ def test_predict_mask_writes_rois_and_geojson_matching_the_labels(quick_run, tmp
     image = cv2.GaussianBlur(rng.integers(0, 255, (70, 90), dtype=np.uint8), (0, 0), 3)
     cv2.imwrite(str(tmp_path / "cells.png"), image)
     out = tmp_path / "out"
-    status, _, stderr = run_main(Predict_mask, str(tmp_path / "cells.png"), "--model", str(run), "--out",
-                                 str(out), "--labels", "tif", "--rois", "--geojson", "--min-confidence", "0")
+    status, _, stderr = run_main(
+        Predict_mask,
+        str(tmp_path / "cells.png"),
+        "--model",
+        str(run),
+        "--out",
+        str(out),
+        "--labels",
+        "tif",
+        "--rois",
+        "--geojson",
+        "--min-confidence",
+        "0",
+    )
     assert status == 0, stderr
     import tifffile
 
@@ -172,7 +185,8 @@ def test_predict_mask_writes_rois_and_geojson_matching_the_labels(quick_run, tmp
     # An existing outline file is refused before the image is predicted, and left as it was.
     (out / "again.geojson").write_text("the user's own file")
     cv2.imwrite(str(tmp_path / "again.png"), image)
-    status, _, stderr = run_main(Predict_mask, str(tmp_path / "again.png"), "--model", str(run), "--out", str(out),
-                                 "--geojson")
+    status, _, stderr = run_main(
+        Predict_mask, str(tmp_path / "again.png"), "--model", str(run), "--out", str(out), "--geojson"
+    )
     assert status == 1 and "again.geojson" in stderr
     assert (out / "again.geojson").read_text() == "the user's own file" and not (out / "again_mask.png").exists()

@@ -2,6 +2,7 @@
 
 The flags and errors go through ``Predict_mask.main(argv)`` in this process; one real subprocess run
 checks the script as a user runs it."""
+
 import csv
 import json
 import re
@@ -35,8 +36,9 @@ def test_masks_match_every_input_size_and_kind_and_bad_files_are_skipped(quick_r
     sizes = write_kinds(tmp_path / "in")
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG not really")
     (tmp_path / "in" / "notes.txt").write_text("hello")
-    result = run_script("Predict_mask.py", str(tmp_path / "in"), "--model", str(run), "--out", str(tmp_path / "out"),
-                        cwd=work)
+    result = run_script(
+        "Predict_mask.py", str(tmp_path / "in"), "--model", str(run), "--out", str(tmp_path / "out"), cwd=work
+    )
     assert result.returncode == 1, result.stderr  # some inputs were bad: non-zero, but the rest written
     assert "broken" in result.stderr and "Traceback" not in result.stderr
     # A file that is not an image by its extension is passed over quietly, counted once (issue 33).
@@ -53,8 +55,19 @@ def test_masks_match_every_input_size_and_kind_and_bad_files_are_skipped(quick_r
 def test_labels_rle_and_scores_on_a_dsb_folder(quick_run, tiny_dataset, tmp_path):
     work, run, _ = quick_run
     out = tmp_path / "out"
-    status, stdout, stderr = run_main(Predict_mask, str(tiny_dataset), "--model", "first", "--out", str(out),
-                                      "--labels", "--rle", str(tmp_path / "sub.csv"), "--runs-dir", str(work / "runs"))
+    status, stdout, stderr = run_main(
+        Predict_mask,
+        str(tiny_dataset),
+        "--model",
+        "first",
+        "--out",
+        str(out),
+        "--labels",
+        "--rle",
+        str(tmp_path / "sub.csv"),
+        "--runs-dir",
+        str(work / "runs"),
+    )
     assert status == 0, stderr
     ids = sorted(p.name for p in tiny_dataset.iterdir())
     with open(tmp_path / "sub.csv") as handle:
@@ -71,7 +84,11 @@ def test_labels_rle_and_scores_on_a_dsb_folder(quick_run, tiny_dataset, tmp_path
         assert np.array_equal(decoded > 0, labels > 0) and decoded.max() <= 1
     with open(out / "scores.csv") as handle:
         scores = list(csv.reader(handle))
-    assert scores[0][-4:] == ["dice", "iou", "dsb_score", "ap50"] and scores[-1][0] == "mean" and len(scores) == len(ids) + 2
+    assert (
+        scores[0][-4:] == ["dice", "iou", "dsb_score", "ap50"]
+        and scores[-1][0] == "mean"
+        and len(scores) == len(ids) + 2
+    )
     assert "6 scored images" in stdout
 
 
@@ -89,12 +106,14 @@ def test_min_confidence_flag_overrides_the_run_and_is_checked(quick_run, tmp_pat
     work, run, _ = quick_run
     write_kinds(tmp_path / "in")
     image = str(tmp_path / "in" / "grey.png")
-    status, stdout, stderr = run_main(Predict_mask, image, "--model", str(run), "--out", str(tmp_path / "a"),
-                                      "--min-confidence", "0.99")
+    status, stdout, stderr = run_main(
+        Predict_mask, image, "--model", str(run), "--out", str(tmp_path / "a"), "--min-confidence", "0.99"
+    )
     assert status == 0, stderr
     assert "confidence" in stdout and "0.99" in stdout  # the override reached the post-processing
-    status, _, stderr = run_main(Predict_mask, image, "--model", str(run), "--out", str(tmp_path / "b"),
-                                 "--min-confidence", "1.5")
+    status, _, stderr = run_main(
+        Predict_mask, image, "--model", str(run), "--out", str(tmp_path / "b"), "--min-confidence", "1.5"
+    )
     assert status == 2 and "min_confidence" in stderr and "[0, 1)" in stderr
 
 
@@ -104,7 +123,9 @@ def test_existing_outputs_are_not_overwritten(quick_run, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "grey_mask.png").write_bytes(b"the user's own file")
-    status, _, stderr = run_main(Predict_mask, str(tmp_path / "in" / "grey.png"), "--model", str(run), "--out", str(out))
+    status, _, stderr = run_main(
+        Predict_mask, str(tmp_path / "in" / "grey.png"), "--model", str(run), "--out", str(out)
+    )
     assert status == 1 and "--overwrite" in stderr
     assert (out / "grey_mask.png").read_bytes() == b"the user's own file"
 
@@ -117,6 +138,7 @@ def test_no_run_and_foreign_models_get_clear_errors(tmp_path, monkeypatch):
     status, _, stderr = run_main(Predict_mask, "x.png")
     assert status == 2 and "python Train.py" in stderr
     import keras
+
     fake = tmp_path / "runs" / "fake"
     fake.mkdir(parents=True)
     keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]).save(fake / "model.keras")
@@ -158,7 +180,7 @@ def test_tiled_prediction_equals_one_forward_pass_on_an_image_that_fits_one_tile
     # The same thing done by hand: preprocess, mirror the image out to one tile, one forward pass, crop.
     view = core.preprocess_image(image, config.preprocessing)
     padded = np.pad(view, ((margin, tile_h - margin - 70), (margin, tile_w - margin - 90), (0, 0)), mode="reflect")
-    direct = model.predict(padded[None].astype(np.float32), verbose=0)[0, margin:margin + 70, margin:margin + 90]
+    direct = model.predict(padded[None].astype(np.float32), verbose=0)[0, margin : margin + 70, margin : margin + 90]
     assert tiled.shape == (70, 90, config.num_classes)
     np.testing.assert_allclose(tiled, direct, atol=1e-5)
 
@@ -199,8 +221,9 @@ def test_tiled_prediction_has_no_visible_seams(model_and_config):
 
 def test_resize_mode_predicts_at_the_input_size():
     for targets, preprocessing in (("instance", "grey"), ("binary", "rgb")):
-        config = core.Config(sampling="resize", image_size=32, channels=(4, 8), targets=targets,
-                             preprocessing=preprocessing)
+        config = core.Config(
+            sampling="resize", image_size=32, channels=(4, 8), targets=targets, preprocessing=preprocessing
+        )
         model = checkpoints.export_inference_model(core.build_unet_from_config(config), config)
         output = probabilities(model, np.zeros((45, 71, 3), np.uint8), config)
         assert output.shape == (45, 71, config.num_classes)

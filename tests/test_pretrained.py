@@ -1,6 +1,7 @@
 """The shipped DSB-2018 model (models/dsb2018), which model a command uses, and fine-tuning from a model
 (``Train.py --init``), including the round trip a biologist makes: predict label TIFFs, correct them,
 train on them."""
+
 import csv
 import json
 import re
@@ -101,8 +102,20 @@ def test_init_starts_from_the_shipped_weights(tiny_dataset, tmp_path):
 
 
 def test_init_refuses_flags_that_change_the_architecture(tiny_dataset, tmp_path):
-    status, _, err = run_main(Train, "--quick", "--data", str(tiny_dataset), "--runs-dir", str(tmp_path),
-                              "--init", "dsb2018", "--channels", "8,16,32", "--targets", "binary")
+    status, _, err = run_main(
+        Train,
+        "--quick",
+        "--data",
+        str(tiny_dataset),
+        "--runs-dir",
+        str(tmp_path),
+        "--init",
+        "dsb2018",
+        "--channels",
+        "8,16,32",
+        "--targets",
+        "binary",
+    )
     assert status == 2 and "--channels 8,16,32" in err and "--targets binary" in err
     assert not list(tmp_path.iterdir())  # nothing was started
     status, _, err = run_main(Train, "--init", "no-such-model", "--runs-dir", str(tmp_path))
@@ -136,8 +149,9 @@ def test_round_trip_predicted_label_tiffs_corrected_then_fine_tuned(quick_run, t
         image, labels = synthetic.generate_sample(np.random.default_rng(100 + index), 96, 112, "fluorescence")
         cv2.imwrite(str(images / f"cell{index}.png"), image[..., ::-1])
         truths[f"cell{index}"] = labels
-    status, out, err = run_main(Predict_mask, str(images), "--model", str(run), "--labels", "tif",
-                                "--out", str(tmp_path / "predicted"))
+    status, out, err = run_main(
+        Predict_mask, str(images), "--model", str(run), "--labels", "tif", "--out", str(tmp_path / "predicted")
+    )
     assert status == 0, err
     # The biologist's correction: the predicted label image replaced by the right nuclei, saved as the
     # same kind of TIFF under the same name, moved beside the images as masks/.
@@ -153,8 +167,20 @@ def test_round_trip_predicted_label_tiffs_corrected_then_fine_tuned(quick_run, t
         # Read back as the training labels, touching nuclei still apart: one value per nucleus.
         read = core.read_instance_labels([masks / predicted.name], labels.shape, "pairs")
         np.testing.assert_array_equal(read, labels)
-    status, out, err = run_main(Train, "--quick", "--data", str(tmp_path / "mine"), "--init", str(run),
-                                "--runs-dir", str(tmp_path / "runs"), "--name", "corrected", "--val-size", "1")
+    status, out, err = run_main(
+        Train,
+        "--quick",
+        "--data",
+        str(tmp_path / "mine"),
+        "--init",
+        str(run),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--name",
+        "corrected",
+        "--val-size",
+        "1",
+    )
     assert status == 0, out + err
     assert re.search(r"\b3 training\b.*\b1 validation", out)
     tuned = tmp_path / "runs" / "corrected"

@@ -1,5 +1,6 @@
 """Project-level promises: a silent import, imports running one way, and CI running exactly the README's
 test command."""
+
 import ast
 import os
 import re
@@ -11,8 +12,14 @@ from conftest import ROOT
 
 def test_importing_the_core_prints_nothing_and_writes_nothing(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", "import unet_model_core"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", "import unet_model_core"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
     assert list(tmp_path.iterdir()) == []
@@ -39,7 +46,9 @@ def test_imports_run_one_way_from_the_package_to_the_core():
 
 def test_ci_runs_exactly_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
-    ci_lines = [c for c in (ROOT / ".ci" / "run").read_text().splitlines() if c and not c.startswith(("#", "set ", "cd "))]
+    ci_lines = [
+        c for c in (ROOT / ".ci" / "run").read_text().splitlines() if c and not c.startswith(("#", "set ", "cd "))
+    ]
     assert len(ci_lines) == 1
     assert ci_lines[0] in readme
 

@@ -23,17 +23,19 @@ def _disc_image(radius: int, size: int = 96):
     yy, xx = np.mgrid[:size, :size]
     for cy in range(size // 8, size, size // 4):
         for cx in range(size // 8, size, size // 4):
-            image[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2] = 255
+            image[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = 255
     return image
 
 
 def _bright_is_nucleus(calls):
     """A stand-in for ``Segmenter.native_probabilities``: bright pixels are nucleus interior, the rest
     background; it records the size and TTA flag of every image it is given."""
+
     def predict(self, image, tta=False, progress=None, dtype=np.float32):
         calls.append((image.shape[:2], tta))
         interior = (np.asarray(image)[..., 0] > 127).astype(np.float32)
         return np.stack([1 - interior, interior, np.zeros_like(interior)], axis=-1).astype(dtype)
+
     return predict
 
 
@@ -84,8 +86,10 @@ def test_prediction_at_a_nucleus_diameter_rescales_the_image_and_the_result_back
 
 def _imported_by(module: str) -> set[str]:
     """The modules of this project that importing ``module`` loads, in a fresh interpreter."""
-    code = (f"import sys, {module}; print(' '.join(m for m in sys.modules "
-            f"if m.startswith('unet_nuclei.') or m == 'unet_model_core'))")
+    code = (
+        f"import sys, {module}; print(' '.join(m for m in sys.modules "
+        f"if m.startswith('unet_nuclei.') or m == 'unet_model_core'))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return set(done.stdout.split())
 
@@ -120,8 +124,9 @@ def test_a_run_reads_its_learned_post_processing_and_scores_from_their_own_files
 def test_a_run_from_before_the_learned_files_reads_as_it_did(tmp_path):
     from unet_model_core import Config
 
-    runs.write_config(Config(threshold=0.55, min_nucleus_size=8), tmp_path / "config.json",
-                      val_scores={"dsb_score": 0.4})
+    runs.write_config(
+        Config(threshold=0.55, min_nucleus_size=8), tmp_path / "config.json", val_scores={"dsb_score": 0.4}
+    )
     config, record = runs.read_run_config(tmp_path)
     assert (config.threshold, config.min_nucleus_size) == (0.55, 8) and record["val_scores"] == {"dsb_score": 0.4}
     assert Segmenter(None, config).post == PostProcessing.of(config)

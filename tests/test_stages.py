@@ -1,5 +1,6 @@
 """The two stages of a run: native scale, then every image at one nucleus size (``unet_nuclei.stages``),
 and how training, resuming and the flags follow them."""
+
 import json
 import re
 
@@ -26,14 +27,20 @@ def test_the_default_run_learns_every_size_then_one():
     # Everything else (the model, the data, the seed) is the run's own in both.
     for stage in (first, second):
         assert (stage.config.channels, stage.config.seed, stage.config.targets) == (
-            config.channels, config.seed, config.targets)
+            config.channels,
+            config.seed,
+            config.targets,
+        )
     assert stages.describe(config) == "23 epochs (20 + 3 at 20-px nuclei)"
 
 
-@pytest.mark.parametrize("changes, epochs, diameter, words", [
-    ({"nucleus_diameter": None}, 20, None, "20 epochs"),  # native scale throughout
-    ({"nucleus_epochs": 0}, 20, 20.0, "20 epochs at 20-px nuclei"),  # one size throughout
-])
+@pytest.mark.parametrize(
+    "changes, epochs, diameter, words",
+    [
+        ({"nucleus_diameter": None}, 20, None, "20 epochs"),  # native scale throughout
+        ({"nucleus_epochs": 0}, 20, 20.0, "20 epochs at 20-px nuclei"),  # one size throughout
+    ],
+)
 def test_one_stage_runs(changes, epochs, diameter, words):
     config = core.Config(**changes)
     (only,) = stages.training_stages(config)

@@ -154,11 +154,21 @@ def test_a_sample_finished_meanwhile_by_another_process_is_used_not_a_raw_error(
 
 @pytest.mark.slow
 def test_two_processes_generating_the_sample_at_once_both_succeed(tmp_path):
-    code = ("import sys; from unet_nuclei import synthetic; "
-            "print(synthetic.ensure_sample_dataset(6, 0, root=sys.argv[1], progress=False))")
+    code = (
+        "import sys; from unet_nuclei import synthetic; "
+        "print(synthetic.ensure_sample_dataset(6, 0, root=sys.argv[1], progress=False))"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    runs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     results = [(*run.communicate(timeout=300), run.returncode) for run in runs]
     assert all(status == 0 for _, _, status in results), results
     folder = synthetic.sample_dataset_dir(6, 0, tmp_path)
@@ -252,8 +262,10 @@ def _pale_share(labels, signal):
 def test_some_stained_images_hold_pale_nuclei_with_dark_chromatin_clumps():
     # Real stained nuclei are often open: pale, with the stain in clumps. A model that met only evenly
     # dark nuclei cuts them at their pale gaps, so a good share of the sample's stained images have them.
-    shares = [_pale_share(*synthetic._place_nuclei(np.random.default_rng(seed), 128, 160, "histology")[:2])
-              for seed in range(20)]
+    shares = [
+        _pale_share(*synthetic._place_nuclei(np.random.default_rng(seed), 128, 160, "histology")[:2])
+        for seed in range(20)
+    ]
     assert sum(share >= 0.5 for share in shares) >= 5, np.round(sorted(shares), 2)
 
 

@@ -96,7 +96,7 @@ def test_tile_positions_cover_axis(length, output_size):
         assert np.all(steps <= output_size - overlap)
         covered = np.zeros(length, dtype=bool)
         for start in positions:
-            covered[start:start + output_size] = True
+            covered[start : start + output_size] = True
         assert covered.all()
 
 
@@ -189,7 +189,7 @@ def test_valid_mode_pointwise_exact(shape, tile_size, output_size, overlap):
 
     def valid_pointwise(batch):
         assert batch.shape[1:3] == (tile_size, tile_size)
-        centre = batch[:, margin:margin + output_size, margin:margin + output_size]
+        centre = batch[:, margin : margin + output_size, margin : margin + output_size]
         return pointwise(centre)
 
     image = random_image(*shape)
@@ -206,9 +206,7 @@ def test_valid_mode_blur_uses_mirrored_context(shape, tile_size, output_size, ov
     # everywhere, including the image border (the point of overlap-tile).
     image = random_image(*shape)
     full = box_blur(image)
-    tiled = predict_tiled(
-        lambda b: box_blur(b, pad=False), image, tile_size, output_size, overlap
-    )
+    tiled = predict_tiled(lambda b: box_blur(b, pad=False), image, tile_size, output_size, overlap)
     np.testing.assert_allclose(tiled, full, atol=1e-5, rtol=0)
 
 
@@ -222,7 +220,7 @@ def test_tile_content_is_mirror_padded_image():
 
     def record(batch):
         seen.append(batch.copy())
-        centre = batch[:, margin:margin + output_size, margin:margin + output_size]
+        centre = batch[:, margin : margin + output_size, margin : margin + output_size]
         return centre[..., :1]
 
     out = predict_tiled(record, image, tile_size, output_size)
@@ -267,9 +265,7 @@ def test_accepts_float64_and_single_channel():
 def test_batching_and_progress(batch_size):
     image = random_image(150, 230)
     tile_size, overlap = 32, 8
-    n_tiles = len(tile_positions(150, tile_size, overlap)) * len(
-        tile_positions(230, tile_size, overlap)
-    )
+    n_tiles = len(tile_positions(150, tile_size, overlap)) * len(tile_positions(230, tile_size, overlap))
     sizes = []
     reports = []
 
@@ -370,9 +366,9 @@ def blend_reference(image, tile_size, overlap, tile_values):
     tops, lefts = tile_positions(height, tile_size, overlap), tile_positions(width, tile_size, overlap)
     for index, (top, left) in enumerate((t, c) for t in tops for c in lefts):
         rows, cols = min(tile_size, height - top), min(tile_size, width - left)
-        tile = image[top:top + rows, left:left + cols] + tile_values[index]
-        total[top:top + rows, left:left + cols] += tile * window[:rows, :cols, None]
-        weights[top:top + rows, left:left + cols] += window[:rows, :cols]
+        tile = image[top : top + rows, left : left + cols] + tile_values[index]
+        total[top : top + rows, left : left + cols] += tile * window[:rows, :cols, None]
+        weights[top : top + rows, left : left + cols] += window[:rows, :cols]
     return total / weights[:, :, None]
 
 
@@ -385,13 +381,15 @@ class TileOffsets:
         self.calls = 0
 
     def __call__(self, batch):
-        offsets = self.values[self.calls:self.calls + len(batch)]
+        offsets = self.values[self.calls : self.calls + len(batch)]
         self.calls += len(batch)
         return batch + offsets[:, None, None, None]
 
 
-@pytest.mark.parametrize("shape, tile_size, overlap, batch_size",
-                         [((150, 230), 32, 8, 3), ((97, 41), 16, 5, 1), ((65, 300), 64, 16, 7), ((40, 40), 24, 0, 2)])
+@pytest.mark.parametrize(
+    "shape, tile_size, overlap, batch_size",
+    [((150, 230), 32, 8, 3), ((97, 41), 16, 5, 1), ((65, 300), 64, 16, 7), ((40, 40), 24, 0, 2)],
+)
 def test_band_blending_equals_whole_image_sums(shape, tile_size, overlap, batch_size):
     image = random_image(*shape)
     model = TileOffsets()

@@ -2,6 +2,7 @@
 
 The flags and errors go through ``Train.main(argv)`` in this process; one real subprocess run (on two
 logical CPU devices, which only a fresh process can set up) checks the script as a user runs it."""
+
 import hashlib
 import json
 import math
@@ -14,8 +15,15 @@ import pytest
 import Train
 from conftest import run_main, run_script
 
-RUN_FILES = ("model.keras", "config.json", "postprocessing.json", "scores.json", "history.csv", "training_curves.png",
-             "val_predictions.png")
+RUN_FILES = (
+    "model.keras",
+    "config.json",
+    "postprocessing.json",
+    "scores.json",
+    "history.csv",
+    "training_curves.png",
+    "val_predictions.png",
+)
 
 
 def digest(folder):
@@ -60,8 +68,9 @@ def test_new_run_dir_never_reuses_an_existing_folder(tmp_path):
 
 def test_resume_continues_from_the_saved_epoch(tmp_path, tiny_dataset):
     runs = str(tmp_path / "runs")
-    status, out, err = run_main(Train, "--quick", "--data", str(tiny_dataset), "--name", "r", "--runs-dir", runs,
-                                "--nucleus-diameter", "none")  # one stage; test_stages.py resumes two
+    status, out, err = run_main(
+        Train, "--quick", "--data", str(tiny_dataset), "--name", "r", "--runs-dir", runs, "--nucleus-diameter", "none"
+    )  # one stage; test_stages.py resumes two
     assert status == 0, out + err
     run = tmp_path / "runs" / "r"
     assert json.loads((run / "state.json").read_text())["epoch"] == 1
@@ -83,8 +92,9 @@ def test_finalize_chooses_post_processing_again_without_training(quick_run, tmp_
     shutil.copytree(run, copy)
     before = json.loads((copy / "config.json").read_text())
     model_before = digest(copy)["model.keras"]
-    result = training.finalize(copy, thresholds=[0.35], marker_thresholds=[0.45], min_sizes=[3], progress=False,
-                               verbose=0)
+    result = training.finalize(
+        copy, thresholds=[0.35], marker_thresholds=[0.45], min_sizes=[3], progress=False, verbose=0
+    )
     after = runs.read_run_config(copy)[1]  # config.json with what finalize learned and measured
     assert json.loads((copy / "config.json").read_text()) == before  # what was asked is kept as it was
     assert result.threshold == after["threshold"] == 0.35 and after["min_nucleus_size"] == 3
@@ -131,11 +141,29 @@ def test_flags_reach_the_config():
     import unet_model_core as core
 
     parser = Train.build_parser(core.Config())
-    args = parser.parse_args(["--targets", "binary", "--preprocessing", "rgb", "--scale-range", "none",
-                              "--no-batch-norm", "--lr-schedule", "plateau", "--channels", "8,16,32"])
+    args = parser.parse_args(
+        [
+            "--targets",
+            "binary",
+            "--preprocessing",
+            "rgb",
+            "--scale-range",
+            "none",
+            "--no-batch-norm",
+            "--lr-schedule",
+            "plateau",
+            "--channels",
+            "8,16,32",
+        ]
+    )
     config = Train.config_from_args(args, core)
     assert (config.targets, config.preprocessing, config.scale_range, config.batch_norm, config.lr_schedule) == (
-        "binary", "rgb", None, False, "plateau")
+        "binary",
+        "rgb",
+        None,
+        False,
+        "plateau",
+    )
     assert config.channels == (8, 16, 32) and config.num_classes == 1 and config.input_channels == 3
     config = Train.config_from_args(parser.parse_args(["--scale-range", "0.5,2"]), core)
     assert config.scale_range == (0.5, 2.0) and config.targets == "instance" and config.batch_norm
@@ -151,10 +179,35 @@ def test_flags_reach_the_config():
 def test_help_documents_every_flag():
     status, out, _ = run_main(Train, "--help")
     assert status == 0
-    for flag in ("--data", "--epochs", "--batch-size", "--image-size", "--sampling", "--val-size", "--lr", "--loss",
-                 "--channels", "--padding", "--no-augment", "--seed", "--runs-dir", "--name", "--resume", "--quick",
-                 "--mixed-precision", "--xla", "--cpu-devices", "--targets", "--preprocessing", "--scale-range",
-                 "--no-batch-norm", "--lr-schedule", "--nucleus-diameter", "--nucleus-epochs", "--tta"):
+    for flag in (
+        "--data",
+        "--epochs",
+        "--batch-size",
+        "--image-size",
+        "--sampling",
+        "--val-size",
+        "--lr",
+        "--loss",
+        "--channels",
+        "--padding",
+        "--no-augment",
+        "--seed",
+        "--runs-dir",
+        "--name",
+        "--resume",
+        "--quick",
+        "--mixed-precision",
+        "--xla",
+        "--cpu-devices",
+        "--targets",
+        "--preprocessing",
+        "--scale-range",
+        "--no-batch-norm",
+        "--lr-schedule",
+        "--nucleus-diameter",
+        "--nucleus-epochs",
+        "--tta",
+    ):
         assert flag in out, flag
 
 
@@ -176,12 +229,18 @@ def test_every_config_field_says_what_it_means_and_its_flag_shows_its_default():
         assert core.flag_name(name) in out and f"(default: {default})" in text, name
     assert set(flags) >= {"data_dir", "learning_rate", "tta", "augment", "mixed_precision"}
     assert [core.flag_name(name) for name in ("data_dir", "learning_rate", "image_size")] == [
-        "--data", "--lr", "--image-size"]  # the flags that Train.py and the fine-tuning's messages name
+        "--data",
+        "--lr",
+        "--image-size",
+    ]  # the flags that Train.py and the fine-tuning's messages name
     # The inference settings are chosen on the validation images, not given to Train.py.
     assert "--threshold" not in out and "--min-confidence" not in out
     # The help of another Config shows its values (the fine-tuning defaults, say).
     shown = " ".join(Train.build_parser(core.quick_config()).format_help().split())
-    assert "--image-size PX patch side (or resize target) in pixels: the model's training input size (default: 64)" in shown
+    assert (
+        "--image-size PX patch side (or resize target) in pixels: the model's training input size (default: 64)"
+        in shown
+    )
     assert "(default: 8,16,32)" in shown
 
 
@@ -192,8 +251,9 @@ def test_a_new_config_field_is_a_flag_with_no_other_edit(monkeypatch):
 
     @dataclasses.dataclass
     class Extended(core.Config):
-        warmup_epochs: int = dataclasses.field(default=0, metadata=core.flag("epochs of warm-up", "training",
-                                                                             metavar="N"))
+        warmup_epochs: int = dataclasses.field(
+            default=0, metadata=core.flag("epochs of warm-up", "training", metavar="N")
+        )
         colour_jitter: bool = dataclasses.field(default=False, metadata=core.flag("jitter the hues", "data"))
 
     monkeypatch.setattr(core, "Config", Extended)
@@ -218,17 +278,26 @@ def test_each_kind_of_flag_reads_its_values():
     assert core.Config().mixed_precision is None and "mixed_precision" not in overrides()
     assert overrides("--mixed-precision") == {"mixed_precision": True}
     assert overrides("--no-mixed-precision") == {"mixed_precision": False}
-    assert overrides("--no-augment", "--xla", "--no-batch-norm") == {"augment": False, "xla": True,
-                                                                      "batch_norm": False}
-    assert overrides("--data", "d", "--lr", "0.01", "--val-size", "5") == {"data_dir": "d", "learning_rate": 0.01,
-                                                                           "val_size": 5.0}
-    assert overrides("--channels", "8,16,32", "--scale-range", "NONE") == {"channels": (8, 16, 32),
-                                                                           "scale_range": None}
-    assert overrides("--nucleus-diameter", "none", "--steps-per-epoch", "7") == {"nucleus_diameter": None,
-                                                                                 "steps_per_epoch": 7}
-    for flag, choices in (("--sampling", core.SAMPLING_MODES), ("--preprocessing", core.PREPROCESSING),
-                          ("--targets", core.TARGETS), ("--padding", core.PADDINGS), ("--block", core.BLOCKS),
-                          ("--loss", core.LOSSES), ("--lr-schedule", core.LR_SCHEDULES)):
+    assert overrides("--no-augment", "--xla", "--no-batch-norm") == {"augment": False, "xla": True, "batch_norm": False}
+    assert overrides("--data", "d", "--lr", "0.01", "--val-size", "5") == {
+        "data_dir": "d",
+        "learning_rate": 0.01,
+        "val_size": 5.0,
+    }
+    assert overrides("--channels", "8,16,32", "--scale-range", "NONE") == {"channels": (8, 16, 32), "scale_range": None}
+    assert overrides("--nucleus-diameter", "none", "--steps-per-epoch", "7") == {
+        "nucleus_diameter": None,
+        "steps_per_epoch": 7,
+    }
+    for flag, choices in (
+        ("--sampling", core.SAMPLING_MODES),
+        ("--preprocessing", core.PREPROCESSING),
+        ("--targets", core.TARGETS),
+        ("--padding", core.PADDINGS),
+        ("--block", core.BLOCKS),
+        ("--loss", core.LOSSES),
+        ("--lr-schedule", core.LR_SCHEDULES),
+    ):
         for choice in choices:
             assert list(overrides(flag, choice).values()) == [choice]
         with pytest.raises(SystemExit):
@@ -238,13 +307,15 @@ def test_each_kind_of_flag_reads_its_values():
 def test_predict_help_answers_without_importing_tensorflow(tmp_path):
     # A fresh process: this one imported TensorFlow long ago.  Predict_mask.py --help, run as __main__.
     # (Train.py's flags come from the Config, so its --help imports the core, and with it TensorFlow.)
-    code = ("import runpy, sys\n"
-            "sys.argv = ['Predict_mask.py', '--help']\n"
-            "try:\n"
-            "    runpy.run_path('Predict_mask.py', run_name='__main__')\n"
-            "except SystemExit as done:\n"
-            "    assert done.code == 0\n"
-            "print('tensorflow' in sys.modules, 'keras' in sys.modules, file=sys.stderr)\n")
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['Predict_mask.py', '--help']\n"
+        "try:\n"
+        "    runpy.run_path('Predict_mask.py', run_name='__main__')\n"
+        "except SystemExit as done:\n"
+        "    assert done.code == 0\n"
+        "print('tensorflow' in sys.modules, 'keras' in sys.modules, file=sys.stderr)\n"
+    )
     from conftest import ROOT
 
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -256,8 +327,9 @@ def test_predict_help_answers_without_importing_tensorflow(tmp_path):
 @pytest.mark.slow
 def test_the_script_trains_data_parallel_and_its_model_loads_with_plain_keras(tmp_path, tiny_dataset):
     # The one real run of the script: a fresh process, so it can split the CPU into two logical devices.
-    result = run_script("Train.py", "--quick", "--data", str(tiny_dataset), "--cpu-devices", "2", "--name", "dp",
-                        cwd=tmp_path)
+    result = run_script(
+        "Train.py", "--quick", "--data", str(tiny_dataset), "--cpu-devices", "2", "--name", "dp", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     run = tmp_path / "runs" / "dp"
     for name in RUN_FILES:
@@ -266,10 +338,13 @@ def test_the_script_trains_data_parallel_and_its_model_loads_with_plain_keras(tm
     assert json.loads((run / "config.json").read_text())["replicas"] == 2
     assert "2 device" in result.stdout and "python Predict_mask.py" in result.stdout
     # No import of the project here at all: the model file alone must be enough.
-    code = ("import sys, numpy as np, keras; m = keras.saving.load_model(sys.argv[1]); "
-            "print(m.predict(np.zeros((1, 64, 96, 1), 'float32'), verbose=0).shape)")
-    loaded = subprocess.run([sys.executable, "-c", code, str(run / "model.keras")], capture_output=True,
-                            text=True, timeout=300, cwd=run)
+    code = (
+        "import sys, numpy as np, keras; m = keras.saving.load_model(sys.argv[1]); "
+        "print(m.predict(np.zeros((1, 64, 96, 1), 'float32'), verbose=0).shape)"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code, str(run / "model.keras")], capture_output=True, text=True, timeout=300, cwd=run
+    )
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.strip().endswith("(1, 64, 96, 3)")  # grey in; background, interior, boundary out
 

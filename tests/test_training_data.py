@@ -1,5 +1,6 @@
 """The data steps of a training run (unet_nuclei/training.py): the train/validation split and the choice of
 the data folder.  Reading the data itself is tested in test_data.py, the built-in sample in test_synthetic.py."""
+
 from pathlib import Path
 
 import pytest

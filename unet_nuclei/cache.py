@@ -17,6 +17,7 @@ whole; older entries of the same folder are removed once the new one is in place
 The cache lives outside the user's data folder: ``$UNET_NUCLEI_CACHE`` when set (``off`` disables it),
 else ``$XDG_CACHE_HOME/unet_nuclei``, else ``~/.cache/unet_nuclei``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -85,10 +86,11 @@ def _write_entry(entry: Path, loaded: Sequence[LoadedSample], problems) -> None:
         labels = np.lib.format.open_memmap(staging / "labels.npy", "w+", np.uint16, (sum(label_sizes),))
         index, image_at, label_at = [], 0, 0
         for sample, image_size, label_size in zip(loaded, image_sizes, label_sizes):
-            images[image_at:image_at + image_size] = sample.image.reshape(-1)
-            labels[label_at:label_at + label_size] = sample.labels.reshape(-1)
-            index.append({"id": sample.sample_id, "shape": list(sample.image.shape), "image_at": image_at,
-                          "label_at": label_at})
+            images[image_at : image_at + image_size] = sample.image.reshape(-1)
+            labels[label_at : label_at + label_size] = sample.labels.reshape(-1)
+            index.append(
+                {"id": sample.sample_id, "shape": list(sample.image.shape), "image_at": image_at, "label_at": label_at}
+            )
             image_at, label_at = image_at + image_size, label_at + label_size
         images.flush()
         labels.flush()
@@ -116,15 +118,19 @@ def _read_entry(entry: Path) -> tuple[list[LoadedSample], list[tuple[str, str]]]
     for item in index["samples"]:
         shape = tuple(item["shape"])
         height, width = shape[:2]
-        image = images[item["image_at"]:item["image_at"] + int(np.prod(shape))].reshape(shape)
-        label = labels[item["label_at"]:item["label_at"] + height * width].reshape(height, width)
+        image = images[item["image_at"] : item["image_at"] + int(np.prod(shape))].reshape(shape)
+        label = labels[item["label_at"] : item["label_at"] + height * width].reshape(height, width)
         loaded.append(LoadedSample(item["id"], image, label))
     return loaded, [tuple(p) for p in index["problems"]]
 
 
-def load_folder(data_dir, progress: bool = True, root: Path | str | None = "default",
-                desc: str = "Decoding images and masks",
-                channel: int | None = None) -> tuple[list[LoadedSample], list[tuple[str, str]], str]:
+def load_folder(
+    data_dir,
+    progress: bool = True,
+    root: Path | str | None = "default",
+    desc: str = "Decoding images and masks",
+    channel: int | None = None,
+) -> tuple[list[LoadedSample], list[tuple[str, str]], str]:
     """Every sample of a dataset folder, decoded: from the cache when it holds this exact folder, else
     decoded now (in parallel) and stored for the next run.
 

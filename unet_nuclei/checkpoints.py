@@ -5,6 +5,7 @@ Every file goes through ``unet_nuclei.files`` (whole or not at all), and nothing
 whose loss or weights are not finite, so a run folder always holds the last good epoch and nothing
 after it: ``--resume`` continues from weights that can still learn.
 """
+
 from __future__ import annotations
 
 import csv
@@ -116,8 +117,9 @@ class HistoryLog(keras.callbacks.Callback):
             return
         self.rows.append({"epoch": epoch, **{k: float(v) for k, v in logs.items()}})
         keys = ["epoch", *sorted({k for row in self.rows for k in row} - {"epoch"})]
-        files.write_csv(self.path, [keys] + [[int(row["epoch"])] + [row.get(k, "") for k in keys[1:]]
-                                             for row in self.rows])
+        files.write_csv(
+            self.path, [keys] + [[int(row["epoch"])] + [row.get(k, "") for k in keys[1:]] for row in self.rows]
+        )
 
 
 def read_history_rows(path) -> list[dict]:

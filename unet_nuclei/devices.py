@@ -4,6 +4,7 @@ Several GPUs (or logical CPU devices) of one machine train data-parallel with ``
 several machines (``TF_CONFIG``) with ``MultiWorkerMirroredStrategy``, through the training loop of
 ``unet_nuclei.multiworker`` (Keras 3's ``model.fit`` fails there: keras-team/keras#20585).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,11 @@ import tensorflow as tf
 from unet_model_core import ONEDNN_CHOICE
 from unet_nuclei.multiworker import cluster_spec
 
-ONEDNN_CHOOSERS = {"user": "set by TF_ENABLE_ONEDNN_OPTS", "project": "turned on by this project",
-                   "tensorflow": "TensorFlow's default on this processor"}
+ONEDNN_CHOOSERS = {
+    "user": "set by TF_ENABLE_ONEDNN_OPTS",
+    "project": "turned on by this project",
+    "tensorflow": "TensorFlow's default on this processor",
+}
 
 
 def configure_devices(cpu_devices: int = 0) -> None:

@@ -7,6 +7,7 @@ them exactly as ``Predict_mask.py`` does (``segmenter.Segmenter``, the run's own
 scores them with the competition's metric, overall and per kind of microscopy, because a mean over a set
 that is four-fifths fluorescence hides how a model does on stained tissue.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,8 +44,9 @@ def image_kind(image: np.ndarray) -> str:
     return "brightfield" if float(np.median(grey)) > 100 else "fluorescence"
 
 
-def holdout_split(kinds: Mapping[str, str], fraction: float = HOLDOUT_FRACTION,
-                  seed: int = HOLDOUT_SEED) -> tuple[list[str], list[str]]:
+def holdout_split(
+    kinds: Mapping[str, str], fraction: float = HOLDOUT_FRACTION, seed: int = HOLDOUT_SEED
+) -> tuple[list[str], list[str]]:
     """``(training ids, held-out ids)``, stratified by image kind.
 
     ``kinds`` maps each image id to its kind.  Within a kind the ids are ordered by a hash of the seed
@@ -55,9 +57,10 @@ def holdout_split(kinds: Mapping[str, str], fraction: float = HOLDOUT_FRACTION,
         raise ValueError(f"fraction must be between 0 and 1, got {fraction}")
     held_out = []
     for kind in sorted(set(kinds.values())):
-        ids = sorted((i for i, k in kinds.items() if k == kind),
-                     key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
-        held_out += ids[:max(1, int(round(fraction * len(ids))))]
+        ids = sorted(
+            (i for i, k in kinds.items() if k == kind), key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest()
+        )
+        held_out += ids[: max(1, int(round(fraction * len(ids))))]
     held_out_set = set(held_out)
     return sorted(i for i in kinds if i not in held_out_set), sorted(held_out)
 
@@ -84,8 +87,10 @@ class Evaluation:
             members = [i for i, d in enumerate(self.diameters) if low <= d < high]
             if members:
                 name = f"< {high} px" if low == 0 else f">= {low} px" if high == math.inf else f"{low}-{high} px"
-                bands[name] = {"n": len(members),
-                               "dsb_score": round(float(np.mean([self.scores[i].dsb_score for i in members])), 4)}
+                bands[name] = {
+                    "n": len(members),
+                    "dsb_score": round(float(np.mean([self.scores[i].dsb_score for i in members])), 4),
+                }
         return bands
 
     def summary(self) -> dict:
@@ -96,10 +101,15 @@ class Evaluation:
             members = [i for i, k in enumerate(self.kinds) if k == kind]
             if members:
                 groups[kind] = members
-        return {name: {"n": len(members),
-                       **{key: round(float(np.mean([getattr(self.scores[i], key) for i in members])), 4)
-                          for key in SCORE_KEYS}}
-                for name, members in groups.items()}
+        return {
+            name: {
+                "n": len(members),
+                **{
+                    key: round(float(np.mean([getattr(self.scores[i], key) for i in members])), 4) for key in SCORE_KEYS
+                },
+            }
+            for name, members in groups.items()
+        }
 
     def table(self) -> str:
         """The summary as an aligned text table."""
@@ -108,15 +118,19 @@ class Evaluation:
             lines.append(f"{name:<14}{row['n']:>5}" + "".join(f"{row[key]:>11.4f}" for key in SCORE_KEYS))
         sizes = self.by_size()
         if sizes:
-            lines.append("by the images' median nucleus diameter (DSB score): "
-                         + ", ".join(f"{name} {row['dsb_score']:.3f} (n={row['n']})" for name, row in sizes.items()))
+            lines.append(
+                "by the images' median nucleus diameter (DSB score): "
+                + ", ".join(f"{name} {row['dsb_score']:.3f} (n={row['n']})" for name, row in sizes.items())
+            )
         return "\n".join(lines)
 
     def rows(self) -> list[dict]:
         """One JSON-ready dict per image."""
         diameters = self.diameters or [None] * len(self.ids)
-        return [{"id": i, "kind": k, **s.rounded(), "median_diameter": None if d is None else round(d, 1)}
-                for i, k, s, d in zip(self.ids, self.kinds, self.scores, diameters)]
+        return [
+            {"id": i, "kind": k, **s.rounded(), "median_diameter": None if d is None else round(d, 1)}
+            for i, k, s, d in zip(self.ids, self.kinds, self.scores, diameters)
+        ]
 
 
 def evaluate(segmenter: Segmenter, samples: Sequence[LoadedSample], progress: bool = True) -> Evaluation:

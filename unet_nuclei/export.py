@@ -16,6 +16,7 @@ summing to 1; or K = 1: the nucleus probability).  The file states this in its d
 Keras 3 writes it (``model.export(..., format="onnx")``, which runs tf2onnx on the TensorFlow backend);
 it is accepted only when onnxruntime's output matches Keras within ``ONNX_TOLERANCE``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,12 +47,18 @@ def class_names(config: Config) -> list[str]:
 
 def input_scaling(config: Config) -> str:
     """One sentence on what the network's input must be, for the ONNX file and the zoo package."""
-    kind = ("one grey channel: the mean of the colour channels, bright nuclei on a dark background "
-            "(bright-background images inverted), stretched so its 0.5th and 99.8th percentiles become 0 "
-            "and 255" if config.input_channels == 1 else "three channels, red, green and blue, as 8-bit values")
-    return (f"Input '{INPUT_NAME}': float32, batch x height x width x {config.input_channels} (NHWC), values "
-            f"0..255, {kind}; the network divides by 255 itself.  Output '{OUTPUT_NAME}': float32, batch x "
-            f"height x width x {config.num_classes}, the probabilities of {', '.join(class_names(config))}.")
+    kind = (
+        "one grey channel: the mean of the colour channels, bright nuclei on a dark background "
+        "(bright-background images inverted), stretched so its 0.5th and 99.8th percentiles become 0 "
+        "and 255"
+        if config.input_channels == 1
+        else "three channels, red, green and blue, as 8-bit values"
+    )
+    return (
+        f"Input '{INPUT_NAME}': float32, batch x height x width x {config.input_channels} (NHWC), values "
+        f"0..255, {kind}; the network divides by 255 itself.  Output '{OUTPUT_NAME}': float32, batch x "
+        f"height x width x {config.num_classes}, the probabilities of {', '.join(class_names(config))}."
+    )
 
 
 def inference_copy(model, config: Config):
@@ -105,12 +112,20 @@ def write_onnx(model, config: Config, path, overwrite: bool = False) -> Path:
             if not dim.HasField("dim_value"):
                 dim.dim_param = name
     proto.doc_string = "U-Net nucleus segmentation (unet_nuclei). " + input_scaling(config)
-    onnx.helper.set_model_props(proto, {
-        "input_scaling": input_scaling(config), "classes": ",".join(class_names(config)),
-        "preprocessing": config.preprocessing, "size_multiple": str(2 ** config.depth),
-        "threshold": str(config.threshold), "marker_threshold": str(config.marker_threshold),
-        "min_nucleus_size": str(config.min_nucleus_size), "min_confidence": str(config.min_confidence),
-        "nucleus_diameter": str(config.nucleus_diameter)})
+    onnx.helper.set_model_props(
+        proto,
+        {
+            "input_scaling": input_scaling(config),
+            "classes": ",".join(class_names(config)),
+            "preprocessing": config.preprocessing,
+            "size_multiple": str(2**config.depth),
+            "threshold": str(config.threshold),
+            "marker_threshold": str(config.marker_threshold),
+            "min_nucleus_size": str(config.min_nucleus_size),
+            "min_confidence": str(config.min_confidence),
+            "nucleus_diameter": str(config.nucleus_diameter),
+        },
+    )
     onnx.checker.check_model(proto)
     return files.write_bytes(path, proto.SerializeToString(), overwrite)
 
@@ -118,7 +133,9 @@ def write_onnx(model, config: Config, path, overwrite: bool = False) -> Path:
 def onnx_opset(path) -> int:
     """The ONNX opset (default domain) that a file uses."""
     onnx = _require("onnx")
-    return next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
+    return next(
+        o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")
+    )
 
 
 def onnx_predict(path, batch: np.ndarray) -> np.ndarray:
@@ -140,13 +157,24 @@ def check_onnx(model, path, images) -> float:
             raise ExportError(f"{path}: ONNX output shape {got.shape} differs from Keras's {expected.shape}")
         worst = max(worst, float(np.abs(got - expected).max()))
     if not worst <= ONNX_TOLERANCE:
-        raise ExportError(f"{path}: the ONNX output differs from Keras by up to {worst:.2e} (allowed: "
-                          f"{ONNX_TOLERANCE:.0e}); the file is not usable")
+        raise ExportError(
+            f"{path}: the ONNX output differs from Keras by up to {worst:.2e} (allowed: "
+            f"{ONNX_TOLERANCE:.0e}); the file is not usable"
+        )
     return worst
 
 
-def export(model_name=None, out_dir="exported", runs_dir="runs", name: str | None = None, authors=(),
-           maintainers=(), licence: str = "MIT", overwrite: bool = False, zoo_package: bool = True) -> dict:
+def export(
+    model_name=None,
+    out_dir="exported",
+    runs_dir="runs",
+    name: str | None = None,
+    authors=(),
+    maintainers=(),
+    licence: str = "MIT",
+    overwrite: bool = False,
+    zoo_package: bool = True,
+) -> dict:
     """Export a run, model file or shipped model (``pretrained.resolve_model``) into ``out_dir``: the
     ONNX file, checked against Keras, and the zoo package.  Returns what was written and measured:
     ``onnx``, ``package`` (paths), ``onnx_difference``, ``seconds`` (per step) and ``sizes`` (bytes)."""
@@ -156,8 +184,10 @@ def export(model_name=None, out_dir="exported", runs_dir="runs", name: str | Non
     from unet_nuclei.segmenter import Segmenter
 
     if keras.backend.backend() != "tensorflow":
-        raise ExportError(f"the export runs on Keras's TensorFlow backend (tf2onnx, SavedModel), not "
-                          f"{keras.backend.backend()!r}: run it with KERAS_BACKEND=tensorflow")
+        raise ExportError(
+            f"the export runs on Keras's TensorFlow backend (tf2onnx, SavedModel), not "
+            f"{keras.backend.backend()!r}: run it with KERAS_BACKEND=tensorflow"
+        )
     started = time.perf_counter()
     segmenter = Segmenter.load(model_name, runs_dir)
     model, config, info, run_dir = segmenter.model, segmenter.config, segmenter.run_info, segmenter.run_dir
@@ -179,12 +209,29 @@ def export(model_name=None, out_dir="exported", runs_dir="runs", name: str | Non
     except BaseException:
         onnx_path.unlink(missing_ok=True)  # a file that does not reproduce the model is not left behind
         raise
-    result = {"onnx": onnx_path, "onnx_difference": difference, "seconds": seconds,
-              "sizes": {"onnx": onnx_path.stat().st_size}, "run_dir": run_dir, "chosen_because": info["chosen_because"]}
+    result = {
+        "onnx": onnx_path,
+        "onnx_difference": difference,
+        "seconds": seconds,
+        "sizes": {"onnx": onnx_path.stat().st_size},
+        "run_dir": run_dir,
+        "chosen_because": info["chosen_because"],
+    }
     if zoo_package:
         started = time.perf_counter()
-        zoo.write_package(copy, config, info, run_dir, onnx_path, package_path, name=name, authors=authors,
-                          maintainers=maintainers, licence=licence, overwrite=overwrite)
+        zoo.write_package(
+            copy,
+            config,
+            info,
+            run_dir,
+            onnx_path,
+            package_path,
+            name=name,
+            authors=authors,
+            maintainers=maintainers,
+            licence=licence,
+            overwrite=overwrite,
+        )
         seconds["package"] = time.perf_counter() - started
         result["package"] = package_path
         result["sizes"]["package"] = package_path.stat().st_size
@@ -195,37 +242,68 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m unet_nuclei.export",
         description="Export a trained U-Net for use outside this project: DIR/model.onnx (onnxruntime, "
-                    "and any ONNX runtime) and DIR/NAME.zip, a BioImage Model Zoo package for deepImageJ, "
-                    "ilastik, QuPath and bioimage.io. Needs: " + EXPORT_TOOLS)
-    parser.add_argument("model", nargs="?", metavar="MODEL",
-                        help="a run name, a run folder or its model.keras, or a shipped model's name (default: "
-                             "the newest run in --runs-dir, else the shipped dsb2018)")
+        "and any ONNX runtime) and DIR/NAME.zip, a BioImage Model Zoo package for deepImageJ, "
+        "ilastik, QuPath and bioimage.io. Needs: " + EXPORT_TOOLS,
+    )
+    parser.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL",
+        help="a run name, a run folder or its model.keras, or a shipped model's name (default: "
+        "the newest run in --runs-dir, else the shipped dsb2018)",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write model.onnx and NAME.zip into")
     parser.add_argument("--runs-dir", default="runs", metavar="DIR", help="where Train.py saved runs (default: runs)")
     parser.add_argument("--name", help="the package's file name, without .zip (default: unet-nuclei-<run name>)")
-    parser.add_argument("--author", action="append", default=[], metavar="NAME",
-                        help="an author of the model, for the package (repeat for several; default: "
-                             "'unet_nuclei contributors')")
-    parser.add_argument("--maintainer", action="append", default=[], metavar="GITHUB_USER",
-                        help="a maintainer's GitHub user name, for the package (bioimage.io asks for one to upload)")
-    parser.add_argument("--licence", default="MIT", metavar="SPDX",
-                        help="the weights' licence as an SPDX identifier, for the package (default: MIT)")
+    parser.add_argument(
+        "--author",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="an author of the model, for the package (repeat for several; default: 'unet_nuclei contributors')",
+    )
+    parser.add_argument(
+        "--maintainer",
+        action="append",
+        default=[],
+        metavar="GITHUB_USER",
+        help="a maintainer's GitHub user name, for the package (bioimage.io asks for one to upload)",
+    )
+    parser.add_argument(
+        "--licence",
+        default="MIT",
+        metavar="SPDX",
+        help="the weights' licence as an SPDX identifier, for the package (default: MIT)",
+    )
     parser.add_argument("--onnx-only", action="store_true", help="write model.onnx only, no zoo package")
     parser.add_argument("--overwrite", action="store_true", help="replace existing files (default: refuse)")
     args = parser.parse_args(argv)
     try:
-        result = export(args.model, args.out, args.runs_dir, args.name, args.author, args.maintainer,
-                        args.licence, args.overwrite, zoo_package=not args.onnx_only)
+        result = export(
+            args.model,
+            args.out,
+            args.runs_dir,
+            args.name,
+            args.author,
+            args.maintainer,
+            args.licence,
+            args.overwrite,
+            zoo_package=not args.onnx_only,
+        )
     except (ExportError, OSError, ValueError) as error:  # ModelError and FileExistsError included
         print(f"error: {error}", file=sys.stderr)
         return 2
     seconds, sizes = result["seconds"], result["sizes"]
     print(f"Model: {result['run_dir']} ({result['chosen_because']})")
-    print(f"{result['onnx']}: {sizes['onnx'] / 1e6:.1f} MB, written in {seconds['onnx']:.1f}s; onnxruntime matches "
-          f"Keras within {result['onnx_difference']:.1e} on the test images")
+    print(
+        f"{result['onnx']}: {sizes['onnx'] / 1e6:.1f} MB, written in {seconds['onnx']:.1f}s; onnxruntime matches "
+        f"Keras within {result['onnx_difference']:.1e} on the test images"
+    )
     if "package" in result:
-        print(f"{result['package']}: {sizes['package'] / 1e6:.1f} MB, written and validated in "
-              f"{seconds['package']:.1f}s (bioimageio.spec format 0.5)")
+        print(
+            f"{result['package']}: {sizes['package'] / 1e6:.1f} MB, written and validated in "
+            f"{seconds['package']:.1f}s (bioimageio.spec format 0.5)"
+        )
     return 0
 
 

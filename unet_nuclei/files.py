@@ -6,6 +6,7 @@ half-written file under the real name, and a failed write removes its temporary 
 error comes back as ``OutputError``: an ``OSError`` whose message names the file, its folder, the cause
 and what to do, so the scripts print it instead of a traceback.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -119,8 +120,9 @@ def write_png(path, image: np.ndarray, overwrite: bool = True) -> Path:
     return write_bytes(path, encoded.tobytes(), overwrite)
 
 
-def write_tiff(path, image: np.ndarray, overwrite: bool = True, axes: str | None = None,
-               pixel_size: float | None = None) -> Path:
+def write_tiff(
+    path, image: np.ndarray, overwrite: bool = True, axes: str | None = None, pixel_size: float | None = None
+) -> Path:
     """Write an image or a stack as a TIFF that Fiji and napari open as it is, whole or not at all.
 
     8- and 16-bit data (8-bit RGB too) become ImageJ TIFFs: ``axes`` names the dimensions in ImageJ's
@@ -162,24 +164,30 @@ def check_writable(folder, what: str, create: bool = True) -> Path:
     long work; ``what`` names the flag or role in the message (for example ``"--out"``)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise OutputError(errno.ENOTDIR, f"{what} {folder}: this is a file, not a folder; give a folder for "
-                                         f"the outputs (a new one is created)")
+        raise OutputError(
+            errno.ENOTDIR,
+            f"{what} {folder}: this is a file, not a folder; give a folder for the outputs (a new one is created)",
+        )
     try:
         if create:
             folder.mkdir(parents=True, exist_ok=True)
         elif not folder.is_dir():
-            raise OutputError(errno.ENOENT, f"{what}: the folder {folder}/ does not exist; create it or "
-                                            f"choose another path")
+            raise OutputError(
+                errno.ENOENT, f"{what}: the folder {folder}/ does not exist; create it or choose another path"
+            )
         probe = _temporary(folder / "write-check")
         probe.write_bytes(b"")
         probe.unlink()
     except OutputError:
         raise
     except (FileExistsError, NotADirectoryError) as error:  # a file where a folder of the path should be
-        raise OutputError(errno.ENOTDIR, f"{what}: cannot create {folder}/: part of that path is a file, not "
-                                         f"a folder ({error.strerror or error})") from error
+        raise OutputError(
+            errno.ENOTDIR,
+            f"{what}: cannot create {folder}/: part of that path is a file, not a folder ({error.strerror or error})",
+        ) from error
     except OSError as error:
         cause = _ADVICE.get(error.errno, error.strerror or str(error))
-        raise OutputError(error.errno, f"{what}: cannot write in {folder}/: {cause} "
-                                       f"({error.strerror or error})") from error
+        raise OutputError(
+            error.errno, f"{what}: cannot write in {folder}/: {cause} ({error.strerror or error})"
+        ) from error
     return folder

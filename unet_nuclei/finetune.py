@@ -10,6 +10,7 @@ and gentler than a training from scratch (``FINE_TUNE_EPOCHS``, ``FINE_TUNE_NUCL
 many; flags override them.  The optimizer starts afresh, and the post-processing is chosen again on
 the new validation images, as in every run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,15 +43,21 @@ def fine_tune_config(base: Config, overrides: dict, init_name: str, quick: bool 
         if field in overrides:
             wanted = dataclasses.replace(base, **{field: overrides[field]})  # normalised as Config does
             if getattr(wanted, field) != getattr(base, field):
-                conflicts.append(f"{flag_name(field)} {_shown(overrides[field])} "
-                                 f"(the model has {_shown(getattr(base, field))})")
+                conflicts.append(
+                    f"{flag_name(field)} {_shown(overrides[field])} (the model has {_shown(getattr(base, field))})"
+                )
     if conflicts:
-        raise ValueError(f"--init {init_name} fixes the architecture, preprocessing and targets of the fine-tuned "
-                         f"model, but {'; '.join(conflicts)}: leave these flags out, or train a new model without --init")
+        raise ValueError(
+            f"--init {init_name} fixes the architecture, preprocessing and targets of the fine-tuned "
+            f"model, but {'; '.join(conflicts)}: leave these flags out, or train a new model without --init"
+        )
     values = {field: getattr(base, field) for field in ARCHITECTURE_FIELDS + INHERITED_FIELDS}
     two_stages = bool(base.nucleus_diameter) and base.nucleus_epochs > 0
-    schedule = {"epochs": FINE_TUNE_EPOCHS, "learning_rate": FINE_TUNE_LR,
-                "nucleus_epochs": FINE_TUNE_NUCLEUS_EPOCHS if two_stages else base.nucleus_epochs}
+    schedule = {
+        "epochs": FINE_TUNE_EPOCHS,
+        "learning_rate": FINE_TUNE_LR,
+        "nucleus_epochs": FINE_TUNE_NUCLEUS_EPOCHS if two_stages else base.nucleus_epochs,
+    }
     if quick:
         values["tta"] = False  # a smoke run chooses its post-processing quickly, as --quick does
     else:
@@ -65,6 +72,8 @@ def copy_weights(source: keras.Model, target: keras.Model, name: str) -> None:
     weights = source.get_weights()
     shapes = [tuple(w.shape) for w in target.get_weights()]
     if [tuple(w.shape) for w in weights] != shapes:
-        raise ValueError(f"--init {name}: its model.keras does not have the layers its config.json describes "
-                         f"({len(weights)} weight arrays against {len(shapes)} expected)")
+        raise ValueError(
+            f"--init {name}: its model.keras does not have the layers its config.json describes "
+            f"({len(weights)} weight arrays against {len(shapes)} expected)"
+        )
     target.set_weights([np.asarray(w, dtype=np.float32) for w in weights])

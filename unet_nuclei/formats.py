@@ -23,8 +23,9 @@ def check_pixel_size(pixel_size) -> float | None:
     return float(pixel_size)
 
 
-def write_label_tiff(path, labels: np.ndarray, pixel_size: float | None = None, overwrite: bool = False,
-                     axes: str | None = None) -> Path:
+def write_label_tiff(
+    path, labels: np.ndarray, pixel_size: float | None = None, overwrite: bool = False, axes: str | None = None
+) -> Path:
     """Write instance labels (H x W, or a stack of planes, P x H x W, each numbered from 1 on its own)
     as a TIFF that Fiji and napari open as labels, written whole.
 

@@ -12,6 +12,7 @@ X resolution in the unit ImageJ records), or a plain TIFF's resolution tags in c
 millimetres or micrometres); a resolution in inches is a screen's or scanner's dots per inch, not a
 microscope's, and is ignored.  A size the user gives wins over all of them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,10 +26,27 @@ from unet_model_core import TIFF_EXTENSIONS, choose_channel, decode_image, descr
 PROJECTIONS = ("max",)
 # Micrometres per unit, for the length units microscope software writes (lower case; ImageJ may write
 # the micro sign escaped, "\u00B5m", or as the Greek letter mu).
-UNITS_IN_UM = {"um": 1.0, "\u00b5m": 1.0, "\u03bcm": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0,
-               "micrometre": 1.0, "nm": 1e-3, "nanometer": 1e-3, "nanometre": 1e-3, "mm": 1e3,
-               "millimeter": 1e3, "millimetre": 1e3, "cm": 1e4, "centimeter": 1e4, "centimetre": 1e4,
-               "m": 1e6, "\u00e5": 1e-4, "angstrom": 1e-4}
+UNITS_IN_UM = {
+    "um": 1.0,
+    "\u00b5m": 1.0,
+    "\u03bcm": 1.0,
+    "micron": 1.0,
+    "microns": 1.0,
+    "micrometer": 1.0,
+    "micrometre": 1.0,
+    "nm": 1e-3,
+    "nanometer": 1e-3,
+    "nanometre": 1e-3,
+    "mm": 1e3,
+    "millimeter": 1e3,
+    "millimetre": 1e3,
+    "cm": 1e4,
+    "centimeter": 1e4,
+    "centimetre": 1e4,
+    "m": 1e6,
+    "\u00e5": 1e-4,
+    "angstrom": 1e-4,
+}
 # TIFF's ResolutionUnit values that measure a microscope's pixel (tifffile's RESUNIT: 3 centimetre, and
 # its non-standard 4 millimetre and 5 micrometre), in micrometres; 1 (none) and 2 (inch) are left out.
 RESOLUTION_UNITS_IN_UM = {3: 1e4, 4: 1e3, 5: 1.0}
@@ -122,14 +140,15 @@ class ImageFile:
         return to_rgb_uint8(self.planes[index], name=name)
 
     def pixel_size_text(self) -> str:
-        """"pixel size 0.325 um (ImageJ metadata)", or "no pixel size" when none is known."""
+        """ "pixel size 0.325 um (ImageJ metadata)", or "no pixel size" when none is known."""
         if self.pixel_size is None:
             return "no pixel size"
         return f"pixel size {self.pixel_size:.4g} um ({self.pixel_size_source})"
 
 
-def open_image(path, channel: int | None = None, project: str | None = None,
-               pixel_size: float | None = None) -> ImageFile:
+def open_image(
+    path, channel: int | None = None, project: str | None = None, pixel_size: float | None = None
+) -> ImageFile:
     """Read an image file for prediction: ``channel`` of a multi-channel file (0-based), every plane of
     a stack or, with ``project="max"``, the maximum-intensity projection along z (along all its planes
     when it has no z axis), and the pixel size: ``pixel_size`` when given, else the file's own.
@@ -151,7 +170,7 @@ def open_image(path, channel: int | None = None, project: str | None = None,
         pages = "" if removed in "CS" else " (its pages taken as channels)"
         notes.append(f"channel {channel}{name} of {count}{pages}")
     pixels, plane_axes = chosen.pixels, chosen.plane_axes
-    sizes = tuple(pixels.shape[:len(plane_axes)])
+    sizes = tuple(pixels.shape[: len(plane_axes)])
     if project == "max" and plane_axes:
         along = "Z" if "Z" in plane_axes else plane_axes
         axes = tuple(i for i, a in enumerate(plane_axes) if a in along)
@@ -161,7 +180,7 @@ def open_image(path, channel: int | None = None, project: str | None = None,
         plane_axes = "".join(a for a in plane_axes if a not in along)
     if plane_axes:
         notes.append(f"{describe_axes(plane_axes, sizes)}, each segmented on its own")
-    planes = pixels.reshape(int(np.prod(sizes)), *pixels.shape[len(sizes):])
+    planes = pixels.reshape(int(np.prod(sizes)), *pixels.shape[len(sizes) :])
     source = GIVEN if pixel_size is not None else ""
     if pixel_size is None:
         pixel_size, source = read_pixel_size(path)

@@ -5,6 +5,7 @@ helpers here give the same results as the plain NumPy and scikit-image calls the
 (``np.bincount``, ``scipy.ndimage.mean``, ``skimage.segmentation.relabel_sequential``,
 ``skimage.segmentation.watershed``) without those copies; ``unet_nuclei.postprocess`` builds the nuclei with them.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,8 +22,8 @@ def label_sizes(labels) -> np.ndarray:
         raise ValueError(f"labels must be non-negative, got a minimum of {flat.min()}")
     sizes = np.zeros(int(flat.max(initial=0)) + 1, np.int64)
     for start in range(0, flat.size, COUNT_CHUNK):
-        counts = np.bincount(flat[start:start + COUNT_CHUNK])
-        sizes[:counts.size] += counts
+        counts = np.bincount(flat[start : start + COUNT_CHUNK])
+        sizes[: counts.size] += counts
     return sizes
 
 
@@ -35,8 +36,8 @@ def label_means(labels, values, nan: float = 0.0) -> np.ndarray:
     sums, sizes = np.zeros(count), np.zeros(count)
     rows = max(1, COUNT_CHUNK // max(1, labels.shape[-1]))
     for top in range(0, labels.shape[0], rows):
-        band = labels[top:top + rows].reshape(-1)
-        weights = np.nan_to_num(values[top:top + rows].reshape(-1).astype(np.float64), nan=nan)
+        band = labels[top : top + rows].reshape(-1)
+        weights = np.nan_to_num(values[top : top + rows].reshape(-1).astype(np.float64), nan=nan)
         sums += np.bincount(band, weights=weights, minlength=count)
         sizes += np.bincount(band, minlength=count)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -66,7 +67,7 @@ def relabel_sequential(labels) -> np.ndarray:
     lookup = np.where(present, np.cumsum(present), 0).astype(labels.dtype)
     flat = labels.reshape(-1)  # a view: label images are made contiguous here
     for start in range(0, flat.size, COUNT_CHUNK):
-        flat[start:start + COUNT_CHUNK] = lookup[flat[start:start + COUNT_CHUNK]]
+        flat[start : start + COUNT_CHUNK] = lookup[flat[start : start + COUNT_CHUNK]]
     return labels
 
 
@@ -77,8 +78,9 @@ WATERSHED_BAND_ROWS = 256  # rows per watershed call: it makes float64 and int32
 WATERSHED_HALO_ROWS = 256
 
 
-def watershed_in_bands(peaks, markers, mask, band_rows=WATERSHED_BAND_ROWS,
-                       halo_rows=WATERSHED_HALO_ROWS) -> np.ndarray:
+def watershed_in_bands(
+    peaks, markers, mask, band_rows=WATERSHED_BAND_ROWS, halo_rows=WATERSHED_HALO_ROWS
+) -> np.ndarray:
     """``segmentation.watershed(-peaks, markers, mask=mask)`` (NaN peaks as 0) written over int32 ``markers``.
 
     The 4-connected flooding never leaves ``mask`` (which holds the markers), so a band of rows that no
@@ -108,11 +110,11 @@ def watershed_in_bands(peaks, markers, mask, band_rows=WATERSHED_BAND_ROWS,
         next_above = markers[:0]
         if not cut_ok[bottom] and halo_rows:
             next_above = np.concatenate([above, markers[top:bottom]])[-halo_rows:].copy()
-        band = np.concatenate([above[len(above) - (top - halo_top):], markers[top:halo_bottom]])
+        band = np.concatenate([above[len(above) - (top - halo_top) :], markers[top:halo_bottom]])
         # Without markers nothing floods.  The watershed makes its own float64 copy of the surface.
         if band.any():
             surface = np.negative(np.nan_to_num(peaks[halo_top:halo_bottom]))
             flooded = segmentation.watershed(surface, band, mask=mask[halo_top:halo_bottom])
-            markers[top:bottom] = flooded[top - halo_top:bottom - halo_top]
+            markers[top:bottom] = flooded[top - halo_top : bottom - halo_top]
         above, top = next_above, bottom
     return markers

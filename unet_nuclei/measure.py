@@ -19,6 +19,7 @@ the user gives; images.csv says which (``pixel_size_um``, ``pixel_size_from``).
 Every file is written whole or not at all (a temporary file in the same folder, then a rename), and no
 existing file is replaced unless ``overwrite`` is set.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,11 +38,32 @@ SUMMARY_FILE = "summary.png"
 
 # What regionprops_table computes for each nucleus, and the column each property becomes.  "centroid"
 # and "bbox" expand to numbered columns (centroid-0 is the row, y; centroid-1 the column, x).
-_PROPERTIES = ("label", "centroid", "bbox", "area", "equivalent_diameter_area", "perimeter", "eccentricity",
-               "solidity", "intensity_mean", "intensity_max")
-NUCLEUS_COLUMNS = ("image", "label", "centroid_y", "centroid_x", "area_px", "equivalent_diameter_px",
-                   "perimeter_px", "eccentricity", "solidity", "mean_intensity", "max_intensity",
-                   "touches_border")
+_PROPERTIES = (
+    "label",
+    "centroid",
+    "bbox",
+    "area",
+    "equivalent_diameter_area",
+    "perimeter",
+    "eccentricity",
+    "solidity",
+    "intensity_mean",
+    "intensity_max",
+)
+NUCLEUS_COLUMNS = (
+    "image",
+    "label",
+    "centroid_y",
+    "centroid_x",
+    "area_px",
+    "equivalent_diameter_px",
+    "perimeter_px",
+    "eccentricity",
+    "solidity",
+    "mean_intensity",
+    "max_intensity",
+    "touches_border",
+)
 NUCLEUS_UM_COLUMNS = ("area_um2", "equivalent_diameter_um", "perimeter_um")
 IMAGE_COLUMNS = ("image", "width", "height", "count", "mean_area_px", "median_area_px", "coverage")
 IMAGE_UM_COLUMNS = ("mean_area_um2", "median_area_um2")
@@ -69,8 +91,10 @@ def read_grey(path) -> np.ndarray:
     the size of the predicted labels; only the conversion to 8 bits is left out."""
     image = decode_image(path)
     if image.plane_axes or "C" in image.axes:
-        raise DataError(f"{path}: holds several planes or channels; measure it through "
-                        f"unet_nuclei.image_files.open_image, which chooses them")
+        raise DataError(
+            f"{path}: holds several planes or channels; measure it through "
+            f"unet_nuclei.image_files.open_image, which chooses them"
+        )
     return to_grey(image.pixels, str(path))
 
 
@@ -85,22 +109,29 @@ def measure_nuclei(labels: np.ndarray, intensity: np.ndarray, pixel_size: float 
     labels = np.asarray(labels)
     intensity = np.asarray(intensity)
     if labels.shape != intensity.shape:
-        raise ValueError(f"labels are {labels.shape} but the intensity image is {intensity.shape}; "
-                         f"they must have the same height and width")
+        raise ValueError(
+            f"labels are {labels.shape} but the intensity image is {intensity.shape}; "
+            f"they must have the same height and width"
+        )
     # regionprops wants integer labels; a 16-bit label PNG arrives as uint16 and that is fine as it is.
     table = skmeasure.regionprops_table(labels.astype(np.int64, copy=False), intensity, properties=_PROPERTIES)
     height, width = labels.shape
-    touches = ((table["bbox-0"] == 0) | (table["bbox-1"] == 0) | (table["bbox-2"] == height)
-               | (table["bbox-3"] == width))
+    touches = (table["bbox-0"] == 0) | (table["bbox-1"] == 0) | (table["bbox-2"] == height) | (table["bbox-3"] == width)
     columns = {
-        "label": table["label"], "centroid_y": table["centroid-0"], "centroid_x": table["centroid-1"],
-        "area_px": table["area"], "equivalent_diameter_px": table["equivalent_diameter_area"],
-        "perimeter_px": table["perimeter"], "eccentricity": table["eccentricity"],
-        "solidity": table["solidity"], "mean_intensity": table["intensity_mean"],
-        "max_intensity": table["intensity_max"], "touches_border": touches.astype(np.uint8),
+        "label": table["label"],
+        "centroid_y": table["centroid-0"],
+        "centroid_x": table["centroid-1"],
+        "area_px": table["area"],
+        "equivalent_diameter_px": table["equivalent_diameter_area"],
+        "perimeter_px": table["perimeter"],
+        "eccentricity": table["eccentricity"],
+        "solidity": table["solidity"],
+        "mean_intensity": table["intensity_mean"],
+        "max_intensity": table["intensity_max"],
+        "touches_border": touches.astype(np.uint8),
     }
     if pixel_size is not None:
-        columns["area_um2"] = table["area"] * pixel_size ** 2
+        columns["area_um2"] = table["area"] * pixel_size**2
         columns["equivalent_diameter_um"] = table["equivalent_diameter_area"] * pixel_size
         columns["perimeter_um"] = table["perimeter"] * pixel_size
     return columns
@@ -113,11 +144,17 @@ def summarize_image(labels: np.ndarray, areas: np.ndarray, pixel_size: float | N
     height, width = np.shape(labels)
     areas = np.asarray(areas, dtype=np.float64)
     mean, median = (float(areas.mean()), float(np.median(areas))) if areas.size else (None, None)
-    row = {"width": width, "height": height, "count": int(areas.size), "mean_area_px": mean,
-           "median_area_px": median, "coverage": float(np.count_nonzero(labels)) / max(height * width, 1)}
+    row = {
+        "width": width,
+        "height": height,
+        "count": int(areas.size),
+        "mean_area_px": mean,
+        "median_area_px": median,
+        "coverage": float(np.count_nonzero(labels)) / max(height * width, 1),
+    }
     if pixel_size is not None:
-        row["mean_area_um2"] = None if mean is None else mean * pixel_size ** 2
-        row["median_area_um2"] = None if median is None else median * pixel_size ** 2
+        row["mean_area_um2"] = None if mean is None else mean * pixel_size**2
+        row["median_area_um2"] = None if median is None else median * pixel_size**2
     return row
 
 
@@ -158,8 +195,15 @@ class Measurements:
     def has_pixel_size(self) -> bool:
         return any(row["pixel_size_um"] for row in self.images)
 
-    def add(self, name: str, labels: np.ndarray, intensity: np.ndarray, plane: int | None = None,
-            pixel_size: float | None = None, source: str = "") -> int:
+    def add(
+        self,
+        name: str,
+        labels: np.ndarray,
+        intensity: np.ndarray,
+        plane: int | None = None,
+        pixel_size: float | None = None,
+        source: str = "",
+    ) -> int:
         """Measure one image's nuclei (``labels``) on its grey values (``intensity``); returns the count.
         ``plane`` numbers the plane of a stack (from 0, as the pages of its label TIFF); ``pixel_size``
         (micrometres per pixel) is this image's, found in ``source``; None: the constructor's."""
@@ -171,9 +215,14 @@ class Measurements:
         for index in range(len(columns["label"])):
             self.nuclei.append({**first, **{c: _format(v[index]) for c, v in columns.items()}})
         summary = summarize_image(labels, columns["area_px"], pixel_size)
-        self.images.append({**first, **{c: _format(v) for c, v in summary.items()},
-                            "pixel_size_um": f"{pixel_size:.6g}" if pixel_size else "",
-                            "pixel_size_from": source if pixel_size else ""})
+        self.images.append(
+            {
+                **first,
+                **{c: _format(v) for c, v in summary.items()},
+                "pixel_size_um": f"{pixel_size:.6g}" if pixel_size else "",
+                "pixel_size_from": source if pixel_size else "",
+            }
+        )
         self.counts[name if plane is None else f"{name} [{plane}]"] = summary["count"]
         self.names[name] = None
         self.areas_px.extend(columns["area_px"].tolist())
@@ -184,8 +233,10 @@ class Measurements:
         """Measure one image's nuclei on the grey values of its file, at the file's own bit depth."""
         intensity = read_grey(image_path)
         if intensity.shape != np.shape(labels):
-            raise DataError(f"{image_path}: the file is {intensity.shape[1]}x{intensity.shape[0]} but its "
-                            f"labels are {np.shape(labels)[1]}x{np.shape(labels)[0]}")
+            raise DataError(
+                f"{image_path}: the file is {intensity.shape[1]}x{intensity.shape[0]} but its "
+                f"labels are {np.shape(labels)[1]}x{np.shape(labels)[0]}"
+            )
         return self.add(name, labels, intensity)
 
     def columns(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -204,15 +255,18 @@ class Measurements:
         paths = output_paths(out_dir, len(self.images))
         files.refuse_existing(paths, overwrite)
         nucleus_columns, image_columns = self.columns()
-        files.write_csv(paths[0], [nucleus_columns, *([r.get(c, "") for c in nucleus_columns] for r in self.nuclei)],
-                        overwrite)
-        files.write_csv(paths[1], [image_columns, *([r.get(c, "") for c in image_columns] for r in self.images)],
-                        overwrite)
+        files.write_csv(
+            paths[0], [nucleus_columns, *([r.get(c, "") for c in nucleus_columns] for r in self.nuclei)], overwrite
+        )
+        files.write_csv(
+            paths[1], [image_columns, *([r.get(c, "") for c in image_columns] for r in self.images)], overwrite
+        )
         if len(paths) > 2:
             # Areas in um^2 only when every image has a pixel size: one histogram holds one unit.
             in_um = all(row["pixel_size_um"] for row in self.images)
-            figure = plots.measurement_summary(self.counts, self.areas_um2 if in_um else self.areas_px,
-                                               area_unit="um^2" if in_um else "px")
+            figure = plots.measurement_summary(
+                self.counts, self.areas_um2 if in_um else self.areas_px, area_unit="um^2" if in_um else "px"
+            )
             files.write_with(paths[2], lambda temporary: plots.save(figure, temporary, dpi=80), overwrite)
         return paths
 

@@ -22,7 +22,6 @@ from unet_nuclei.label_images import label_sizes
 DSB_IOU_THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
 
 
-
 def _as_label_image(labels, name):
     """Return ``labels`` as an int64 array, accepting integer and boolean images only."""
     labels = np.asarray(labels)
@@ -35,8 +34,7 @@ def _as_label_image(labels, name):
 
 def _check_same_shape(true, pred, true_name, pred_name):
     if true.shape != pred.shape:
-        raise ValueError(f"{true_name} has shape {true.shape} but {pred_name} has shape {pred.shape}; "
-                         "they must match")
+        raise ValueError(f"{true_name} has shape {true.shape} but {pred_name} has shape {pred.shape}; they must match")
 
 
 def binary_dice_iou(true_mask, pred_mask) -> tuple[float, float]:
@@ -149,8 +147,14 @@ def score_image(true_labels: np.ndarray, pred_labels: np.ndarray) -> Scores:
     true_labels, pred_labels = np.asarray(true_labels), np.asarray(pred_labels)
     dice_value, iou_value = binary_dice_iou(true_labels > 0, pred_labels > 0)
     precisions = matching_precisions(true_labels, pred_labels)
-    return Scores(dice_value, iou_value, float(np.mean(precisions)), float(precisions[0]),
-                  count_instances(true_labels), count_instances(pred_labels))
+    return Scores(
+        dice_value,
+        iou_value,
+        float(np.mean(precisions)),
+        float(precisions[0]),
+        count_instances(true_labels),
+        count_instances(pred_labels),
+    )
 
 
 SCORE_KEYS = ("dice", "iou", "dsb_score", "ap50")

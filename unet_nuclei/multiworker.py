@@ -12,6 +12,7 @@ worker waits for another outside the training steps.
 Only the chief writes what the user sees: ``is_chief`` says which worker that is (the ``chief`` task, or
 worker 0 when the cluster has none); the other workers write their copies into a temporary folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,10 @@ def cluster_spec() -> dict | None:
             raise TypeError("'cluster' must map task types to addresses and 'task' must name its 'type'")
         int(spec["task"].get("index", 0))
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ValueError(f"TF_CONFIG is set but is not a cluster description ({error!r}); expected JSON "
-                         '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}') from None
+        raise ValueError(
+            f"TF_CONFIG is set but is not a cluster description ({error!r}); expected JSON "
+            '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}'
+        ) from None
     return spec
 
 
@@ -70,9 +73,17 @@ def _mean_of_batches(values: list[tuple[int, dict]]) -> dict:
     return {k: float(sum(n * v[k] for n, v in values) / total) for k in values[0][1]}
 
 
-def fit_distributed(model: keras.Model, strategy: tf.distribute.Strategy, train_ds: tf.data.Dataset,
-                    val_ds: tf.data.Dataset, epochs: int, initial_epoch: int, steps: int,
-                    callbacks: list, verbose: int = 1) -> None:
+def fit_distributed(
+    model: keras.Model,
+    strategy: tf.distribute.Strategy,
+    train_ds: tf.data.Dataset,
+    val_ds: tf.data.Dataset,
+    epochs: int,
+    initial_epoch: int,
+    steps: int,
+    callbacks: list,
+    verbose: int = 1,
+) -> None:
     """``model.fit(train_ds, validation_data=val_ds, epochs, initial_epoch, steps_per_epoch=steps,
     callbacks)`` for a model compiled under ``strategy.scope()``, written as a loop of ``strategy.run``
     steps (see the module's docstring).  The logs the callbacks get hold ``loss``, ``dice``, ``iou`` and
@@ -142,8 +153,10 @@ def fit_distributed(model: keras.Model, strategy: tf.distribute.Strategy, train_
         logs.update({f"val_{k}": v for k, v in _mean_of_batches(batches).items()})
         if verbose:
             shown = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
-            print(f"Epoch {epoch + 1}/{epochs} ({worker_name()}): {done} steps, {time.time() - started:.0f}s - "
-                  f"{shown}", flush=True)
+            print(
+                f"Epoch {epoch + 1}/{epochs} ({worker_name()}): {done} steps, {time.time() - started:.0f}s - {shown}",
+                flush=True,
+            )
         callback_list.on_epoch_end(epoch, logs)
         if model.stop_training:
             break

@@ -16,6 +16,7 @@ A z-stack of labels (planes x height x width) gives one set per plane: the ROIs 
 features their plane.  Both are written whole or not at all, and never over an existing file unless
 ``overwrite`` is set (``unet_nuclei.files``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,8 +69,15 @@ def check_available(kinds) -> None:
             raise ValueError("--rois needs the roifile package: pip install -r requirements.txt") from None
 
 
-def write_outlines(kind: str, path, labels: np.ndarray, pixel_size: float | None = None,
-                   overwrite: bool = False, plane_axes: str = "Z", plane_shape: tuple | None = None) -> Path:
+def write_outlines(
+    kind: str,
+    path,
+    labels: np.ndarray,
+    pixel_size: float | None = None,
+    overwrite: bool = False,
+    plane_axes: str = "Z",
+    plane_shape: tuple | None = None,
+) -> Path:
     """Write the outline file ``kind`` ("rois" or "geojson") of ``labels`` to ``path``.  For a stack
     (planes x height x width) ``plane_axes`` ("Z", "T" or "TZ") and ``plane_shape`` (their sizes) say
     which z and time point each plane is (default: every plane a z slice)."""
@@ -217,8 +225,11 @@ def _polygons(rings: list[tuple[int, np.ndarray]]) -> list[list[np.ndarray]]:
         # The midpoint of a hole's first side is inside the outer rings around the hole, never on one;
         # the smallest of them is the hole's own (a part may sit inside another part's hole).
         midpoint = (hole[0] + hole[1])[None] / 2.0
-        around = [(outer_area, index) for index, (outer_area, outer) in enumerate(outers)
-                  if points_in_poly(midpoint, outer.astype(float))[0]]
+        around = [
+            (outer_area, index)
+            for index, (outer_area, outer) in enumerate(outers)
+            if points_in_poly(midpoint, outer.astype(float))[0]
+        ]
         parts[min(around)[1] if around else 0].append(hole)
     return parts
 
@@ -281,8 +292,9 @@ def imagej_roi(outline: Outline, plane_axes: str = "Z", plane_shape: tuple | Non
     return roi
 
 
-def write_imagej_rois(path, labels: np.ndarray, overwrite: bool = False, plane_axes: str = "Z",
-                      plane_shape: tuple | None = None) -> Path:
+def write_imagej_rois(
+    path, labels: np.ndarray, overwrite: bool = False, plane_axes: str = "Z", plane_shape: tuple | None = None
+) -> Path:
     """Write ``labels``' outlines as an ImageJ ROI set (a .zip of .roi files) for Fiji's ROI Manager,
     one ROI per nucleus (per plane in a stack); an image without nuclei gives an empty set."""
     import roifile  # only when a ROI set is asked for
@@ -300,35 +312,55 @@ def _closed(ring: np.ndarray) -> list[list[int]]:
     return [[int(x), int(y)] for x, y in ring] + [[int(ring[0][0]), int(ring[0][1])]]
 
 
-def geojson_feature(outline: Outline, pixel_size: float | None = None, plane_axes: str = "Z",
-                    plane_shape: tuple | None = None) -> dict:
+def geojson_feature(
+    outline: Outline, pixel_size: float | None = None, plane_axes: str = "Z", plane_shape: tuple | None = None
+) -> dict:
     """The GeoJSON Feature of one outline, as QuPath reads a detection object: the polygon in pixel
     coordinates, and the label and area (in pixels, and in um^2 with ``pixel_size``) as properties and
     as QuPath measurements."""
     polygons = [[_closed(ring) for ring in part] for part in outline.parts]
-    geometry = ({"type": "Polygon", "coordinates": polygons[0]} if len(polygons) == 1
-                else {"type": "MultiPolygon", "coordinates": polygons})
+    geometry = (
+        {"type": "Polygon", "coordinates": polygons[0]}
+        if len(polygons) == 1
+        else {"type": "MultiPolygon", "coordinates": polygons}
+    )
     measurements = {"label": outline.label, "area_px": outline.area}
     if pixel_size is not None:
         measurements["area_um2"] = outline.area * float(pixel_size) ** 2
-    properties = {"objectType": QUPATH_OBJECT_TYPE, "name": str(outline.label), "classification": QUPATH_CLASS,
-                  "label": outline.label, "area": outline.area, "measurements": measurements}
+    properties = {
+        "objectType": QUPATH_OBJECT_TYPE,
+        "name": str(outline.label),
+        "classification": QUPATH_CLASS,
+        "label": outline.label,
+        "area": outline.area,
+        "measurements": measurements,
+    }
     if outline.plane is not None:
         geometry["plane"] = {"c": -1, **plane_position(outline.plane, plane_axes, plane_shape)}  # QuPath's plane
         properties["plane"] = outline.plane
     return {"type": "Feature", "geometry": geometry, "properties": properties}
 
 
-def geojson_collection(labels: np.ndarray, pixel_size: float | None = None, plane_axes: str = "Z",
-                       plane_shape: tuple | None = None) -> dict:
+def geojson_collection(
+    labels: np.ndarray, pixel_size: float | None = None, plane_axes: str = "Z", plane_shape: tuple | None = None
+) -> dict:
     """The GeoJSON FeatureCollection of every nucleus of ``labels``."""
-    return {"type": "FeatureCollection",
-            "features": [geojson_feature(outline, pixel_size, plane_axes, plane_shape)
-                         for outline in trace_outlines(labels)]}
+    return {
+        "type": "FeatureCollection",
+        "features": [
+            geojson_feature(outline, pixel_size, plane_axes, plane_shape) for outline in trace_outlines(labels)
+        ],
+    }
 
 
-def write_geojson(path, labels: np.ndarray, pixel_size: float | None = None, overwrite: bool = False,
-                  plane_axes: str = "Z", plane_shape: tuple | None = None) -> Path:
+def write_geojson(
+    path,
+    labels: np.ndarray,
+    pixel_size: float | None = None,
+    overwrite: bool = False,
+    plane_axes: str = "Z",
+    plane_shape: tuple | None = None,
+) -> Path:
     """Write ``labels``' outlines as a GeoJSON FeatureCollection that QuPath imports as detections."""
     text = json.dumps(geojson_collection(labels, pixel_size, plane_axes, plane_shape), separators=(",", ":"))
     return files.write_text(path, text + "\n", overwrite)

@@ -6,6 +6,7 @@ Every figure is a ``matplotlib.figure.Figure`` made without pyplot, so drawing o
 pyplot's global state or the backend: a notebook keeps showing its own figures inline after training
 has saved these.  ``save`` writes a figure to a PNG; in a notebook, ``display(figure)`` shows it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -45,11 +46,14 @@ def draw_outlines(image_rgb, labels_or_mask, color=(255, 255, 0), thickness=1) -
     if np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.rint(labels)):
         labels = labels.astype(np.int64)
     if labels.dtype != bool and not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels_or_mask must be an integer or boolean image (or whole-numbered floats), "
-                         f"got dtype {labels.dtype}")
+        raise ValueError(
+            f"labels_or_mask must be an integer or boolean image (or whole-numbered floats), got dtype {labels.dtype}"
+        )
     if labels.shape != image.shape[:2]:
-        raise ValueError(f"image_rgb has shape {image.shape} but labels_or_mask has shape {labels.shape}; "
-                         "their height and width must match")
+        raise ValueError(
+            f"image_rgb has shape {image.shape} but labels_or_mask has shape {labels.shape}; "
+            "their height and width must match"
+        )
     color = tuple(int(c) for c in color)
     if len(color) != 3 or not all(0 <= c <= 255 for c in color):
         raise ValueError(f"color must be three integers in 0..255, got {color!r}")

@@ -89,8 +89,11 @@ def label_instances(probability, threshold=0.5, min_size=10, split_touching=True
     probability = np.asarray(probability)
     if probability.ndim != 2:
         raise ValueError(f"probability must be a 2-D HxW map, got shape {probability.shape}")
-    if not (np.issubdtype(probability.dtype, np.floating) or np.issubdtype(probability.dtype, np.integer)
-            or probability.dtype == bool):
+    if not (
+        np.issubdtype(probability.dtype, np.floating)
+        or np.issubdtype(probability.dtype, np.integer)
+        or probability.dtype == bool
+    ):
         raise ValueError(f"probability must be numeric, got dtype {probability.dtype}")
     if min_size < 0:
         raise ValueError(f"min_size must be >= 0, got {min_size}")
@@ -132,8 +135,9 @@ def instances_from_classes(probabilities, threshold=0.5, marker_threshold=0.5, m
     """
     probabilities = np.asarray(probabilities)
     if probabilities.ndim != 3 or probabilities.shape[2] != 3:
-        raise ValueError(f"probabilities must be H x W x 3 (background, interior, boundary), got shape "
-                         f"{probabilities.shape}")
+        raise ValueError(
+            f"probabilities must be H x W x 3 (background, interior, boundary), got shape {probabilities.shape}"
+        )
     if probabilities.dtype.kind != "f":
         probabilities = probabilities.astype(np.float32)
     if min_size < 0:
@@ -145,8 +149,8 @@ def instances_from_classes(probabilities, threshold=0.5, marker_threshold=0.5, m
     # of rows at a time, so that a large image's float copies stay small.
     nuclei = markers > 0
     for top in range(0, nuclei.shape[0], NUCLEUS_ROWS):
-        nucleus = np.subtract(1.0, np.nan_to_num(probabilities[top:top + NUCLEUS_ROWS, :, 0], nan=1.0))
-        nuclei[top:top + NUCLEUS_ROWS] |= nucleus > threshold
+        nucleus = np.subtract(1.0, np.nan_to_num(probabilities[top : top + NUCLEUS_ROWS, :, 0], nan=1.0))
+        nuclei[top : top + NUCLEUS_ROWS] |= nucleus > threshold
     labels = watershed_in_bands(interior, markers, nuclei)  # the markers become the labels
     orphan = np.logical_and(nuclei, labels == 0, out=nuclei)
     orphans, count = ndi.label(orphan, structure=_EIGHT)
@@ -209,11 +213,14 @@ MIN_SIZE_GRID = (8, 15, 30)
 CONFIDENCE_GRID = (0.0, 0.75, 0.8, 0.85, 0.9, 0.95)
 
 
-def choose_post_processing(truths: Sequence[np.ndarray], outputs: Sequence[np.ndarray],
-                           thresholds: Sequence[float] = THRESHOLD_GRID,
-                           marker_thresholds: Sequence[float] = MARKER_GRID,
-                           min_sizes: Sequence[int] = MIN_SIZE_GRID,
-                           confidences: Sequence[float] = CONFIDENCE_GRID) -> tuple[PostProcessing, dict, list[Scores]]:
+def choose_post_processing(
+    truths: Sequence[np.ndarray],
+    outputs: Sequence[np.ndarray],
+    thresholds: Sequence[float] = THRESHOLD_GRID,
+    marker_thresholds: Sequence[float] = MARKER_GRID,
+    min_sizes: Sequence[int] = MIN_SIZE_GRID,
+    confidences: Sequence[float] = CONFIDENCE_GRID,
+) -> tuple[PostProcessing, dict, list[Scores]]:
     """The post-processing that maximises the mean DSB score over images (ties broken by Dice).
 
     ``truths`` are the images' ground-truth labels, ``outputs`` the model's H x W x K outputs; every

@@ -9,6 +9,7 @@ plane, in the file's order: ``<stem>_mask.tif``, ``<stem>_overlay.tif`` and ``<s
 labels numbered from 1 in each plane).  No existing file is replaced unless ``overwrite`` is set, and
 every file is written whole or not at all (``unet_nuclei.files``).
 """
+
 from __future__ import annotations
 
 import collections
@@ -93,8 +94,17 @@ def collect_inputs(paths: Sequence, truth_dir=None, recursive: bool = False, exc
             _collect_folder(path, found, recursive, "", excluded)
             if len(found.items) == before:
                 left = len(found.left_out) - left_before
-                found.problems.append((str(path), "folder holds no image" + (
-                    f" of its own, and {left} in its subfolders: pass --recursive to predict those" if left else "")))
+                found.problems.append(
+                    (
+                        str(path),
+                        "folder holds no image"
+                        + (
+                            f" of its own, and {left} in its subfolders: pass --recursive to predict those"
+                            if left
+                            else ""
+                        ),
+                    )
+                )
         else:
             found.problems.append((str(path), "no such file or folder"))
     if truth_dir is not None:
@@ -119,8 +129,9 @@ def _collect_folder(folder: Path, found: Inputs, recursive: bool, subfolder: str
         layout = {folder / "images", folder / "masks"}
     else:  # DSB sample folders: those with an images/ folder
         layout = {child for child in folder.iterdir() if child.is_dir() and (child / "images").is_dir()}
-    found.items.extend(PredictionInput(s.sample_id, s.image_path, s if s.mask_paths else None, subfolder)
-                       for s in samples)
+    found.items.extend(
+        PredictionInput(s.sample_id, s.image_path, s if s.mask_paths else None, subfolder) for s in samples
+    )
     for name, reason in skipped:
         if reason == NOT_AN_IMAGE_REASON:
             found.passed_over.append(folder / "images" / name)
@@ -156,8 +167,10 @@ def _truth_index(folder: Path) -> dict[str, Sample]:
             if is_image_file(path):
                 index[mask_stem(path)] = Sample(mask_stem(path), path, (path,), "pairs")
         if not index:
-            raise DataError(f"--truth {folder}: no masks found (expected the DSB layout, images/ + masks/, "
-                            f"or files named <image stem>.png or <image stem>_mask.png)") from None
+            raise DataError(
+                f"--truth {folder}: no masks found (expected the DSB layout, images/ + masks/, "
+                f"or files named <image stem>.png or <image stem>_mask.png)"
+            ) from None
         return index
 
 
@@ -183,8 +196,9 @@ def read_ahead(items: Sequence[PredictionInput], depth: int = 2, reader=read_ima
     so a folder's decoding overlaps the model and the model does not wait for the disk between images."""
     with ThreadPoolExecutor(max_workers=depth) as pool:
         upcoming = iter(items)
-        pending = collections.deque((item, pool.submit(reader, item.image_path))
-                                    for item in itertools.islice(upcoming, depth + 1))
+        pending = collections.deque(
+            (item, pool.submit(reader, item.image_path)) for item in itertools.islice(upcoming, depth + 1)
+        )
         while pending:
             item, future = pending.popleft()
             following = next(upcoming, None)
@@ -193,8 +207,9 @@ def read_ahead(items: Sequence[PredictionInput], depth: int = 2, reader=read_ima
             yield item, future
 
 
-def output_paths(item: PredictionInput, out_dir, labels: bool | str = False, stack: bool = False,
-                 outlines: Sequence[str] = ()) -> dict[str, Path]:
+def output_paths(
+    item: PredictionInput, out_dir, labels: bool | str = False, stack: bool = False, outlines: Sequence[str] = ()
+) -> dict[str, Path]:
     """The files ``predict_input`` writes for ``item``: mask, overlay and, with ``labels`` ("png" or
     "tif"), labels; TIFF stacks for a file of several planes (``stack``), whatever ``labels`` says; and
     the outline files of ``outlines`` ("rois", "geojson")."""
@@ -215,9 +230,17 @@ def imagej_axes(plane_axes: str, plane_sizes: Sequence[int]) -> tuple[tuple[int,
     return (int(np.prod(plane_sizes)),), "Z"
 
 
-def predict_input(segmenter: Segmenter, item: PredictionInput, out_dir, labels: bool | str = False,
-                  overwrite: bool = False, progress: bool = True, pixel_size: float | None = None,
-                  image: np.ndarray | ImageFile | None = None, outlines: Sequence[str] = ()) -> list[Prediction]:
+def predict_input(
+    segmenter: Segmenter,
+    item: PredictionInput,
+    out_dir,
+    labels: bool | str = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    pixel_size: float | None = None,
+    image: np.ndarray | ImageFile | None = None,
+    outlines: Sequence[str] = (),
+) -> list[Prediction]:
     """Segment one image file (``segmenter.segment``, plane by plane) and write ``<name>_mask.png`` (the
     union of the nuclei) and ``<name>_overlay.png`` into ``out_dir`` (in ``item.subfolder``); with
     ``labels`` (True or "png") also ``<name>_labels.png`` (16-bit), with ``labels="tif"``
@@ -257,25 +280,34 @@ def predict_input(segmenter: Segmenter, item: PredictionInput, out_dir, labels: 
         shape, axes = imagej_axes(image.plane_axes, image.plane_sizes)
         found = np.stack([p.labels for p in predictions]).reshape(*shape, image.height, image.width)
         outputs = {
-            "mask": lambda path: files.write_tiff(path, (found > 0).astype(np.uint8) * 255, overwrite,
-                                                  f"{axes}YX", pixel_size),
-            "overlay": lambda path: files.write_tiff(path, np.stack(overlays).reshape(*found.shape, 3), overwrite,
-                                                     f"{axes}YXS", pixel_size),
-            "labels": lambda path: write_label_tiff(path, found, pixel_size, overwrite, f"{axes}YX")}
+            "mask": lambda path: files.write_tiff(
+                path, (found > 0).astype(np.uint8) * 255, overwrite, f"{axes}YX", pixel_size
+            ),
+            "overlay": lambda path: files.write_tiff(
+                path, np.stack(overlays).reshape(*found.shape, 3), overwrite, f"{axes}YXS", pixel_size
+            ),
+            "labels": lambda path: write_label_tiff(path, found, pixel_size, overwrite, f"{axes}YX"),
+        }
     else:
         prediction = predictions[0]
-        outputs = {"mask": lambda path: files.write_png(path, (prediction.labels > 0).astype(np.uint8) * 255,
-                                                        overwrite),
-                   "overlay": lambda path: files.write_png(path, draw_outlines(rgb, prediction.labels), overwrite),
-                   "labels": (lambda path: write_label_png(path, prediction.labels, overwrite, item.name))
-                   if label_format == "png" else
-                   (lambda path: write_label_tiff(path, prediction.labels, pixel_size, overwrite))}
+        outputs = {
+            "mask": lambda path: files.write_png(path, (prediction.labels > 0).astype(np.uint8) * 255, overwrite),
+            "overlay": lambda path: files.write_png(path, draw_outlines(rgb, prediction.labels), overwrite),
+            "labels": (lambda path: write_label_png(path, prediction.labels, overwrite, item.name))
+            if label_format == "png"
+            else (lambda path: write_label_tiff(path, prediction.labels, pixel_size, overwrite)),
+        }
     # Outline files take the planes one after another, with their z and time point (a TZ stack too).
     planes_found = np.stack([p.labels for p in predictions]) if stack else predictions[0].labels
     plane_shape, plane_axes = imagej_axes(image.plane_axes, image.plane_sizes) if stack else (None, "Z")
-    outputs.update({kind: lambda path, kind=kind: write_outlines(kind, path, planes_found, pixel_size, overwrite,
-                                                                 plane_axes, plane_shape)
-                    for kind in outlines})
+    outputs.update(
+        {
+            kind: lambda path, kind=kind: write_outlines(
+                kind, path, planes_found, pixel_size, overwrite, plane_axes, plane_shape
+            )
+            for kind in outlines
+        }
+    )
     written = []
     try:
         for kind, path in targets.items():
@@ -295,8 +327,10 @@ def write_scores(predictions: Sequence[Prediction], path, overwrite: bool = True
     all; an existing file is refused unless ``overwrite``); returns the means."""
     means = mean_scores([p.scores for p in predictions])
     rows = [["image", "width", "height", "nuclei_true", "nuclei_pred", *SCORE_KEYS]]
-    rows += [[p.name, p.width, p.height, p.scores.nuclei_true, p.count,
-              *(f"{getattr(p.scores, k):.4f}" for k in SCORE_KEYS)] for p in predictions]
+    rows += [
+        [p.name, p.width, p.height, p.scores.nuclei_true, p.count, *(f"{getattr(p.scores, k):.4f}" for k in SCORE_KEYS)]
+        for p in predictions
+    ]
     rows.append(["mean", "", "", "", "", *(f"{means[k]:.4f}" for k in SCORE_KEYS)])
     files.write_csv(path, rows, overwrite)
     return means

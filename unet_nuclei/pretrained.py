@@ -13,6 +13,7 @@ Packaging a finished run as a shipped model (the command the model card records)
 
     python -m unet_nuclei.pretrained RUN --name dsb2018
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,9 +71,11 @@ def resolve_model(model=None, runs_root="runs", shipped_root=None) -> tuple[Path
         except FileNotFoundError:
             shipped = shipped_model_dir(DEFAULT_MODEL, shipped_root)
             if shipped is None:
-                raise FileNotFoundError(f"no trained model found in {runs_root}/ and no shipped model in "
-                                        f"{shipped_root}/. Run `python Train.py` first (or pass --model "
-                                        f"RUN_FOLDER_OR_MODEL_FILE)") from None
+                raise FileNotFoundError(
+                    f"no trained model found in {runs_root}/ and no shipped model in "
+                    f"{shipped_root}/. Run `python Train.py` first (or pass --model "
+                    f"RUN_FOLDER_OR_MODEL_FILE)"
+                ) from None
             return shipped, f"the shipped model, since {runs_root}/ holds no run of your own"
         return run, f"the newest run in {runs_root}/; --model {DEFAULT_MODEL} uses the shipped model"
     path = Path(model)
@@ -82,8 +85,10 @@ def resolve_model(model=None, runs_root="runs", shipped_root=None) -> tuple[Path
     if shipped is not None:
         return shipped, "the shipped model named with --model"
     names = ", ".join(shipped_names(shipped_root)) or "none"
-    raise FileNotFoundError(f"no run or model at {model!r}: looked for a model file, a run folder holding "
-                            f"{MODEL_FILE}, {runs_root / path}, and a shipped model of that name (shipped: {names})")
+    raise FileNotFoundError(
+        f"no run or model at {model!r}: looked for a model file, a run folder holding "
+        f"{MODEL_FILE}, {runs_root / path}, and a shipped model of that name (shipped: {names})"
+    )
 
 
 def run_and_model_file(target) -> tuple[Path, Path]:
@@ -117,8 +122,9 @@ def package_run(run_dir, name: str, root=SHIPPED_DIR) -> Path:
 
     run_dir, folder = Path(run_dir), Path(root) / name
     if "val_scores" not in read_run_config(run_dir)[1]:
-        raise ValueError(f"{run_dir} has no chosen post-processing (no validation scores): "
-                         f"let its training finish first")
+        raise ValueError(
+            f"{run_dir} has no chosen post-processing (no validation scores): let its training finish first"
+        )
     learned = [n for n in (POST_PROCESSING_FILE, SCORES_FILE) if (run_dir / n).is_file()]
     for target in [folder / n for n in (MODEL_FILE, CONFIG_FILE, *learned)]:
         if target.exists():
@@ -140,7 +146,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m unet_nuclei.pretrained",
         description="Package a finished run as a shipped model in models/NAME (model.keras and config.json); "
-                    "prints the sha256 that the model card must state.")
+        "prints the sha256 that the model card must state.",
+    )
     parser.add_argument("run", metavar="RUN", help="a finished run folder")
     parser.add_argument("--name", default=DEFAULT_MODEL, help=f"the shipped model's name (default: {DEFAULT_MODEL})")
     args = parser.parse_args(argv)

@@ -31,8 +31,12 @@ LATEST_FILE = "latest"
 POST_PROCESSING_FILE = "postprocessing.json"
 SCORES_FILE = "scores.json"
 # The keys of POST_PROCESSING_FILE (``PostProcessing``'s fields) and the Config fields they set.
-LEARNED_FIELDS = {"threshold": "threshold", "marker_threshold": "marker_threshold", "min_size": "min_nucleus_size",
-                  "min_confidence": "min_confidence"}
+LEARNED_FIELDS = {
+    "threshold": "threshold",
+    "marker_threshold": "marker_threshold",
+    "min_size": "min_nucleus_size",
+    "min_confidence": "min_confidence",
+}
 
 
 def new_run_dir(runs_root=DEFAULT_RUNS_DIR, name: str | None = None) -> Path:
@@ -49,8 +53,9 @@ def new_run_dir(runs_root=DEFAULT_RUNS_DIR, name: str | None = None) -> Path:
         except FileExistsError:
             continue
         except OSError as error:
-            raise files.OutputError(error.errno, f"--runs-dir: cannot create {candidate}/ "
-                                                 f"({error.strerror or error})") from error
+            raise files.OutputError(
+                error.errno, f"--runs-dir: cannot create {candidate}/ ({error.strerror or error})"
+            ) from error
     raise FileExistsError(f"could not find a free run folder name for {base!r} in {root}")
 
 
@@ -68,8 +73,10 @@ def find_run(run_or_file=None, runs_root=DEFAULT_RUNS_DIR) -> Path:
                 return candidate
         runs = sorted((p for p in root.glob("*") if (p / MODEL_FILE).is_file()), key=lambda p: p.stat().st_mtime)
         if not runs:
-            raise FileNotFoundError(f"no trained model found in {root}/. Run `python Train.py` first "
-                                    f"(or pass --model RUN_FOLDER_OR_MODEL_FILE)")
+            raise FileNotFoundError(
+                f"no trained model found in {root}/. Run `python Train.py` first "
+                f"(or pass --model RUN_FOLDER_OR_MODEL_FILE)"
+            )
         return runs[-1]
     path = Path(run_or_file)
     for candidate in (path, root / path):
@@ -77,8 +84,10 @@ def find_run(run_or_file=None, runs_root=DEFAULT_RUNS_DIR) -> Path:
             return candidate.parent
         if candidate.is_dir() and ((candidate / MODEL_FILE).is_file() or (candidate / LAST_FILE).is_file()):
             return candidate
-    raise FileNotFoundError(f"no run or model at {run_or_file!r} (looked for a model file, a run folder "
-                            f"holding {MODEL_FILE}, and {root / path})")
+    raise FileNotFoundError(
+        f"no run or model at {run_or_file!r} (looked for a model file, a run folder "
+        f"holding {MODEL_FILE}, and {root / path})"
+    )
 
 
 def read_run_config(run_dir, learned: bool = True) -> tuple[Config, dict]:
@@ -153,6 +162,8 @@ def unfinished_warning(run_dir, config: Config, run_info: dict) -> str | None:
         last = f"its last saved epoch is {epoch} of {total_epochs(config)}"
     except (OSError, ValueError, KeyError, TypeError):
         last = "no epoch of it is recorded"
-    return (f"{run_dir} has not finished: its post-processing was never chosen on the validation images "
-            f"({last}), so the thresholds are untuned defaults. Wait for the run to finish, or finish it "
-            f"with `python Train.py --resume {run_dir}`")
+    return (
+        f"{run_dir} has not finished: its post-processing was never chosen on the validation images "
+        f"({last}), so the thresholds are untuned defaults. Wait for the run to finish, or finish it "
+        f"with `python Train.py --resume {run_dir}`"
+    )

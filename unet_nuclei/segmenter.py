@@ -55,16 +55,22 @@ def load_unet(path) -> keras.Model:
     except Exception as error:  # Keras raises many types for a bad file; all mean "cannot use this file".
         if path.is_file():
             # Keras says "File not found" for any file that is not a readable .keras archive.
-            raise ModelError(f"{path}: the file exists but is damaged or not a .keras model file "
-                             f"({type(error).__name__}); train the run again, or pass --model with "
-                             f"another run") from error
-        raise ModelError(f"{path}: cannot be loaded as a Keras model ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''})") from error
+            raise ModelError(
+                f"{path}: the file exists but is damaged or not a .keras model file "
+                f"({type(error).__name__}); train the run again, or pass --model with "
+                f"another run"
+            ) from error
+        raise ModelError(
+            f"{path}: cannot be loaded as a Keras model ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''})"
+        ) from error
     names = {layer.name for layer in getattr(model, "layers", [])}
     if not {"rescale", "enc1_conv1", "probabilities"} <= names:
-        raise ModelError(f"{path}: this Keras model is not a U-Net of this project (it lacks the "
-                         f"'rescale', 'enc1_conv1' and 'probabilities' layers). Use a model.keras "
-                         f"written by Train.py")
+        raise ModelError(
+            f"{path}: this Keras model is not a U-Net of this project (it lacks the "
+            f"'rescale', 'enc1_conv1' and 'probabilities' layers). Use a model.keras "
+            f"written by Train.py"
+        )
     return model
 
 
@@ -87,15 +93,30 @@ class Prediction:
     scores: Scores | None = None
 
     @classmethod
-    def from_output(cls, name: str, image: np.ndarray, output: np.ndarray, post: PostProcessing,
-                    truth_labels: np.ndarray | None = None) -> Prediction:
+    def from_output(
+        cls,
+        name: str,
+        image: np.ndarray,
+        output: np.ndarray,
+        post: PostProcessing,
+        truth_labels: np.ndarray | None = None,
+    ) -> Prediction:
         """Find the nuclei of a model ``output`` (H x W x K) once, and score them when ``truth_labels``
         are given."""
         labels = post.nuclei(output)
         scores = score_image(truth_labels, labels) if truth_labels is not None else None
         height, width = labels.shape
-        return cls(name, height, width, count_instances(labels), image, foreground_probability(output),
-                   labels, truth_labels, scores)
+        return cls(
+            name,
+            height,
+            width,
+            count_instances(labels),
+            image,
+            foreground_probability(output),
+            labels,
+            truth_labels,
+            scores,
+        )
 
     def summary(self) -> Prediction:
         """The same prediction without its arrays."""
@@ -133,8 +154,7 @@ class Segmenter:
         config, info, run_dir, model_path = open_run(run_or_file, runs_root)
         return cls(load_unet(model_path), config, run_info=info, run_dir=run_dir, **options)
 
-    def native_probabilities(self, image: np.ndarray, tta: bool = False, progress=None,
-                             dtype=np.float32) -> np.ndarray:
+    def native_probabilities(self, image: np.ndarray, tta: bool = False, progress=None, dtype=np.float32) -> np.ndarray:
         """The model's class probabilities (H x W x K, ``dtype``) for an H x W x 3 uint8 image of any size,
         at the image's own scale.
 
@@ -176,8 +196,10 @@ class Segmenter:
         height, width = image.shape[:2]
         if self.config.nucleus_diameter:
             first = self.native_probabilities(image, dtype=np.float16)
-            factor = min(nucleus_scale(PostProcessing().nuclei(first), self.config.nucleus_diameter),
-                         math.sqrt(MAX_RESCALED_PIXELS / (height * width)))
+            factor = min(
+                nucleus_scale(PostProcessing().nuclei(first), self.config.nucleus_diameter),
+                math.sqrt(MAX_RESCALED_PIXELS / (height * width)),
+            )
             if abs(math.log(factor)) >= math.log(RESCALE_TOLERANCE):
                 del first
                 rescaled = rescale_view(image, None, factor)[0]
@@ -187,12 +209,15 @@ class Segmenter:
                 return first.astype(dtype, copy=False)
         return self.native_probabilities(image, self.tta, progress, dtype)
 
-    def segment(self, image: np.ndarray, name: str = "image", truth: np.ndarray | None = None,
-                progress: bool = True) -> Prediction:
+    def segment(
+        self, image: np.ndarray, name: str = "image", truth: np.ndarray | None = None, progress: bool = True
+    ) -> Prediction:
         """Predict one decoded RGB image at full resolution and find its nuclei with the run's
         post-processing; scored when ``truth`` (instance labels) is given."""
         height, width = image.shape[:2]
-        bar = tqdm(desc=f"{name} tiles", unit="tile", leave=False, disable=not progress or height * width < PROGRESS_PIXELS)
+        bar = tqdm(
+            desc=f"{name} tiles", unit="tile", leave=False, disable=not progress or height * width < PROGRESS_PIXELS
+        )
 
         def on_progress(done, total):
             bar.total = total
@@ -206,5 +231,7 @@ class Segmenter:
     def outputs(self, samples: Sequence[LoadedSample], progress: bool = True) -> list[np.ndarray]:
         """The full-resolution class probabilities of decoded samples, in order (for choosing the
         post-processing, which needs the outputs rather than the nuclei)."""
-        return [self.probabilities(s.image)
-                for s in tqdm(samples, desc="Predicting validation images", disable=not progress, unit="img")]
+        return [
+            self.probabilities(s.image)
+            for s in tqdm(samples, desc="Predicting validation images", disable=not progress, unit="img")
+        ]

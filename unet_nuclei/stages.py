@@ -13,6 +13,7 @@ The model learns every size first, then specialises at one; predictions then tak
 alone (README, "Accuracy on real images").  Without ``nucleus_diameter`` a run is one stage at native
 scale; with ``nucleus_epochs = 0`` it is one stage at that diameter throughout.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,17 +49,22 @@ def training_stages(config: Config) -> list[Stage]:
     if not two_stages(config):
         return [Stage(config, 0, config.epochs)]
     jitter = SECOND_STAGE_JITTER if config.scale_range else None
-    second = dataclasses.replace(config, scale_range=jitter, learning_rate=config.learning_rate * SECOND_STAGE_LR,
-                                 nucleus_epochs=0)  # a stage is one stage: at that diameter throughout
-    return [Stage(dataclasses.replace(config, nucleus_diameter=None), 0, config.epochs),
-            Stage(second, config.epochs, total_epochs(config))]
+    second = dataclasses.replace(
+        config, scale_range=jitter, learning_rate=config.learning_rate * SECOND_STAGE_LR, nucleus_epochs=0
+    )  # a stage is one stage: at that diameter throughout
+    return [
+        Stage(dataclasses.replace(config, nucleus_diameter=None), 0, config.epochs),
+        Stage(second, config.epochs, total_epochs(config)),
+    ]
 
 
 def describe(config: Config) -> str:
     """The epochs of a run in words, for logs: '20 epochs', or '23 epochs (20 + 3 at 20-px nuclei)'."""
     if two_stages(config):
-        return (f"{total_epochs(config)} epochs ({config.epochs} + {config.nucleus_epochs} at "
-                f"{config.nucleus_diameter:g}-px nuclei)")
+        return (
+            f"{total_epochs(config)} epochs ({config.epochs} + {config.nucleus_epochs} at "
+            f"{config.nucleus_diameter:g}-px nuclei)"
+        )
     at = f" at {config.nucleus_diameter:g}-px nuclei" if config.nucleus_diameter else ""
     return f"{config.epochs} epochs{at}"
 
@@ -66,8 +72,10 @@ def describe(config: Config) -> str:
 def describe_stage(stage: Stage) -> str:
     """A second stage in words, for the log as it starts."""
     span = f"s {stage.first + 1}-{stage.last}" if stage.last > stage.first + 1 else f" {stage.last}"
-    return (f"Second stage: epoch{span} with every image at {stage.config.nucleus_diameter:g}-px nuclei, "
-            f"lr {stage.config.learning_rate:g}")
+    return (
+        f"Second stage: epoch{span} with every image at {stage.config.nucleus_diameter:g}-px nuclei, "
+        f"lr {stage.config.learning_rate:g}"
+    )
 
 
 def check_resume(saved: Config, config: Config, initial_epoch: int, run_dir) -> None:
@@ -75,9 +83,13 @@ def check_resume(saved: Config, config: Config, initial_epoch: int, run_dir) -> 
     go on as ``config`` says (new epoch counts)."""
     if initial_epoch > saved.epochs:  # in its second stage, whose epochs follow the first's
         if config.epochs != saved.epochs:
-            raise ValueError(f"--epochs {config.epochs}: {run_dir} is in its second stage (epoch {initial_epoch} "
-                             f"of {total_epochs(saved)}), after its {saved.epochs} epochs at native scale; "
-                             f"resume it without --epochs")
+            raise ValueError(
+                f"--epochs {config.epochs}: {run_dir} is in its second stage (epoch {initial_epoch} "
+                f"of {total_epochs(saved)}), after its {saved.epochs} epochs at native scale; "
+                f"resume it without --epochs"
+            )
     elif config.epochs < initial_epoch:
-        raise ValueError(f"--epochs {config.epochs}: {run_dir} has already trained {initial_epoch} epochs; "
-                         f"give --epochs {initial_epoch} or more")
+        raise ValueError(
+            f"--epochs {config.epochs}: {run_dir} has already trained {initial_epoch} epochs; "
+            f"give --epochs {initial_epoch} or more"
+        )

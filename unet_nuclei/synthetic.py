@@ -48,9 +48,7 @@ DIAMETER_RANGE = {"fluorescence": (13.0, 48.0), "histology": (14.0, 64.0), "brig
 
 # A small-size mix suited to a quick CPU training; repeated entries act as
 # weights (mostly 256x256, like the real data, plus a few larger fields).
-DEFAULT_SIZES = (
-    [(256, 256)] * 10 + [(256, 320)] * 2 + [(260, 347)] * 2 + [(360, 360)] * 2 + [(520, 696)]
-)
+DEFAULT_SIZES = [(256, 256)] * 10 + [(256, 320)] * 2 + [(260, 347)] * 2 + [(360, 360)] * 2 + [(520, 696)]
 
 
 class OutputExistsError(FileExistsError, ValueError):
@@ -89,8 +87,9 @@ def _nucleus_shape(rng, radius, aspect, pad, irregularity=1.0):
     """Irregular ellipse in a local box: coordinates, normalised radius and alpha."""
     a, b = radius * np.sqrt(aspect), radius / np.sqrt(aspect)
     angle = rng.uniform(0.0, np.pi)
-    harmonics = [(k, rng.normal(0.0, 0.06 * irregularity / np.sqrt(k - 1)), rng.uniform(0, 2 * np.pi))
-                 for k in range(2, 6)]
+    harmonics = [
+        (k, rng.normal(0.0, 0.06 * irregularity / np.sqrt(k - 1)), rng.uniform(0, 2 * np.pi)) for k in range(2, 6)
+    ]
     half = int(np.ceil(a * 1.3 + pad))
     ys, xs = np.mgrid[-half : half + 1, -half : half + 1].astype(np.float32)
     u = xs * np.cos(angle) + ys * np.sin(angle)
@@ -159,8 +158,7 @@ def _place_nuclei(rng, h, w, modality):
             level = rng.uniform(0.25, 0.6)  # Fractional light absorbed in brightfield.
         radius = max(radius, 3.0)
         defocus = rng.uniform(1.0, 2.5) if rng.random() < 0.12 else 0.0
-        half, u, v, d, alpha = _nucleus_shape(rng, radius, rng.uniform(1.0, max_aspect), 2 + 2 * defocus,
-                                              irregularity)
+        half, u, v, d, alpha = _nucleus_shape(rng, radius, rng.uniform(1.0, max_aspect), 2 + 2 * defocus, irregularity)
         shape = d < 1.0
         full_area = int(shape.sum())
 
@@ -227,9 +225,7 @@ def _place_nuclei(rng, h, w, modality):
     return labels, signal, coverage, d_mean
 
 
-def generate_sample(
-    rng: np.random.Generator, height: int, width: int, modality: str
-) -> tuple[np.ndarray, np.ndarray]:
+def generate_sample(rng: np.random.Generator, height: int, width: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
     """Return (image, labels): image HxWx3 uint8 RGB; labels HxW int32, 0 = background, 1..N = nuclei.
 
     ``modality`` is one of MODALITY_WEIGHTS.  All randomness comes from ``rng``, so
@@ -297,7 +293,8 @@ def write_synthetic_dataset(
         if not os.path.isdir(out_dir) or os.listdir(out_dir):
             raise OutputExistsError(
                 f"{out_dir} already exists and is not an empty folder; refusing to overwrite it. "
-                "Reuse it as the dataset, or choose another output folder.")
+                "Reuse it as the dataset, or choose another output folder."
+            )
         os.rmdir(out_dir)  # An empty folder holds nothing to lose and would block os.replace.
 
     from tqdm.auto import tqdm  # Imported lazily so that importing this module stays cheap.
@@ -334,8 +331,9 @@ def write_synthetic_dataset(
             if not (os.path.isdir(out_dir) and os.listdir(out_dir)):
                 raise
             # Another process finished the same folder first (two first runs at once): keep theirs.
-            raise OutputExistsError(f"{out_dir} was written by another process meanwhile; this copy was "
-                                    f"discarded") from None
+            raise OutputExistsError(
+                f"{out_dir} was written by another process meanwhile; this copy was discarded"
+            ) from None
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise

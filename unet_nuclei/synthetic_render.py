@@ -7,6 +7,7 @@ defocus, shot and read noise, debris that is not a nucleus, cell bodies and busy
 stain colours.  No real pixels are used: every texture is made from random numbers.  Importing this
 module does no work.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -86,8 +87,13 @@ def render_histology(rng, signal, coverage, d_mean):
         # Tissue: grain at two scales, fibre-like streaks, a few empty (white) gaps.
         line = np.zeros((15, 15), np.float32)
         angle = rng.uniform(0, np.pi)
-        cv2.line(line, (int(7 - 7 * np.cos(angle)), int(7 - 7 * np.sin(angle))),
-                 (int(7 + 7 * np.cos(angle)), int(7 + 7 * np.sin(angle))), 1.0, 1)
+        cv2.line(
+            line,
+            (int(7 - 7 * np.cos(angle)), int(7 - 7 * np.sin(angle))),
+            (int(7 + 7 * np.cos(angle)), int(7 + 7 * np.sin(angle))),
+            1.0,
+            1,
+        )
         fibres = cv2.filter2D(rng.standard_normal((h, w)).astype(np.float32), -1, line / line.sum())
         fibres /= fibres.std() + 1e-6
         tissue = 0.6 + 0.15 * texture(rng, h, w, 4.0) + 0.08 * fibres + 0.08 * texture(rng, h, w, 1.0)
@@ -100,8 +106,12 @@ def render_histology(rng, signal, coverage, d_mean):
     decoys *= np.clip(1.0 + 0.6 * texture(rng, h, w, 1.5), 0.0, None) * (1.0 - coverage)
     eosin = rng.uniform(0.08, 0.35) * np.clip(tissue, 0.05, None) + rng.uniform(0.05, 0.35) * body
     eosin *= 1.0 - 0.4 * coverage
-    hema = (rng.uniform(0.02, 0.08) * np.clip(tissue, 0.0, None) + rng.uniform(0.0, 0.08) * body
-            + rng.uniform(0.0, 0.12) * decoys + signal)
+    hema = (
+        rng.uniform(0.02, 0.08) * np.clip(tissue, 0.0, None)
+        + rng.uniform(0.0, 0.08) * body
+        + rng.uniform(0.0, 0.12) * decoys
+        + signal
+    )
     # Beer-Lambert mixing of the two stains with jittered stain vectors (RGB optical density); a purple
     # counterstain instead of pink eosin stands in for the other stains of the data.
     h_vec = np.array([0.65, 0.70, 0.29]) + rng.normal(0, 0.07, 3)

@@ -10,6 +10,7 @@ to a U-Net of ``unet_model_core``.  What comes before and after the forward pass
 nucleus scale, TTA, post-processing) is ``unet_nuclei.segmenter``'s: this module imports nothing of the
 package.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,9 +46,7 @@ def tile_positions(length: int, output_size: int, overlap: int) -> list[int]:
     if output_size < 1:
         raise ValueError(f"output_size must be >= 1, got {output_size}")
     if not 0 <= overlap < output_size:
-        raise ValueError(
-            f"overlap must satisfy 0 <= overlap < output_size ({output_size}), got {overlap}"
-        )
+        raise ValueError(f"overlap must satisfy 0 <= overlap < output_size ({output_size}), got {overlap}")
     if length <= output_size:
         return [0]
     step = output_size - overlap
@@ -110,9 +109,7 @@ def _tile_and_output_sizes(tile_size, output_size):
     if min(out_h, out_w) < 1:
         raise ValueError(f"output_size must be positive, got {output_size}")
     if out_h > tile_h or out_w > tile_w:
-        raise ValueError(
-            f"output_size ({output_size}) must not exceed tile_size ({tile_size})"
-        )
+        raise ValueError(f"output_size ({output_size}) must not exceed tile_size ({tile_size})")
     if (tile_h - out_h) % 2 or (tile_w - out_w) % 2:
         raise ValueError(
             f"tile_size - output_size must be even so the output is centred, "
@@ -177,9 +174,7 @@ def predict_tiled(
     """
     image = np.asarray(image)
     if image.ndim != 3:
-        raise ValueError(
-            f"image must be a 3-D array of shape (H, W, C), got shape {image.shape}"
-        )
+        raise ValueError(f"image must be a 3-D array of shape (H, W, C), got shape {image.shape}")
     if image.dtype.kind not in "biuf":
         image = image.astype(np.float32)
     dtype = np.dtype(dtype)
@@ -196,9 +191,7 @@ def predict_tiled(
         overlap = (out_h // 4, out_w // 4) if margin_h == margin_w == 0 else 0
     overlap_h, overlap_w = _pair(overlap, "overlap")
     if not (0 <= overlap_h < out_h and 0 <= overlap_w < out_w):
-        raise ValueError(
-            f"overlap must satisfy 0 <= overlap < output_size ({output_size}), got {overlap}"
-        )
+        raise ValueError(f"overlap must satisfy 0 <= overlap < output_size ({output_size}), got {overlap}")
     batch_size = int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -210,8 +203,15 @@ def predict_tiled(
     # Mirror the image once, in its own dtype, far enough for every input tile: each tile is then a plain
     # slice.  np.pad repeats the reflection when the pad is wider than the image, and a 1-pixel-wide axis
     # (which cannot be reflected) repeats its pixel.
-    padded = np.pad(image, ((margin_h, max(0, tops[-1] + tile_h - margin_h - height)),
-                            (margin_w, max(0, lefts[-1] + tile_w - margin_w - width)), (0, 0)), mode="reflect")
+    padded = np.pad(
+        image,
+        (
+            (margin_h, max(0, tops[-1] + tile_h - margin_h - height)),
+            (margin_w, max(0, lefts[-1] + tile_w - margin_w - width)),
+            (0, 0),
+        ),
+        mode="reflect",
+    )
 
     # One float32 batch buffer for the whole image, filled in place.  The result and the float32 band
     # are allocated once the number of classes K is known from the first batch.
@@ -230,19 +230,19 @@ def predict_tiled(
         # Every pixel is covered by at least one tile with a strictly positive weight, so the division is
         # safe.  It is computed in float32 and only its result is cast to ``dtype``.
         np.divide(band[:done], band_weights[:done, :, None], out=result[band_top:until], casting="unsafe")
-        band[:-done or None] = band[done:]
-        band_weights[:-done or None] = band_weights[done:]
+        band[: -done or None] = band[done:]
+        band_weights[: -done or None] = band_weights[done:]
         band[-done:] = 0
         band_weights[-done:] = 0
         band_top = until
 
     for first in range(0, total, batch_size):
-        chunk = tiles[first:first + batch_size]
-        batch = buffer[:len(chunk)]
+        chunk = tiles[first : first + batch_size]
+        batch = buffer[: len(chunk)]
         for slot, (top, left) in enumerate(chunk):
             # In the padded image the input tile starts ``margin`` pixels before its output tile, so
             # that the valid network's output lands on the output tile.
-            batch[slot] = padded[top:top + tile_h, left:left + tile_w]
+            batch[slot] = padded[top : top + tile_h, left : left + tile_w]
 
         answer = np.asarray(predict_batch(batch))
         if (
@@ -274,11 +274,10 @@ def predict_tiled(
                 rows = min(out_h, height - top)
                 cols = min(out_w, width - left)
                 tile_weight = window[:rows, :cols]
-                band[:rows, left:left + cols] += (
-                    answer[slot, :rows, :cols].astype(np.float32, copy=False)
-                    * tile_weight[:, :, None]
+                band[:rows, left : left + cols] += (
+                    answer[slot, :rows, :cols].astype(np.float32, copy=False) * tile_weight[:, :, None]
                 )
-                band_weights[:rows, left:left + cols] += tile_weight
+                band_weights[:rows, left : left + cols] += tile_weight
 
         if progress is not None:
             progress(first + len(chunk), total)
@@ -297,8 +296,9 @@ TILED_TILE = 512  # largest tile side, and pixels per forward pass (squared), on
 CONTEXT_MARGIN = 16  # pixels of (mirrored) context cut from each side of a padded model's tile output
 
 
-def tile_geometry(model: keras.Model, config: Config, image_shape: tuple[int, int],
-                  tile_size: int | None = None) -> tuple:
+def tile_geometry(
+    model: keras.Model, config: Config, image_shape: tuple[int, int], tile_size: int | None = None
+) -> tuple:
     """``(tile_size, output_size, margin)`` for predicting an image of ``image_shape`` with ``model``.
 
     Unpadded models use their fixed input size and give the centre of each tile.  Padded models take any
@@ -314,7 +314,7 @@ def tile_geometry(model: keras.Model, config: Config, image_shape: tuple[int, in
     if config.padding == "valid" or fixed is not None:
         size = fixed or config.image_size
         return size, unet_output_size(size, config.depth, config.padding), 0
-    step = 2 ** config.depth
+    step = 2**config.depth
     margin = CONTEXT_MARGIN
     needed = [int(math.ceil((length + 2 * margin) / step)) * step for length in image_shape]
     if tile_size is not None:
@@ -323,6 +323,7 @@ def tile_geometry(model: keras.Model, config: Config, image_shape: tuple[int, in
         check_input_size(size, config.depth, "same")
         margin = min(margin, (size - step) // 2) if size - 2 * margin < step else margin
         return size, size - 2 * margin, margin
+
     # Activations grow with the first level's channels: a wider model gets proportionally smaller tiles.
     def largest_side(side):
         return max(int(side * math.sqrt(min(1.0, 16 / config.channels[0]))) // step * step, 2 * margin + step)
@@ -352,7 +353,7 @@ def smallest_tile(config: Config) -> int:
     """The smallest ``--tile-size`` that gives a padded model the context it learned with: its training
     patch (a smaller tile shows each pixel less of its surroundings than the model ever saw, and the masks
     fall apart into fragments), and never less than the mirrored margins plus one pooling window."""
-    step = 2 ** config.depth
+    step = 2**config.depth
     return max(int(math.ceil(config.image_size / step)) * step, 2 * CONTEXT_MARGIN + step)
 
 
@@ -360,15 +361,25 @@ def check_tile_size(config: Config, tile_size: int | None) -> None:
     """ValueError, naming ``--tile-size`` and the sizes that work, for a tile side this model cannot use."""
     if tile_size is None or config.padding == "valid" or config.sampling == "resize":
         return  # those models predict at their own fixed size; the flag does not apply
-    step, smallest = 2 ** config.depth, smallest_tile(config)
+    step, smallest = 2**config.depth, smallest_tile(config)
     if int(tile_size) != tile_size or tile_size < smallest or tile_size % step:
-        raise ValueError(f"--tile-size {tile_size}: this model needs a multiple of {step} of at least "
-                         f"{smallest} px (its training patch, so every pixel keeps the context it learned "
-                         f"with); for example --tile-size {smallest}, or leave the flag out")
+        raise ValueError(
+            f"--tile-size {tile_size}: this model needs a multiple of {step} of at least "
+            f"{smallest} px (its training patch, so every pixel keeps the context it learned "
+            f"with); for example --tile-size {smallest}, or leave the flag out"
+        )
 
 
-def predict_view(model: keras.Model, image: np.ndarray, config: Config, tile_size: int | None = None,
-                 batch_size: int = 4, overlap: int | None = None, progress=None, dtype=np.float32) -> np.ndarray:
+def predict_view(
+    model: keras.Model,
+    image: np.ndarray,
+    config: Config,
+    tile_size: int | None = None,
+    batch_size: int = 4,
+    overlap: int | None = None,
+    progress=None,
+    dtype=np.float32,
+) -> np.ndarray:
     """The class probabilities (H x W x K, ``dtype``) of an image already preprocessed as in training
     (``unet_model_core.preprocess_image``), in one orientation, at its own scale.
 
@@ -395,18 +406,17 @@ def predict_view(model: keras.Model, image: np.ndarray, config: Config, tile_siz
     def predict_batch(tiles):
         output = np.asarray(model.predict_on_batch(tiles))
         if margin:
-            output = output[:, margin:tile_h - margin, margin:tile_w - margin]
+            output = output[:, margin : tile_h - margin, margin : tile_w - margin]
         return output
 
     if overlap is None:
         overlap = config.tile_overlap if config.tile_overlap is not None else (min(out_h, out_w) // 8 if margin else 0)
     # An image of one tile is one forward pass whatever its size; several tiles go TILED_TILE**2 pixels
     # at a time at most.
-    budget = TILED_TILE ** 2 * min(1.0, 16 / config.channels[0])
+    budget = TILED_TILE**2 * min(1.0, 16 / config.channels[0])
     batch_size = max(1, min(int(batch_size), int(budget // (tile_h * tile_w))))
     # The image goes in as it is (uint8): predict_tiled converts one tile at a time, so no float32 copy
     # of a large image is ever made.
-    return predict_tiled(predict_batch, image, size, out_size, min(overlap, out_h - 1, out_w - 1),
-                         batch_size, progress, dtype)
-
-
+    return predict_tiled(
+        predict_batch, image, size, out_size, min(overlap, out_h - 1, out_w - 1), batch_size, progress, dtype
+    )

@@ -11,6 +11,7 @@
 ``finalize(run_dir)`` also works on a finished run, to choose its post-processing again without
 retraining.  What a run folder holds, and how it is read, is ``unet_nuclei.runs``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -121,23 +122,28 @@ def _log(message: str, verbose: int) -> None:
         print(message, flush=True)
 
 
-def resolve_data_dir(data_dir: str | None, sample_images: int = Config.sample_images,
-                     progress: bool = True) -> tuple[Path, str]:
+def resolve_data_dir(
+    data_dir: str | None, sample_images: int = Config.sample_images, progress: bool = True
+) -> tuple[Path, str]:
     """Pick the training data: an explicit path (which must exist), else the real DSB folder when it is
     there, else the built-in synthetic sample.  Returns ``(folder, why)``, ``why`` being a sentence for
     the user."""
     if data_dir:
         folder = Path(data_dir)
         if not folder.is_dir():
-            raise DataError(f"--data {data_dir}: no such folder. Give the folder that holds the sample "
-                            f"folders (for DSB-2018: dataset/stage1_train), or leave --data out to use "
-                            f"the built-in synthetic sample")
+            raise DataError(
+                f"--data {data_dir}: no such folder. Give the folder that holds the sample "
+                f"folders (for DSB-2018: dataset/stage1_train), or leave --data out to use "
+                f"the built-in synthetic sample"
+            )
         return folder, f"using {folder} (given explicitly)"
     if Path(DEFAULT_DATA_DIR).is_dir():
         return Path(DEFAULT_DATA_DIR), f"using the real DSB-2018 data found in {DEFAULT_DATA_DIR}"
     folder = synthetic.ensure_sample_dataset(sample_images, progress=progress)
-    return folder, (f"using the built-in synthetic sample in {folder} ({DEFAULT_DATA_DIR} not found; "
-                    f"see dataset.txt to get the real data)")
+    return folder, (
+        f"using the built-in synthetic sample in {folder} ({DEFAULT_DATA_DIR} not found; "
+        f"see dataset.txt to get the real data)"
+    )
 
 
 def split_ids(ids: Sequence[str], val_size: float = 0.1, seed: int = 42) -> tuple[list[str], list[str]]:
@@ -149,8 +155,10 @@ def split_ids(ids: Sequence[str], val_size: float = 0.1, seed: int = 42) -> tupl
     if val_size <= 0:
         raise ValueError(f"val_size must be positive (a fraction below 1 or a count), got {val_size}")
     if val_size >= len(ids):  # a count that leaves no training image is a mistake, not a request to clamp
-        raise DataError(f"val_size (--val-size) {val_size:g}: a count of validation images, but there are only "
-                        f"{len(ids)} images; give fewer, or a fraction below 1")
+        raise DataError(
+            f"val_size (--val-size) {val_size:g}: a count of validation images, but there are only "
+            f"{len(ids)} images; give fewer, or a fraction below 1"
+        )
     n_val = min(max(int(round(val_size * len(ids))) if val_size < 1 else int(val_size), 1), len(ids) - 1)
     order = np.random.default_rng(seed).permutation(len(ids))
     return sorted(ids[i] for i in order[n_val:]), sorted(ids[i] for i in order[:n_val])  # train, validation
@@ -171,24 +179,37 @@ def prepare_data(config: Config, progress: bool = True, verbose: int = 1, exclud
         _log(f"      {len(excluded)} images held out as a test set, never trained or tuned on", verbose)
     # An image smaller than one pooling window has nothing a U-Net can learn from (a 1x1 image and its
     # empty mask would even score a perfect Dice): skip it like an unreadable one.
-    smallest = 2 ** config.depth
+    smallest = 2**config.depth
     tiny = [s for s in loaded if min(s.image.shape[:2]) < smallest]
     loaded = [s for s in loaded if min(s.image.shape[:2]) >= smallest]
-    problems += [(s.sample_id, f"{s.image.shape[1]}x{s.image.shape[0]} px: smaller than {smallest} px "
-                               f"a side, too small for a {config.depth}-level U-Net") for s in tiny]
+    problems += [
+        (
+            s.sample_id,
+            f"{s.image.shape[1]}x{s.image.shape[0]} px: smaller than {smallest} px "
+            f"a side, too small for a {config.depth}-level U-Net",
+        )
+        for s in tiny
+    ]
     report_problems(problems)
     train_ids, val_ids = split_ids([s.sample_id for s in loaded], config.val_size, config.seed)
     by_id = {s.sample_id: s for s in loaded}
     train = [by_id[i] for i in train_ids if i in by_id]
     val = [by_id[i] for i in val_ids if i in by_id]
     if not train or not val:
-        raise DataError(f"{data_dir}: after skipping unreadable or too small samples, {len(train)} remain for "
-                        f"training and {len(val)} for validation; both need at least one")
+        raise DataError(
+            f"{data_dir}: after skipping unreadable or too small samples, {len(train)} remain for "
+            f"training and {len(val)} for validation; both need at least one"
+        )
     if not any(s.labels.any() for s in train):
-        raise DataError(f"{data_dir}: none of the {len(train)} training images has a nucleus in its masks, "
-                        f"so there is nothing to learn; check the masks")
-    _log(f"      {len(train)} training and {len(val)} validation images "
-         f"({sum(s.image.shape[0] * s.image.shape[1] for s in train) / 1e6:.1f} Mpx of training pixels)", verbose)
+        raise DataError(
+            f"{data_dir}: none of the {len(train)} training images has a nucleus in its masks, "
+            f"so there is nothing to learn; check the masks"
+        )
+    _log(
+        f"      {len(train)} training and {len(val)} validation images "
+        f"({sum(s.image.shape[0] * s.image.shape[1] for s in train) / 1e6:.1f} Mpx of training pixels)",
+        verbose,
+    )
     return train, val, data_dir, why
 
 
@@ -196,27 +217,41 @@ def _resume_point(run_dir: Path, config: Config, changes: dict, verbose: int):
     """The saved Config of a run to resume, with the ``changes`` it may take (``RESUME_CHANGES``), and
     the epoch and best validation loss it reached."""
     if not (run_dir / LAST_FILE).is_file() or not (run_dir / STATE_FILE).is_file():
-        raise TrainingError(f"{run_dir} has no {LAST_FILE}/{STATE_FILE} to resume from: no epoch of it "
-                            f"finished. Start a new run instead")
+        raise TrainingError(
+            f"{run_dir} has no {LAST_FILE}/{STATE_FILE} to resume from: no epoch of it "
+            f"finished. Start a new run instead"
+        )
     saved_config, saved_info = read_run_config(run_dir, learned=False)
     state = read_json(run_dir / STATE_FILE, f": {run_dir} cannot be resumed; start a new run")
     try:
         initial_epoch, best = int(state["epoch"]), float(state.get("best_val_loss", math.inf))
     except (KeyError, TypeError, ValueError):
-        raise TrainingError(f"{run_dir / STATE_FILE} is damaged (no epoch number): {run_dir} cannot be "
-                            f"resumed; start a new run") from None
+        raise TrainingError(
+            f"{run_dir / STATE_FILE} is damaged (no epoch number): {run_dir} cannot be resumed; start a new run"
+        ) from None
     ignored = sorted(set(changes) - set(RESUME_CHANGES))
     if ignored:
-        _log(f"Note: {', '.join(ignored)} kept from the run: a resumed run changes only "
-             f"{' and '.join(RESUME_CHANGES)}", verbose)
+        _log(
+            f"Note: {', '.join(ignored)} kept from the run: a resumed run changes only {' and '.join(RESUME_CHANGES)}",
+            verbose,
+        )
     config = dataclasses.replace(saved_config, **{k: changes[k] for k in RESUME_CHANGES if k in changes})
     check_resume(saved_config, config, initial_epoch, run_dir)
     return config, saved_config, saved_info.get("held_out_ids", []), initial_epoch, best
 
 
-def open_run(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = None, resume=None,
-             cpu_devices: int = 0, verbose: int = 1, progress: bool = True, exclude_ids=(),
-             changes: dict | None = None, init_model=None) -> OpenRun:
+def open_run(
+    config: Config,
+    runs_root=DEFAULT_RUNS_DIR,
+    run_name: str | None = None,
+    resume=None,
+    cpu_devices: int = 0,
+    verbose: int = 1,
+    progress: bool = True,
+    exclude_ids=(),
+    changes: dict | None = None,
+    init_model=None,
+) -> OpenRun:
     """Step 1 of ``train``: a new run folder (or, with ``resume``, an interrupted run), the data decoded
     and split, the tf.data pipelines, and config.json written, so even an interrupted run says what it
     was.  On resume, architecture and data come from the run; ``changes`` (the settings given again,
@@ -245,19 +280,29 @@ def open_run(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = 
         config, saved, exclude_ids, initial_epoch, best = _resume_point(run_dir, config, changes or {}, verbose)
         restart_optimizer = config.learning_rate != saved.learning_rate
         files.check_writable(run_dir, f"--resume {resume}", create=False)
-        _log(f"Resuming {run_dir} after epoch {initial_epoch} of {total_epochs(config)}"
-             + (f", with a new optimizer at lr {config.learning_rate}" if restart_optimizer else ""), verbose)
+        _log(
+            f"Resuming {run_dir} after epoch {initial_epoch} of {total_epochs(config)}"
+            + (f", with a new optimizer at lr {config.learning_rate}" if restart_optimizer else ""),
+            verbose,
+        )
     else:
         files.check_writable(runs_root, "--runs-dir")  # before the data, so a bad folder fails at once
 
     train_samples, val_samples, data_dir, why = prepare_data(config, progress, verbose, exclude_ids)
     # The first stage's pipelines (``fit`` makes the second's); its pixels set the steps of every epoch.
-    train_ds, val_ds, steps = _datasets(train_samples, val_samples, training_stages(config)[0].config,
-                                        strategy.num_replicas_in_sync)
+    train_ds, val_ds, steps = _datasets(
+        train_samples, val_samples, training_stages(config)[0].config, strategy.num_replicas_in_sync
+    )
     policy = set_precision(config.mixed_precision)
-    extra = dict(val_ids=[s.sample_id for s in val_samples], data_dir=str(data_dir), data_source=why,
-                 steps_per_epoch_used=steps, replicas=strategy.num_replicas_in_sync, precision=policy,
-                 cpu_kernels=devices.cpu_kernels())
+    extra = dict(
+        val_ids=[s.sample_id for s in val_samples],
+        data_dir=str(data_dir),
+        data_source=why,
+        steps_per_epoch_used=steps,
+        replicas=strategy.num_replicas_in_sync,
+        precision=policy,
+        cpu_kernels=devices.cpu_kernels(),
+    )
     if exclude_ids:
         extra["held_out_ids"] = sorted(exclude_ids)
     if init_model is not None:
@@ -275,16 +320,33 @@ def open_run(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = 
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
     _log(f"Run:  {run_dir}", verbose)
-    _log(f"      {describe(config)} x {steps} steps of batch {config.batch_size}, "
-         f"{config.image_size}px {config.sampling} sampling, loss {config.loss}, lr {config.learning_rate}, "
-         f"{strategy.num_replicas_in_sync} device(s), {policy}" + (", XLA" if config.xla else ""), verbose)
+    _log(
+        f"      {describe(config)} x {steps} steps of batch {config.batch_size}, "
+        f"{config.image_size}px {config.sampling} sampling, loss {config.loss}, lr {config.learning_rate}, "
+        f"{strategy.num_replicas_in_sync} device(s), {policy}" + (", XLA" if config.xla else ""),
+        verbose,
+    )
     _log(f"      {devices.describe_cpu_kernels(extra['cpu_kernels'])}", verbose)
     if init_model is not None:
         _log(f"      starting from the weights of {init_model} (fine-tuning, fresh optimizer)", verbose)
-    return OpenRun(run_dir, Path(runs_root), config, strategy, train_samples, val_samples,
-                   train_ds, val_ds, steps, extra, init_model=None if init_model is None else Path(init_model),
-                   resumed=resume is not None, initial_epoch=initial_epoch, best_val_loss=best, started=started,
-                   restart_optimizer=restart_optimizer)
+    return OpenRun(
+        run_dir,
+        Path(runs_root),
+        config,
+        strategy,
+        train_samples,
+        val_samples,
+        train_ds,
+        val_ds,
+        steps,
+        extra,
+        init_model=None if init_model is None else Path(init_model),
+        resumed=resume is not None,
+        initial_epoch=initial_epoch,
+        best_val_loss=best,
+        started=started,
+        restart_optimizer=restart_optimizer,
+    )
 
 
 def _datasets(train_samples, val_samples, config: Config, replicas: int = 1):
@@ -306,17 +368,21 @@ def what_is_kept(run: OpenRun) -> str:
     if epoch is None and not run.resumed:
         shutil.rmtree(run.run_dir, ignore_errors=True)
         return f"no epoch had finished, so nothing was saved and {run.run_dir} was removed"
-    return (f"{run.run_dir} holds the last good epoch ({epoch} of {total_epochs(run.config)}); continue with "
-            f"`python Train.py --resume {run.run_dir}`")
+    return (
+        f"{run.run_dir} holds the last good epoch ({epoch} of {total_epochs(run.config)}); continue with "
+        f"`python Train.py --resume {run.run_dir}`"
+    )
 
 
 def _load_checkpoint(path: Path) -> keras.Model:
     try:
         return keras.saving.load_model(path)
     except Exception as error:  # Keras raises many types for a bad file; all mean "cannot resume from it".
-        raise TrainingError(f"{path} exists but cannot be loaded ({type(error).__name__}); it is damaged, "
-                            f"so this run cannot be resumed: start a new run (its model.keras, if any, "
-                            f"is still usable for prediction)") from error
+        raise TrainingError(
+            f"{path} exists but cannot be loaded ({type(error).__name__}); it is damaged, "
+            f"so this run cannot be resumed: start a new run (its model.keras, if any, "
+            f"is still usable for prediction)"
+        ) from error
 
 
 def fit(run: OpenRun, verbose: int = 1) -> int | None:
@@ -333,8 +399,10 @@ def fit(run: OpenRun, verbose: int = 1) -> int | None:
             if run.init_model is not None and not run.resumed:
                 start = keras.saving.load_model(run.init_model, compile=False)
                 copy_weights(start, model, str(run.init_model))
-        _log(f"Model: {model.count_params():,} parameters, channels {list(config.channels)}, "
-             f"padding={config.padding}", verbose)
+        _log(
+            f"Model: {model.count_params():,} parameters, channels {list(config.channels)}, padding={config.padding}",
+            verbose,
+        )
         callbacks = [checkpoint, nan_guard, HistoryLog(run_dir / HISTORY_FILE, run.initial_epoch)]
         if config.lr_schedule == "plateau":
             callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=4, min_lr=1e-5))
@@ -353,16 +421,26 @@ def fit(run: OpenRun, verbose: int = 1) -> int | None:
             if stage.first:
                 if start == stage.first:  # it validates at its own scale: the first's losses do not compare
                     checkpoint.best = math.inf
-                train_ds, val_ds, _ = _datasets(run.train_samples, run.val_samples,
-                                                dataclasses.replace(stage.config, steps_per_epoch=run.steps),
-                                                run.strategy.num_replicas_in_sync)
+                train_ds, val_ds, _ = _datasets(
+                    run.train_samples,
+                    run.val_samples,
+                    dataclasses.replace(stage.config, steps_per_epoch=run.steps),
+                    run.strategy.num_replicas_in_sync,
+                )
                 _log(describe_stage(stage), verbose)
             if isinstance(run.strategy, tf.distribute.MultiWorkerMirroredStrategy):
                 fit_distributed(model, run.strategy, train_ds, val_ds, stage.last, start, run.steps, callbacks, verbose)
             else:
-                model.fit(train_ds, validation_data=val_ds, epochs=stage.last, initial_epoch=start,
-                          steps_per_epoch=run.steps, callbacks=callbacks, verbose=fit_verbose,
-                          shuffle=False)  # the pipeline already randomises; Keras cannot shuffle a tf.data stream
+                model.fit(
+                    train_ds,
+                    validation_data=val_ds,
+                    epochs=stage.last,
+                    initial_epoch=start,
+                    steps_per_epoch=run.steps,
+                    callbacks=callbacks,
+                    verbose=fit_verbose,
+                    shuffle=False,
+                )  # the pipeline already randomises; Keras cannot shuffle a tf.data stream
             if nan_guard.where or checkpoint.bad_epoch:
                 break
     finally:
@@ -371,10 +449,12 @@ def fit(run: OpenRun, verbose: int = 1) -> int | None:
     if where:
         hint = f"--lr {min(config.learning_rate / 10, Config().learning_rate):g}"
         hint += " --no-mixed-precision" if run.extra.get("precision", "float32") != "float32" else ""
-        raise TrainingError(f"training diverged at {where}: the loss or the weights became NaN or infinite "
-                            f"(learning rate {config.learning_rate:g}), so training stopped and that epoch "
-                            f"was not saved; {what_is_kept(run)}. Use a lower learning rate, for example "
-                            f"{hint}")
+        raise TrainingError(
+            f"training diverged at {where}: the loss or the weights became NaN or infinite "
+            f"(learning rate {config.learning_rate:g}), so training stopped and that epoch "
+            f"was not saved; {what_is_kept(run)}. Use a lower learning rate, for example "
+            f"{hint}"
+        )
     plots.save(plots.training_curves(read_history(run_dir / HISTORY_FILE)), run_dir / CURVES_FILE, dpi=100)
     files.write_text(run.runs_root / LATEST_FILE, run_dir.name + "\n")
     run.extra.update(best_epoch=checkpoint.best_epoch, train_seconds=round(time.time() - run.started, 1))
@@ -382,9 +462,16 @@ def fit(run: OpenRun, verbose: int = 1) -> int | None:
     return checkpoint.best_epoch
 
 
-def finalize(run_dir, val_samples: list[LoadedSample] | None = None, thresholds=THRESHOLD_GRID,
-             marker_thresholds=MARKER_GRID, min_sizes=MIN_SIZE_GRID, confidences=CONFIDENCE_GRID,
-             progress: bool = True, verbose: int = 1) -> TrainResult:
+def finalize(
+    run_dir,
+    val_samples: list[LoadedSample] | None = None,
+    thresholds=THRESHOLD_GRID,
+    marker_thresholds=MARKER_GRID,
+    min_sizes=MIN_SIZE_GRID,
+    confidences=CONFIDENCE_GRID,
+    progress: bool = True,
+    verbose: int = 1,
+) -> TrainResult:
     """Step 3 of ``train``: choose the post-processing (nucleus and marker thresholds, smallest nucleus
     size, smallest mean nucleus probability) that gives the best DSB-2018 score on the run's validation
     images, predicted whole at full resolution by the best checkpoint; store it and the scores beside
@@ -399,35 +486,67 @@ def finalize(run_dir, val_samples: list[LoadedSample] | None = None, thresholds=
     config, info = read_run_config(run_dir)
     if val_samples is None:
         samples, problems = validation_samples(info)
-        val_samples, load_problems = cache.load_ids(info["data_dir"], [s.sample_id for s in samples], progress,
-                                                    channel=config.channel)
+        val_samples, load_problems = cache.load_ids(
+            info["data_dir"], [s.sample_id for s in samples], progress, channel=config.channel
+        )
         report_problems(problems + load_problems)
         if not val_samples:
             raise DataError(f"none of the validation images of {run_dir} could be read")
     segmenter = Segmenter(keras.saving.load_model(run_dir / MODEL_FILE), config)
     _log("Choosing the post-processing on the validation images (full resolution)...", verbose)
     outputs = segmenter.outputs(val_samples, progress)  # once, for both uses below
-    post, scores, per_image = choose_post_processing([s.labels for s in val_samples], outputs, thresholds,
-                                                     marker_thresholds, min_sizes, confidences)
-    config = dataclasses.replace(config, threshold=post.threshold, marker_threshold=post.marker_threshold,
-                                 min_nucleus_size=post.min_size, min_confidence=post.min_confidence)
-    write_learned(run_dir, post, {
-        "val_scores": scores,
-        "val_scores_per_image": [{"id": s.sample_id, **row.rounded()} for s, row in zip(val_samples, per_image)]})
-    shown = [Prediction.from_output(s.sample_id, s.image, o, post, s.labels)
-             for s, o in list(zip(val_samples, outputs))[:4]]
+    post, scores, per_image = choose_post_processing(
+        [s.labels for s in val_samples], outputs, thresholds, marker_thresholds, min_sizes, confidences
+    )
+    config = dataclasses.replace(
+        config,
+        threshold=post.threshold,
+        marker_threshold=post.marker_threshold,
+        min_nucleus_size=post.min_size,
+        min_confidence=post.min_confidence,
+    )
+    write_learned(
+        run_dir,
+        post,
+        {
+            "val_scores": scores,
+            "val_scores_per_image": [{"id": s.sample_id, **row.rounded()} for s, row in zip(val_samples, per_image)],
+        },
+    )
+    shown = [
+        Prediction.from_output(s.sample_id, s.image, o, post, s.labels) for s, o in list(zip(val_samples, outputs))[:4]
+    ]
     plots.save(plots.prediction_grid(shown), run_dir / VAL_FIGURE_FILE, dpi=80)
     markers = f", markers {post.marker_threshold:.2f}" if config.targets == "instance" else ""
-    _log(f"Validation (best epoch {info.get('best_epoch')}, threshold {post.threshold:.2f}{markers}, "
-         f"nuclei of {post.min_size}+ px, confidence {post.min_confidence:.2f}+): "
-         f"Dice {scores['dice']:.3f}  IoU {scores['iou']:.3f}  DSB score {scores['dsb_score']:.3f}", verbose)
-    return TrainResult(run_dir, config, post.threshold, scores, read_history(run_dir / HISTORY_FILE),
-                       info.get("data_source", ""), time.time() - started)
+    _log(
+        f"Validation (best epoch {info.get('best_epoch')}, threshold {post.threshold:.2f}{markers}, "
+        f"nuclei of {post.min_size}+ px, confidence {post.min_confidence:.2f}+): "
+        f"Dice {scores['dice']:.3f}  IoU {scores['iou']:.3f}  DSB score {scores['dsb_score']:.3f}",
+        verbose,
+    )
+    return TrainResult(
+        run_dir,
+        config,
+        post.threshold,
+        scores,
+        read_history(run_dir / HISTORY_FILE),
+        info.get("data_source", ""),
+        time.time() - started,
+    )
 
 
-def train(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = None, resume=None,
-          cpu_devices: int = 0, verbose: int = 1, progress: bool = True, exclude_ids=(),
-          changes: dict | None = None, init_model=None) -> TrainResult:
+def train(
+    config: Config,
+    runs_root=DEFAULT_RUNS_DIR,
+    run_name: str | None = None,
+    resume=None,
+    cpu_devices: int = 0,
+    verbose: int = 1,
+    progress: bool = True,
+    exclude_ids=(),
+    changes: dict | None = None,
+    init_model=None,
+) -> TrainResult:
     """Train a U-Net as ``config`` says and save a complete run folder: ``open_run``, ``fit``, ``finalize``.
 
     ``resume`` (a run name or folder) continues that run from its last checkpoint, with the epoch count
@@ -437,16 +556,18 @@ def train(config: Config, runs_root=DEFAULT_RUNS_DIR, run_name: str | None = Non
     what was kept; a new run that fails or is stopped before its first epoch leaves no folder behind.
     ``init_model``: a model file whose weights the run starts from (fine-tuning).
     """
-    run = open_run(config, runs_root, run_name, resume, cpu_devices, verbose, progress, exclude_ids, changes,
-                   init_model)
+    run = open_run(
+        config, runs_root, run_name, resume, cpu_devices, verbose, progress, exclude_ids, changes, init_model
+    )
     if not is_chief():
         try:
             fit(run, verbose)
         finally:
             shutil.rmtree(run.runs_root, ignore_errors=True)
         _log("Done: this worker trained in step with the chief, which saved the run", verbose)
-        return TrainResult(None, run.config, run.config.threshold, {}, {}, run.extra["data_source"],
-                           time.time() - run.started)
+        return TrainResult(
+            None, run.config, run.config.threshold, {}, {}, run.extra["data_source"], time.time() - run.started
+        )
     try:
         fit(run, verbose)
         result = finalize(run.run_dir, run.val_samples, progress=progress, verbose=verbose)

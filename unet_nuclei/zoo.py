@@ -15,6 +15,7 @@ The preprocessing is written in the spec's own operations, which consumers run t
 ``scale_linear`` by 255, because the network divides its input by 255.  What the spec cannot say (the
 inversion of bright-background images, rounding to whole grey levels) is in the README.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,12 +52,20 @@ HALO = 16  # pixels a consumer should crop from each side of a tile's output
 LOW_PERCENTILE, HIGH_PERCENTILE, SCALE_EPS = 0.5, 99.8, 1e-6
 # (text, DOI): the U-Net paper and the DSB-2018 data.
 CITATIONS = (
-    (("Ronneberger O., Fischer P., Brox T. U-Net: Convolutional Networks for Biomedical Image Segmentation. "
-      "MICCAI 2015, LNCS 9351, 234-241 (2015)."),
-     "10.1007/978-3-319-24574-4_28"),
-    (("Caicedo J.C. et al. Nucleus segmentation across imaging experiments: the 2018 Data Science Bowl. "
-      "Nature Methods 16, 1247-1253 (2019). The DSB-2018 images and annotations (BBBC038v1, CC0)."),
-     "10.1038/s41592-019-0612-7"),
+    (
+        (
+            "Ronneberger O., Fischer P., Brox T. U-Net: Convolutional Networks for Biomedical Image Segmentation. "
+            "MICCAI 2015, LNCS 9351, 234-241 (2015)."
+        ),
+        "10.1007/978-3-319-24574-4_28",
+    ),
+    (
+        (
+            "Caicedo J.C. et al. Nucleus segmentation across imaging experiments: the 2018 Data Science Bowl. "
+            "Nature Methods 16, 1247-1253 (2019). The DSB-2018 images and annotations (BBBC038v1, CC0)."
+        ),
+        "10.1038/s41592-019-0612-7",
+    ),
 )
 DEFAULT_AUTHOR = "unet_nuclei contributors"
 
@@ -117,8 +126,9 @@ def _saved_model(model, config: Config, path: Path) -> None:
 
     size = None if config.padding == "same" else config.image_size
 
-    @tf.function(input_signature=[tf.TensorSpec((None, size, size, config.input_channels), tf.float32,
-                                                name=INPUT_NAME)])
+    @tf.function(
+        input_signature=[tf.TensorSpec((None, size, size, config.input_channels), tf.float32, name=INPUT_NAME)]
+    )
     def serve(image):
         return {OUTPUT_NAME: model(image, training=False)}
 
@@ -136,8 +146,10 @@ def _saved_model(model, config: Config, path: Path) -> None:
 def post_processing_rule(config: Config) -> str:
     """How to turn the 3-class output into nuclei without this project, in words, with the run's values."""
     if config.num_classes != 3:
-        return (f"Threshold the nucleus probability at {config.threshold:.2f}, split touching nuclei with a "
-                f"distance-transform watershed, and drop pieces smaller than {config.min_nucleus_size} pixels.")
+        return (
+            f"Threshold the nucleus probability at {config.threshold:.2f}, split touching nuclei with a "
+            f"distance-transform watershed, and drop pieces smaller than {config.min_nucleus_size} pixels."
+        )
     return f"""\
 The network gives, for every pixel, the probabilities of background (channel 0), nucleus interior
 (channel 1) and nucleus boundary (channel 2). The project turns them into nuclei with these steps and
@@ -150,8 +162,11 @@ the values chosen on the run's validation images:
    flooding from the markers and restricted to the nucleus area, gives each marker its nucleus; touching
    nuclei part where the network saw their boundary.
 4. Pieces of nucleus area that no marker reached become nuclei of their own (8-connected regions).
-5. Nuclei smaller than {config.min_nucleus_size} pixels are dropped{"" if not config.min_confidence else
-f", and so are those whose mean 1 - background probability is below {config.min_confidence:.2f}"}.
+5. Nuclei smaller than {config.min_nucleus_size} pixels are dropped{
+        ""
+        if not config.min_confidence
+        else f", and so are those whose mean 1 - background probability is below {config.min_confidence:.2f}"
+    }.
 
 In Fiji with MorphoLibJ: threshold channel 1 above {config.marker_threshold:.2f} (Image > Adjust > Threshold,
 Apply) and label it (Plugins > MorphoLibJ > Binary Images > Connected Components Labeling, connectivity
@@ -182,15 +197,21 @@ def _training_data(info: dict) -> str:
 
 
 def _readme(config: Config, info: dict, run_dir: Path, name: str, difference: float) -> str:
-    diameter = (f"The project resizes every image so that its nuclei are about {config.nucleus_diameter:g} "
-                f"pixels across before predicting (a first pass finds them); resize your images likewise "
-                f"(in Fiji: Image > Scale) for the best results." if config.nucleus_diameter else
-                "The network predicts at the image's own scale.")
+    diameter = (
+        f"The project resizes every image so that its nuclei are about {config.nucleus_diameter:g} "
+        f"pixels across before predicting (a first pass finds them); resize your images likewise "
+        f"(in Fiji: Image > Scale) for the best results."
+        if config.nucleus_diameter
+        else "The network predicts at the image's own scale."
+    )
     scores = info.get("val_scores") or {}
-    score_line = (f"On its validation images: DSB score {scores['dsb_score']:.3f}, Dice {scores['dice']:.3f}."
-                  if "dsb_score" in scores and "dice" in scores else "")
+    score_line = (
+        f"On its validation images: DSB score {scores['dsb_score']:.3f}, Dice {scores['dice']:.3f}."
+        if "dsb_score" in scores and "dice" in scores
+        else ""
+    )
     grey = config.input_channels == 1
-    kind = ("1 channel, grey, bright nuclei on a dark background" if grey else "3 channels, RGB")
+    kind = "1 channel, grey, bright nuclei on a dark background" if grey else "3 channels, RGB"
     return f"""\
 # {name}: U-Net nucleus segmentation
 
@@ -199,25 +220,40 @@ unet_nuclei project (run `{run_dir.name}`) on {_training_data(info)}. {score_lin
 
 ## Input
 `{INPUT_NAME}`: batch x y x x x channel (NHWC), float32, {kind}; height and width any multiple of
-{2 ** config.depth} (at least 64 here). After the preprocessing below the values are 0..255: the network
+{2**config.depth} (at least 64 here). After the preprocessing below the values are 0..255: the network
 divides them by 255 itself.
 
 ## Preprocessing
-{"The package states it in the spec's own operations, which deepImageJ, ilastik and bioimageio.core run: "
- "`scale_range` between the 0.5th and 99.8th percentiles of each image, `clip` to [0, 1], then "
- "`scale_linear` by 255 (the network divides by 255 itself)." if grey else
- "None beyond float32: give 8-bit RGB values 0..255."}
+{
+        "The package states it in the spec's own operations, which deepImageJ, ilastik and bioimageio.core run: "
+        "`scale_range` between the 0.5th and 99.8th percentiles of each image, `clip` to [0, 1], then "
+        "`scale_linear` by 255 (the network divides by 255 itself)."
+        if grey
+        else "None beyond float32: give 8-bit RGB values 0..255."
+    }
 
 Where it differs from the project's own preprocessing (`unet_model_core.preprocess_image`):
-{"- The project inverts bright-background images (brightfield, H&E-like stains: dark nuclei on a light "
- "background; the median of the stretched image above 0.33) so that nuclei are always bright on dark. The "
- "spec cannot express that choice: invert such images yourself first (Fiji: Edit > Invert)." if grey else ""}
-{"- The project averages the colour channels to one grey channel: give a grey image (Fiji: Image > Type > "
- "8-bit, or 32-bit)." if grey else ""}
-{"- The project rounds the stretched values to whole grey levels (8-bit) and never stretches a range narrower "
- "than 16 grey levels (a flat image stays flat); the spec's values are not rounded, and a nearly flat image "
- "is stretched to full range." if grey else "- The project stretches images of more than 8 bits between "
- "their 0.5th and 99.8th percentiles; convert such images to 8-bit first."}
+{
+        "- The project inverts bright-background images (brightfield, H&E-like stains: dark nuclei on a light "
+        "background; the median of the stretched image above 0.33) so that nuclei are always bright on dark. The "
+        "spec cannot express that choice: invert such images yourself first (Fiji: Edit > Invert)."
+        if grey
+        else ""
+    }
+{
+        "- The project averages the colour channels to one grey channel: give a grey image (Fiji: Image > Type > "
+        "8-bit, or 32-bit)."
+        if grey
+        else ""
+    }
+{
+        "- The project rounds the stretched values to whole grey levels (8-bit) and never stretches a range narrower "
+        "than 16 grey levels (a flat image stays flat); the spec's values are not rounded, and a nearly flat image "
+        "is stretched to full range."
+        if grey
+        else "- The project stretches images of more than 8 bits between "
+        "their 0.5th and 99.8th percentiles; convert such images to 8-bit first."
+    }
 - {diameter}
 
 ## Output
@@ -253,73 +289,146 @@ Nature Methods 16, 1247-1253 (2019) (rdf.yaml, `cite`).
 """
 
 
-def _spec_description(config: Config, info: dict, name: str, authors, maintainers, licence: str, folder: Path,
-                      weights_sources: dict, tensorflow_version: str, opset: int):
+def _spec_description(
+    config: Config,
+    info: dict,
+    name: str,
+    authors,
+    maintainers,
+    licence: str,
+    folder: Path,
+    weights_sources: dict,
+    tensorflow_version: str,
+    opset: int,
+):
     from bioimageio.spec.model import v0_5 as spec
 
     grey = config.input_channels == 1
-    step = 2 ** config.depth
+    step = 2**config.depth
     y, x = spec.AxisId("y"), spec.AxisId("x")
     if config.padding == "same":
         size = spec.ParameterizedSize(min=max(64, step), step=step)
         input_space = [spec.SpaceInputAxis(id=y, size=size), spec.SpaceInputAxis(id=x, size=size)]
     else:
-        input_space = [spec.SpaceInputAxis(id=y, size=config.image_size),
-                       spec.SpaceInputAxis(id=x, size=config.image_size)]
+        input_space = [
+            spec.SpaceInputAxis(id=y, size=config.image_size),
+            spec.SpaceInputAxis(id=x, size=config.image_size),
+        ]
     channels = ["grey"] if grey else ["red", "green", "blue"]
     preprocessing = [spec.EnsureDtypeDescr(kwargs=spec.EnsureDtypeKwargs(dtype="float32"))]
     if grey:
         preprocessing += [
-            spec.ScaleRangeDescr(kwargs=spec.ScaleRangeKwargs(axes=[y, x], min_percentile=LOW_PERCENTILE,
-                                                              max_percentile=HIGH_PERCENTILE, eps=SCALE_EPS)),
+            spec.ScaleRangeDescr(
+                kwargs=spec.ScaleRangeKwargs(
+                    axes=[y, x], min_percentile=LOW_PERCENTILE, max_percentile=HIGH_PERCENTILE, eps=SCALE_EPS
+                )
+            ),
             spec.ClipDescr(kwargs=spec.ClipKwargs(min=0.0, max=1.0)),
-            spec.ScaleLinearDescr(kwargs=spec.ScaleLinearKwargs(gain=255.0, offset=0.0))]
+            spec.ScaleLinearDescr(kwargs=spec.ScaleLinearKwargs(gain=255.0, offset=0.0)),
+        ]
     input_id, output_id = spec.TensorId(INPUT_NAME), spec.TensorId(OUTPUT_NAME)
-    inputs = [spec.InputTensorDescr(
-        id=input_id, description=("grey image, bright nuclei on dark" if grey else "RGB image, 8-bit values"),
-        axes=[spec.BatchAxis(), *input_space,
-              spec.ChannelAxis(channel_names=[spec.Identifier(c) for c in channels])],
-        test_tensor=spec.FileDescr(source=folder / "test_input.npy"),
-        sample_tensor=spec.FileDescr(source=folder / "sample_input.png"), preprocessing=preprocessing)]
-    output_space = [spec.SpaceOutputAxisWithHalo(id=axis, halo=HALO, size=spec.SizeReference(
-        tensor_id=input_id, axis_id=axis)) for axis in (y, x)]
-    outputs = [spec.OutputTensorDescr(
-        id=output_id, description="probabilities of " + ", ".join(class_names(config)),
-        axes=[spec.BatchAxis(), *output_space,
-              spec.ChannelAxis(channel_names=[spec.Identifier(c) for c in class_names(config)])],
-        test_tensor=spec.FileDescr(source=folder / "test_output.npy"),
-        sample_tensor=spec.FileDescr(source=folder / "sample_output.png"))]
+    inputs = [
+        spec.InputTensorDescr(
+            id=input_id,
+            description=("grey image, bright nuclei on dark" if grey else "RGB image, 8-bit values"),
+            axes=[
+                spec.BatchAxis(),
+                *input_space,
+                spec.ChannelAxis(channel_names=[spec.Identifier(c) for c in channels]),
+            ],
+            test_tensor=spec.FileDescr(source=folder / "test_input.npy"),
+            sample_tensor=spec.FileDescr(source=folder / "sample_input.png"),
+            preprocessing=preprocessing,
+        )
+    ]
+    output_space = [
+        spec.SpaceOutputAxisWithHalo(id=axis, halo=HALO, size=spec.SizeReference(tensor_id=input_id, axis_id=axis))
+        for axis in (y, x)
+    ]
+    outputs = [
+        spec.OutputTensorDescr(
+            id=output_id,
+            description="probabilities of " + ", ".join(class_names(config)),
+            axes=[
+                spec.BatchAxis(),
+                *output_space,
+                spec.ChannelAxis(channel_names=[spec.Identifier(c) for c in class_names(config)]),
+            ],
+            test_tensor=spec.FileDescr(source=folder / "test_output.npy"),
+            sample_tensor=spec.FileDescr(source=folder / "sample_output.png"),
+        )
+    ]
     weights = spec.WeightsDescr(
         tensorflow_saved_model_bundle=spec.TensorflowSavedModelBundleWeightsDescr(
-            source=weights_sources["tensorflow_saved_model_bundle"], tensorflow_version=tensorflow_version),
-        onnx=spec.OnnxWeightsDescr(source=weights_sources["onnx"], opset_version=opset,
-                                   parent="tensorflow_saved_model_bundle"))
-    post = {"threshold": config.threshold, "marker_threshold": config.marker_threshold,
-            "min_marker_size": MIN_MARKER_SIZE, "min_nucleus_size": config.min_nucleus_size,
-            "min_confidence": config.min_confidence, "nucleus_diameter": config.nucleus_diameter,
-            "preprocessing": config.preprocessing, "trained_in": "unet_nuclei", "run": info.get("run_name")}
+            source=weights_sources["tensorflow_saved_model_bundle"], tensorflow_version=tensorflow_version
+        ),
+        onnx=spec.OnnxWeightsDescr(
+            source=weights_sources["onnx"], opset_version=opset, parent="tensorflow_saved_model_bundle"
+        ),
+    )
+    post = {
+        "threshold": config.threshold,
+        "marker_threshold": config.marker_threshold,
+        "min_marker_size": MIN_MARKER_SIZE,
+        "min_nucleus_size": config.min_nucleus_size,
+        "min_confidence": config.min_confidence,
+        "nucleus_diameter": config.nucleus_diameter,
+        "preprocessing": config.preprocessing,
+        "trained_in": "unet_nuclei",
+        "run": info.get("run_name"),
+    }
     return spec.ModelDescr(
         name=name,
-        description=("U-Net for cell nucleus segmentation in fluorescence, brightfield and stained-tissue "
-                     "images: per-pixel probabilities of " + ", ".join(class_names(config)) + "."),
+        description=(
+            "U-Net for cell nucleus segmentation in fluorescence, brightfield and stained-tissue "
+            "images: per-pixel probabilities of " + ", ".join(class_names(config)) + "."
+        ),
         authors=[spec.Author(name=a) for a in (authors or [DEFAULT_AUTHOR])],
         maintainers=[spec.Maintainer(github_user=m) for m in maintainers],
         cite=[spec.CiteEntry(text=text, doi=spec.Doi(doi)) for text, doi in CITATIONS],
         license=spec.LicenseId(licence),
-        tags=["unet", "nuclei", "segmentation", "instance-segmentation", "fluorescence-light-microscopy",
-              "2d", "keras", "tensorflow", "onnx", "dsb2018"],
+        tags=[
+            "unet",
+            "nuclei",
+            "segmentation",
+            "instance-segmentation",
+            "fluorescence-light-microscopy",
+            "2d",
+            "keras",
+            "tensorflow",
+            "onnx",
+            "dsb2018",
+        ],
         documentation=spec.FileDescr(source=folder / "README.md"),
         covers=[spec.FileDescr(source=folder / "cover.png")],
         attachments=[spec.FileDescr(source=folder / "config.json")],
-        inputs=inputs, outputs=outputs, weights=weights,
-        config=spec.Config(bioimageio=spec.BioimageioConfig(reproducibility_tolerance=[
-            spec.ReproducibilityTolerance(absolute_tolerance=ONNX_TOLERANCE, relative_tolerance=ONNX_TOLERANCE)]),
-            unet_nuclei=post),
+        inputs=inputs,
+        outputs=outputs,
+        weights=weights,
+        config=spec.Config(
+            bioimageio=spec.BioimageioConfig(
+                reproducibility_tolerance=[
+                    spec.ReproducibilityTolerance(absolute_tolerance=ONNX_TOLERANCE, relative_tolerance=ONNX_TOLERANCE)
+                ]
+            ),
+            unet_nuclei=post,
+        ),
     )
 
 
-def write_package(model, config: Config, info: dict, run_dir, onnx_path, path, name: str | None = None,
-                  authors=(), maintainers=(), licence: str = "MIT", overwrite: bool = False) -> Path:
+def write_package(
+    model,
+    config: Config,
+    info: dict,
+    run_dir,
+    onnx_path,
+    path,
+    name: str | None = None,
+    authors=(),
+    maintainers=(),
+    licence: str = "MIT",
+    overwrite: bool = False,
+) -> Path:
     """Write the zoo package of ``model`` (an inference copy; ``onnx_path`` its ONNX file) to ``path``,
     validated with ``bioimageio.spec``, whole or not at all.  ExportError when it does not validate or its
     test output is not reproduced by the ONNX file.  ``maintainers`` are GitHub user names (bioimage.io
@@ -349,11 +458,20 @@ def write_package(model, config: Config, info: dict, run_dir, onnx_path, path, n
         (folder / "config.json").write_text(json.dumps(_shareable(info), indent=2, default=str) + "\n")
         (folder / "README.md").write_text(_readme(config, info, run_dir, name, difference))
         sources = {"onnx": folder / ONNX_FILE, "tensorflow_saved_model_bundle": folder / SAVED_MODEL_FILE}
-        offline = (get_validation_context().replace(perform_io_checks=False) if maintainers
-                   else contextlib.nullcontext())
+        offline = get_validation_context().replace(perform_io_checks=False) if maintainers else contextlib.nullcontext()
         with offline:
-            description = _spec_description(config, info, name, authors, maintainers, licence, folder, sources,
-                                            tf.__version__.split("+")[0], onnx_opset(onnx_path))
+            description = _spec_description(
+                config,
+                info,
+                name,
+                authors,
+                maintainers,
+                licence,
+                folder,
+                sources,
+                tf.__version__.split("+")[0],
+                onnx_opset(onnx_path),
+            )
             package = Path(scratch) / "package.zip"
             save_bioimageio_package(description, output_path=package)
             check = load_description(package)
