@@ -7,6 +7,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the suite is CPU-only by design, even on a GPU box
 # Decoded-dataset caches of the tests' fixture folders go to a scratch folder, never the user's ~/.cache.
@@ -74,3 +76,11 @@ def quick_run(tmp_path_factory, tiny_dataset):
     )
     assert status == 0, out + err
     return work, work / "runs" / "first", out
+
+
+def squares(shape, *boxes):
+    """Label image with one rectangle per box (row0, row1, col0, col1, label), ends exclusive."""
+    labels = np.zeros(shape, np.int32)
+    for r0, r1, c0, c1, value in boxes:
+        labels[r0:r1, c0:c1] = value
+    return labels
