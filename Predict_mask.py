@@ -11,13 +11,19 @@
 The model, its preprocessing and its threshold come from a run folder written by Train.py (the newest
 one unless --model says otherwise) or, before any training, from the pretrained model shipped in
 models/dsb2018; no architecture flag is ever retyped.  The work is in
-``unet_nuclei.predict``; this script only parses flags and reports.
+``unet_nuclei.predict``; this script only parses flags and reports.  Its report lines go through
+``logging`` (``unet_nuclei.logs``): ``-q`` keeps warnings and errors only, ``-v`` adds debug lines.
 """
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
+
+from unet_nuclei import logs
+
+log = logging.getLogger("Predict_mask")  # the script's own lines; the library's are under "unet_nuclei"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "most 1536 px a side; smaller tiles use less memory)",
     )
     parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="tiles per batch (default: 4)")
+    logs.add_flags(parser)
     return parser
 
 
@@ -220,6 +227,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(_labels_value_given(sys.argv[1:] if argv is None else list(argv)))
     check_flags(parser, args)
+    logs.to_console(logs.level_from_flags(args.quiet, args.verbose), log.name)
     # These import TensorFlow: after argument parsing, so --help is quick.
     import functools
 
@@ -266,12 +274,12 @@ def main(argv=None) -> int:
         return 2
     markers = f", markers {config.marker_threshold:.2f}" if config.targets == "instance" else ""
     unsure = f", confidence {config.min_confidence:.2f}+" if config.min_confidence else ""
-    print(
+    log.info(
         f"Model: {run_dir} ({info['chosen_because']}; {config.targets} targets, threshold "
         f"{config.threshold:.2f}{markers}{unsure}{', TTA' if config.tta else ''}); writing to {out}/"
     )
     if not args.images:
-        print(f"No image given: predicting the {len(inputs)} validation images of {run_dir}")
+        log.info(f"No image given: predicting the {len(inputs)} validation images of {run_dir}")
 
     results, rows = [], []
     reader = functools.partial(
@@ -285,7 +293,7 @@ def main(argv=None) -> int:
             image = decoded.result()
             if image.notes:  # the first line for a file that was more than one 2-D image: what was done
                 outputs = "; outputs as TIFF stacks, one page per plane" if image.is_stack else ""
-                print(f"{item.label}: {'; '.join(image.notes)}{outputs}", flush=True)
+                log.info(f"{item.label}: {'; '.join(image.notes)}{outputs}")
             if image.is_stack and item.truth is not None:
                 print(f"{item.label}: not scored: its ground truth is one plane", file=sys.stderr)
             planes = predict.predict_input(
@@ -294,6 +302,7 @@ def main(argv=None) -> int:
                 out,
                 labels=args.labels,
                 overwrite=args.overwrite,
+                progress=not args.quiet,
                 pixel_size=args.pixel_size,
                 image=image,
                 outlines=outline_kinds,
@@ -332,7 +341,7 @@ def main(argv=None) -> int:
                 rows.extend(rle_rows(f"{item.label}_plane{index}" if image.is_stack else item.label, result.labels))
         # Keep the arrays only for the validation figure; a folder of big images adds up.
         results.extend(result.summary() if args.images else result for result in planes)
-        print(report_line(item.label, planes, image, time.time() - started, wants_pixel_size), flush=True)
+        log.info(report_line(item.label, planes, image, time.time() - started, wants_pixel_size))
 
     try:
         write_totals(args, out, results, rows, measurements)
@@ -340,12 +349,12 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if passed_over:
-        print(
+        log.info(
             f"Passed over {_some(passed_over)} that {'is' if len(passed_over) == 1 else 'are'} not an image "
             f"(by the extension)"
         )
     if left_out:
-        print(
+        log.info(
             f"Left out {_some(left_out, 'image')} in subfolders; pass --recursive to predict them too (their "
             f"outputs go to the same subfolders of {out}/)"
         )
@@ -403,24 +412,24 @@ def write_totals(args, out: Path, results: list, rows: list, measurements) -> No
     scored = [r for r in results if r.scores is not None]
     if scored:
         means = predict.write_scores(scored, out / "scores.csv", overwrite=args.overwrite)
-        print(
+        log.info(
             f"Mean over {len(scored)} scored images: Dice {means['dice']:.3f}  IoU {means['iou']:.3f}  "
             f"DSB score {means['dsb_score']:.3f}  (per image: {out / 'scores.csv'})"
         )
     if args.rle:
         files.write_csv(args.rle, [["ImageId", "EncodedPixels"], *rows])
-        print(f"Run-length encoding of {len(rows)} rows written to {args.rle}")
+        log.info(f"Run-length encoding of {len(rows)} rows written to {args.rle}")
     if measurements is not None and measurements.images:
         written = measurements.write(out, overwrite=args.overwrite)
         planes_note = f" ({len(measurements.images)} planes)" if measurements.has_planes else ""
-        print(
+        log.info(
             f"Measurements of {len(measurements.nuclei)} nuclei in {len(measurements.names)} "
             f"images{planes_note}: {', '.join(str(p) for p in written)}"
         )
     if not args.images and results:
         figure = predict.unique_path(out / "validation_predictions.png")
         plots.save(plots.prediction_grid(results), figure, dpi=80)
-        print(f"Figure: {figure}")
+        log.info(f"Figure: {figure}")
 
 
 def _some(paths, noun: str = "file", shown: int = 5) -> str:

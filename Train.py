@@ -8,15 +8,21 @@
 
 Every flag but the run's own (--runs-dir, --name, --resume, --init, --quick, --cpu-devices) is a field of
 ``unet_model_core.Config``, its help and default from there; ``python Train.py --help`` lists them.
-The work is ``unet_nuclei.training.train``; this script only parses flags and reports.
+The work is ``unet_nuclei.training.train``; this script only parses flags and reports.  Its lines and
+the library's go through ``logging`` (``unet_nuclei.logs``): ``-q`` keeps warnings and errors only (no
+progress lines, bars or Keras output), ``-v`` adds debug lines.
 """
 
 import argparse
+import logging
 import sys
 import types
 import typing
 
 import unet_model_core as core
+from unet_nuclei import logs
+
+log = logging.getLogger("Train")  # the script's own lines; the library's are under "unet_nuclei"
 
 DESCRIPTION = (
     "Train a U-Net to segment cell nuclei. With no flags, trains on dataset/stage1_train (the DSB-2018 "
@@ -120,6 +126,7 @@ def build_parser(defaults=None) -> argparse.ArgumentParser:
         action="store_true",
         help="smoke run: tiny sample, small model, one short epoch (other flags still apply)",
     )
+    logs.add_flags(parser)
     return parser
 
 
@@ -169,10 +176,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from unet_nuclei import files, training
 
+    logs.to_console(logs.level_from_flags(args.quiet, args.verbose), log.name)
     try:
         init_model, init_config = resolve_init(args)
         config = config_from_args(args, core, init_config)
-        print("Configuration:", ", ".join(f"{k}={v}" for k, v in config.to_dict().items()), flush=True)
+        log.info("Configuration: " + ", ".join(f"{k}={v}" for k, v in config.to_dict().items()))
         # On resume only the flags given again count (a plain --resume keeps the run's own epochs).
         result = training.train(
             config,
@@ -180,7 +188,7 @@ def main(argv=None) -> int:
             run_name=args.name,
             resume=args.resume,
             cpu_devices=args.cpu_devices,
-            progress=True,
+            progress=not args.quiet,
             changes=overrides_from_args(args),
             init_model=init_model,
         )
@@ -194,7 +202,7 @@ def main(argv=None) -> int:
         usage = (core.DataError, FileNotFoundError, FileExistsError, ValueError)
         return 2 if isinstance(error, usage) and not isinstance(error, files.OutputError) else 1
     if result.run_dir is not None:  # None: a worker of several machines; the chief saved the run
-        print(f"Predict with: python Predict_mask.py IMAGE --model {result.run_dir}")
+        log.info(f"Predict with: python Predict_mask.py IMAGE --model {result.run_dir}")
     return 0
 
 

@@ -381,7 +381,7 @@ def main(argv=None) -> int:
     # (a) The project's pipeline, from files on disk.  The clock starts before the first file is read.
     log("(a) project pipeline: decode once, tf.data, fit ...")
     start = time.perf_counter()
-    train_samples, val_samples, _, _ = training.prepare_data(config, progress=False, verbose=0)
+    train_samples, val_samples, _, _ = training.prepare_data(config, progress=False)
     decoded = time.perf_counter()
     train_ds, _, steps = core.make_datasets(train_samples, val_samples, config)
     model = fresh_model(config)

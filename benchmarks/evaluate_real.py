@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import Train  # noqa: E402  (the flags of Train.py are the flags of a training here)
+from unet_nuclei import logs  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="score every image of --data, not only the held-out fifth; only for a finished "
         "--run that trained on other data (the synthetic-to-real measure)",
     )
+    logs.add_flags(parser)  # -q/-v: the training's progress lines and bars, as Train.py's
     return parser
 
 
@@ -90,13 +92,14 @@ def check_other_data(info: dict, data_dir: Path) -> None:
 
 def main(argv=None) -> int:
     args, rest = build_parser().parse_known_args(argv)
+    logs.to_console(logs.level_from_flags(args.quiet, args.verbose))
     import unet_model_core as core
     from unet_nuclei import cache, evaluation, predict, training
     from unet_nuclei.segmenter import ModelError, Segmenter
 
     data_dir = Path(args.data)
     try:
-        loaded, problems, how = cache.load_folder(data_dir, desc="Decoding the dataset")
+        loaded, problems, how = cache.load_folder(data_dir, progress=not args.quiet, desc="Decoding the dataset")
         print(f"{data_dir}: images and masks {how}", file=sys.stderr)
         cache.report_problems(problems)
         kinds = {s.sample_id: evaluation.image_kind(s.image) for s in loaded}
@@ -128,6 +131,7 @@ def main(argv=None) -> int:
                 exclude_ids=sorted(excluded),
                 changes=Train.overrides_from_args(train_args),
                 init_model=init_model,
+                progress=not args.quiet,
             )
             segmenter = Segmenter.load(result.run_dir, tta=args.tta)
     except (core.DataError, ModelError, training.TrainingError, FileNotFoundError, ValueError) as error:
@@ -142,7 +146,7 @@ def main(argv=None) -> int:
         f"({', '.join(f'{n} {k}' for k, n in _counts(kinds, held_out).items())})",
         file=sys.stderr,
     )
-    result = evaluation.evaluate(segmenter, [by_id[i] for i in held_out])
+    result = evaluation.evaluate(segmenter, [by_id[i] for i in held_out], progress=not args.quiet)
     tta = bool(segmenter.tta)
     out = predict.unique_path(Path(run_dir) / ("all_scores.json" if args.all else "holdout_scores.json"))
     summary = result.summary()

@@ -3,7 +3,7 @@ and augmentation.  Every test writes its own tiny fixture under ``tmp_path``; no
 is read or written.  The train/validation split and the choice of data folder (``unet_nuclei.training``)
 are tested in test_training_data.py, the built-in sample in test_synthetic.py, the cache in test_cache.py."""
 
-import io
+import logging
 import os
 from pathlib import Path
 
@@ -807,7 +807,7 @@ def _messy_dsb(root):
     return good_masks
 
 
-def test_bad_samples_are_reported_with_reasons_and_good_ones_load(tmp_path):
+def test_bad_samples_are_reported_with_reasons_and_good_ones_load(tmp_path, caplog):
     good_masks = _messy_dsb(tmp_path)
     before = snapshot(tmp_path)
 
@@ -832,17 +832,19 @@ def test_bad_samples_are_reported_with_reasons_and_good_ones_load(tmp_path):
     np.testing.assert_array_equal(loaded[0].labels > 0, np.logical_or.reduce(good_masks))
     assert len(np.unique(loaded[0].labels)) == 3
 
-    stream = io.StringIO()
-    cache.report_problems(problems + load_problems, stream=stream)
-    text = stream.getvalue()
+    # Reported as one warning on the log (a script shows it on stderr, as it is).
+    caplog.set_level(logging.WARNING, logger="unet_nuclei")
+    cache.report_problems(problems + load_problems)
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING and record.name == "unet_nuclei.cache"
     for sample_id in ("nomasks", "emptymasks", "noimages", "garbage", "badmask", "mismatch"):
-        assert sample_id in text
-    stream = io.StringIO()
-    cache.report_problems(load_problems, stream=stream, limit=1)
-    assert "3 entries" in stream.getvalue() and "2 more" in stream.getvalue()
-    stream = io.StringIO()
-    cache.report_problems([], stream=stream)
-    assert stream.getvalue() == ""
+        assert sample_id in record.getMessage()
+    caplog.clear()
+    cache.report_problems(load_problems, limit=1)
+    assert caplog.messages[0].startswith("Skipped 3 entries:") and caplog.messages[0].endswith("... and 2 more")
+    caplog.clear()
+    cache.report_problems([])
+    assert caplog.records == []
 
     assert snapshot(tmp_path) == before, "reading a dataset must not modify it"
 

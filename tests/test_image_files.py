@@ -250,7 +250,7 @@ def test_training_reads_the_channel_of_its_config_and_caches_each_channel_apart(
     loaded, problems = core.load_samples(samples, progress=False)
     assert not loaded and all("2 channels" in reason and "--channel" in reason for _, reason in problems)
     config = core.quick_config(data_dir=str(data), channel=1, val_size=1)
-    train, val, _, _ = training.prepare_data(config, progress=False, verbose=0)
+    train, val, _, _ = training.prepare_data(config, progress=False)
     for sample in train + val:
         view = core.preprocess_image(sample.image, "grey")[..., 0]
         assert nuclei_of(view).max() == truth.max() and np.array_equal(sample.labels, truth)

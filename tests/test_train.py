@@ -92,9 +92,7 @@ def test_finalize_chooses_post_processing_again_without_training(quick_run, tmp_
     shutil.copytree(run, copy)
     before = json.loads((copy / "config.json").read_text())
     model_before = digest(copy)["model.keras"]
-    result = training.finalize(
-        copy, thresholds=[0.35], marker_thresholds=[0.45], min_sizes=[3], progress=False, verbose=0
-    )
+    result = training.finalize(copy, thresholds=[0.35], marker_thresholds=[0.45], min_sizes=[3], progress=False)
     after = runs.read_run_config(copy)[1]  # config.json with what finalize learned and measured
     assert json.loads((copy / "config.json").read_text()) == before  # what was asked is kept as it was
     assert result.threshold == after["threshold"] == 0.35 and after["min_nucleus_size"] == 3

@@ -23,6 +23,7 @@
     cache      decoded datasets kept on disk across runs
     devices    distribution strategy, precision policy, CPU kernels
     files      every output written whole or not at all
+    logs       the package's messages go to ``logging``; the scripts and the notebook show them on the console
     multiworker  training on several machines (TF_CONFIG): the loop model.fit cannot run there
     evaluation the fixed held-out split by image kind, and scores per kind and nucleus size
     export     the model as ONNX and as a BioImage Model Zoo package (``zoo`` writes the package)

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from unet_model_core import LoadedSample, Sample, find_samples, load_samples
+
+log = logging.getLogger(__name__)
 
 # Bump when the stored arrays change meaning, so entries of an older version are never read.
 # 2: images of other depths than 8 bits stretched between percentiles (not by their maximum), TIFFs read
@@ -142,6 +144,7 @@ def load_folder(
     data_dir = Path(data_dir)
     root = cache_root() if root == "default" else (Path(root) if root is not None else None)
     samples, problems = find_samples(data_dir)
+    log.debug(f"{data_dir}: {len(samples)} samples found, {len(problems)} skipped; cache {root or 'off'}")
     if root is None:
         loaded, load_problems = load_samples(samples, progress=progress, desc=desc, channel=channel)
         return loaded, problems + load_problems, "decoded (cache off)"
@@ -181,13 +184,13 @@ def load_ids(data_dir, ids: Sequence[str], progress: bool = True, root="default"
     return found, [p for p in problems if p[0] in set(ids)] + missing
 
 
-def report_problems(problems: Sequence[tuple[str, str]], stream=None, limit: int = 20) -> None:
-    """Print skipped samples, one line each (at most ``limit``), and their count."""
-    stream = stream or sys.stderr
+def report_problems(problems: Sequence[tuple[str, str]], limit: int = 20) -> None:
+    """Report the skipped samples on the log, as one warning: their count, then one line each (at most
+    ``limit``)."""
     if not problems:
         return
-    print(f"Skipped {len(problems)} entr{'y' if len(problems) == 1 else 'ies'}:", file=stream)
-    for sample_id, reason in problems[:limit]:
-        print(f"  - {sample_id}: {reason}", file=stream)
+    lines = [f"Skipped {len(problems)} entr{'y' if len(problems) == 1 else 'ies'}:"]
+    lines += [f"  - {sample_id}: {reason}" for sample_id, reason in problems[:limit]]
     if len(problems) > limit:
-        print(f"  ... and {len(problems) - limit} more", file=stream)
+        lines.append(f"  ... and {len(problems) - limit} more")
+    log.warning("\n".join(lines))

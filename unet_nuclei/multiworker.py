@@ -16,6 +16,7 @@ worker 0 when the cluster has none); the other workers write their copies into a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
@@ -24,6 +25,8 @@ import numpy as np
 import tensorflow as tf
 
 from unet_model_core import dice, iou
+
+log = logging.getLogger(__name__)
 
 FIGURES = ("loss", "dice", "iou")  # what each step reports, under these names in the callbacks' logs
 
@@ -82,12 +85,11 @@ def fit_distributed(
     initial_epoch: int,
     steps: int,
     callbacks: list,
-    verbose: int = 1,
 ) -> None:
     """``model.fit(train_ds, validation_data=val_ds, epochs, initial_epoch, steps_per_epoch=steps,
     callbacks)`` for a model compiled under ``strategy.scope()``, written as a loop of ``strategy.run``
     steps (see the module's docstring).  The logs the callbacks get hold ``loss``, ``dice``, ``iou`` and
-    their ``val_`` counterparts, as with ``model.fit``."""
+    their ``val_`` counterparts, as with ``model.fit``.  Each epoch ends with a line on the log (INFO)."""
     loss_fn, optimizer = model.loss, model.optimizer
     replicas = strategy.num_replicas_in_sync
     scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
@@ -151,11 +153,10 @@ def fit_distributed(
         logs = dict(zip(FIGURES, (float(v) for v in sums / done)))
         batches = [(int(x.shape[0]), dict(zip(FIGURES, (float(v) for v in val_step(x, y))))) for x, y in val_ds]
         logs.update({f"val_{k}": v for k, v in _mean_of_batches(batches).items()})
-        if verbose:
+        if log.isEnabledFor(logging.INFO):
             shown = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
-            print(
-                f"Epoch {epoch + 1}/{epochs} ({worker_name()}): {done} steps, {time.time() - started:.0f}s - {shown}",
-                flush=True,
+            log.info(
+                f"Epoch {epoch + 1}/{epochs} ({worker_name()}): {done} steps, {time.time() - started:.0f}s - {shown}"
             )
         callback_list.on_epoch_end(epoch, logs)
         if model.stop_training:

@@ -21,6 +21,7 @@ file or a shipped model; ``segment`` gives a ``Prediction``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,8 @@ from unet_nuclei.metrics import Scores, count_instances, score_image
 from unet_nuclei.postprocess import PostProcessing, foreground_probability
 from unet_nuclei.runs import DEFAULT_RUNS_DIR, open_run
 from unet_nuclei.tiling import predict_view
+
+log = logging.getLogger(__name__)
 
 # A first pass that finds the nuclei within this factor of ``Config.nucleus_diameter`` is kept as it is.
 RESCALE_TOLERANCE = 2**0.25
@@ -200,7 +203,12 @@ class Segmenter:
                 nucleus_scale(PostProcessing().nuclei(first), self.config.nucleus_diameter),
                 math.sqrt(MAX_RESCALED_PIXELS / (height * width)),
             )
-            if abs(math.log(factor)) >= math.log(RESCALE_TOLERANCE):
+            rescale = abs(math.log(factor)) >= math.log(RESCALE_TOLERANCE)
+            log.debug(
+                f"{width}x{height} image: nucleus scale x{factor:.2f}, "
+                + (f"predicted again at {self.config.nucleus_diameter:g}-px nuclei" if rescale else "first pass kept")
+            )
+            if rescale:
                 del first
                 rescaled = rescale_view(image, None, factor)[0]
                 output = self.native_probabilities(rescaled, self.tta, progress)

@@ -10,11 +10,16 @@
 
 ``finalize(run_dir)`` also works on a finished run, to choose its post-processing again without
 retraining.  What a run folder holds, and how it is read, is ``unet_nuclei.runs``.
+
+Progress goes to ``logging`` (INFO lines on this module's logger), which the caller configures: Train.py
+does, and the notebook calls ``unet_nuclei.logs.show_progress()``; Keras's own output during ``fit``
+follows the same setting (``keras_verbosity``).  With nothing configured, neither is shown.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import shutil
 import sys
@@ -71,6 +76,8 @@ from unet_nuclei.runs import (
 from unet_nuclei.segmenter import Prediction, Segmenter
 from unet_nuclei.stages import check_resume, describe, describe_stage, total_epochs, training_stages
 
+log = logging.getLogger(__name__)
+
 RESUME_CHANGES = ("epochs", "learning_rate")  # the settings a resumed run may take from new flags
 
 
@@ -117,9 +124,13 @@ class TrainResult:
     seconds: float
 
 
-def _log(message: str, verbose: int) -> None:
-    if verbose:
-        print(message, flush=True)
+def keras_verbosity() -> int:
+    """Keras's own ``fit`` output, following this package's logger (``unet_nuclei.logs``): none when it
+    does not let INFO through (``-q``, or no logging configured), else a progress bar on a terminal and
+    one line per epoch elsewhere (a log file, a notebook)."""
+    if not log.isEnabledFor(logging.INFO):
+        return 0
+    return 1 if sys.stdout.isatty() else 2
 
 
 def resolve_data_dir(
@@ -164,19 +175,19 @@ def split_ids(ids: Sequence[str], val_size: float = 0.1, seed: int = 42) -> tupl
     return sorted(ids[i] for i in order[n_val:]), sorted(ids[i] for i in order[:n_val])  # train, validation
 
 
-def prepare_data(config: Config, progress: bool = True, verbose: int = 1, exclude_ids=()):
+def prepare_data(config: Config, progress: bool = True, exclude_ids=()):
     """Find, split and decode the training data a Config points to (section 1 in one call).
     ``exclude_ids`` are left out altogether (a test set that must stay unseen).
 
     Returns ``(train_samples, val_samples, data_dir, why)``."""
     data_dir, why = resolve_data_dir(config.data_dir, config.sample_images, progress=progress)
-    _log(f"Data: {why}", verbose)
+    log.info(f"Data: {why}")
     loaded, problems, how = cache.load_folder(data_dir, progress=progress, channel=config.channel)
-    _log(f"      images and masks {how}", verbose)
+    log.info(f"      images and masks {how}")
     if exclude_ids:
         excluded = set(exclude_ids)
         loaded = [s for s in loaded if s.sample_id not in excluded]
-        _log(f"      {len(excluded)} images held out as a test set, never trained or tuned on", verbose)
+        log.info(f"      {len(excluded)} images held out as a test set, never trained or tuned on")
     # An image smaller than one pooling window has nothing a U-Net can learn from (a 1x1 image and its
     # empty mask would even score a perfect Dice): skip it like an unreadable one.
     smallest = 2**config.depth
@@ -205,15 +216,14 @@ def prepare_data(config: Config, progress: bool = True, verbose: int = 1, exclud
             f"{data_dir}: none of the {len(train)} training images has a nucleus in its masks, "
             f"so there is nothing to learn; check the masks"
         )
-    _log(
+    log.info(
         f"      {len(train)} training and {len(val)} validation images "
-        f"({sum(s.image.shape[0] * s.image.shape[1] for s in train) / 1e6:.1f} Mpx of training pixels)",
-        verbose,
+        f"({sum(s.image.shape[0] * s.image.shape[1] for s in train) / 1e6:.1f} Mpx of training pixels)"
     )
     return train, val, data_dir, why
 
 
-def _resume_point(run_dir: Path, config: Config, changes: dict, verbose: int):
+def _resume_point(run_dir: Path, config: Config, changes: dict):
     """The saved Config of a run to resume, with the ``changes`` it may take (``RESUME_CHANGES``), and
     the epoch and best validation loss it reached."""
     if not (run_dir / LAST_FILE).is_file() or not (run_dir / STATE_FILE).is_file():
@@ -231,9 +241,8 @@ def _resume_point(run_dir: Path, config: Config, changes: dict, verbose: int):
         ) from None
     ignored = sorted(set(changes) - set(RESUME_CHANGES))
     if ignored:
-        _log(
-            f"Note: {', '.join(ignored)} kept from the run: a resumed run changes only {' and '.join(RESUME_CHANGES)}",
-            verbose,
+        log.info(
+            f"Note: {', '.join(ignored)} kept from the run: a resumed run changes only {' and '.join(RESUME_CHANGES)}"
         )
     config = dataclasses.replace(saved_config, **{k: changes[k] for k in RESUME_CHANGES if k in changes})
     check_resume(saved_config, config, initial_epoch, run_dir)
@@ -246,7 +255,6 @@ def open_run(
     run_name: str | None = None,
     resume=None,
     cpu_devices: int = 0,
-    verbose: int = 1,
     progress: bool = True,
     exclude_ids=(),
     changes: dict | None = None,
@@ -277,18 +285,17 @@ def open_run(
     if resume is not None:
         run_dir = find_run(resume, runs_root)
         runs_root = run_dir.parent  # where runs/latest goes, wherever the run was found
-        config, saved, exclude_ids, initial_epoch, best = _resume_point(run_dir, config, changes or {}, verbose)
+        config, saved, exclude_ids, initial_epoch, best = _resume_point(run_dir, config, changes or {})
         restart_optimizer = config.learning_rate != saved.learning_rate
         files.check_writable(run_dir, f"--resume {resume}", create=False)
-        _log(
+        log.info(
             f"Resuming {run_dir} after epoch {initial_epoch} of {total_epochs(config)}"
-            + (f", with a new optimizer at lr {config.learning_rate}" if restart_optimizer else ""),
-            verbose,
+            + (f", with a new optimizer at lr {config.learning_rate}" if restart_optimizer else "")
         )
     else:
         files.check_writable(runs_root, "--runs-dir")  # before the data, so a bad folder fails at once
 
-    train_samples, val_samples, data_dir, why = prepare_data(config, progress, verbose, exclude_ids)
+    train_samples, val_samples, data_dir, why = prepare_data(config, progress, exclude_ids)
     # The first stage's pipelines (``fit`` makes the second's); its pixels set the steps of every epoch.
     train_ds, val_ds, steps = _datasets(
         train_samples, val_samples, training_stages(config)[0].config, strategy.num_replicas_in_sync
@@ -319,16 +326,16 @@ def open_run(
         except OSError:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
-    _log(f"Run:  {run_dir}", verbose)
-    _log(
+    log.info(f"Run:  {run_dir}")
+    log.info(
         f"      {describe(config)} x {steps} steps of batch {config.batch_size}, "
         f"{config.image_size}px {config.sampling} sampling, loss {config.loss}, lr {config.learning_rate}, "
-        f"{strategy.num_replicas_in_sync} device(s), {policy}" + (", XLA" if config.xla else ""),
-        verbose,
+        f"{strategy.num_replicas_in_sync} device(s), {policy}" + (", XLA" if config.xla else "")
     )
-    _log(f"      {devices.describe_cpu_kernels(extra['cpu_kernels'])}", verbose)
+    log.info(f"      {devices.describe_cpu_kernels(extra['cpu_kernels'])}")
     if init_model is not None:
-        _log(f"      starting from the weights of {init_model} (fine-tuning, fresh optimizer)", verbose)
+        log.info(f"      starting from the weights of {init_model} (fine-tuning, fresh optimizer)")
+    log.debug(f"      validation images: {', '.join(extra['val_ids'])}")
     return OpenRun(
         run_dir,
         Path(runs_root),
@@ -385,7 +392,7 @@ def _load_checkpoint(path: Path) -> keras.Model:
         ) from error
 
 
-def fit(run: OpenRun, verbose: int = 1) -> int | None:
+def fit(run: OpenRun) -> int | None:
     """Step 2 of ``train``: train the run's stages (``stages.training_stages``), checkpointing at every
     good epoch end; then history.csv, training_curves.png and ``runs/latest``.  Returns the last stage's
     best epoch (None when no epoch improved the validation loss in this call).  Raises ``TrainingError``
@@ -399,14 +406,12 @@ def fit(run: OpenRun, verbose: int = 1) -> int | None:
             if run.init_model is not None and not run.resumed:
                 start = keras.saving.load_model(run.init_model, compile=False)
                 copy_weights(start, model, str(run.init_model))
-        _log(
-            f"Model: {model.count_params():,} parameters, channels {list(config.channels)}, padding={config.padding}",
-            verbose,
+        log.info(
+            f"Model: {model.count_params():,} parameters, channels {list(config.channels)}, padding={config.padding}"
         )
         callbacks = [checkpoint, nan_guard, HistoryLog(run_dir / HISTORY_FILE, run.initial_epoch)]
         if config.lr_schedule == "plateau":
             callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=4, min_lr=1e-5))
-        fit_verbose = (1 if sys.stdout.isatty() else 2) if verbose else 0
         restart = run.restart_optimizer or not run.resumed
         for stage in training_stages(config):
             start = max(run.initial_epoch, stage.first)
@@ -427,9 +432,9 @@ def fit(run: OpenRun, verbose: int = 1) -> int | None:
                     dataclasses.replace(stage.config, steps_per_epoch=run.steps),
                     run.strategy.num_replicas_in_sync,
                 )
-                _log(describe_stage(stage), verbose)
+                log.info(describe_stage(stage))
             if isinstance(run.strategy, tf.distribute.MultiWorkerMirroredStrategy):
-                fit_distributed(model, run.strategy, train_ds, val_ds, stage.last, start, run.steps, callbacks, verbose)
+                fit_distributed(model, run.strategy, train_ds, val_ds, stage.last, start, run.steps, callbacks)
             else:
                 model.fit(
                     train_ds,
@@ -438,7 +443,7 @@ def fit(run: OpenRun, verbose: int = 1) -> int | None:
                     initial_epoch=start,
                     steps_per_epoch=run.steps,
                     callbacks=callbacks,
-                    verbose=fit_verbose,
+                    verbose=keras_verbosity(),
                     shuffle=False,
                 )  # the pipeline already randomises; Keras cannot shuffle a tf.data stream
             if nan_guard.where or checkpoint.bad_epoch:
@@ -470,7 +475,6 @@ def finalize(
     min_sizes=MIN_SIZE_GRID,
     confidences=CONFIDENCE_GRID,
     progress: bool = True,
-    verbose: int = 1,
 ) -> TrainResult:
     """Step 3 of ``train``: choose the post-processing (nucleus and marker thresholds, smallest nucleus
     size, smallest mean nucleus probability) that gives the best DSB-2018 score on the run's validation
@@ -493,7 +497,7 @@ def finalize(
         if not val_samples:
             raise DataError(f"none of the validation images of {run_dir} could be read")
     segmenter = Segmenter(keras.saving.load_model(run_dir / MODEL_FILE), config)
-    _log("Choosing the post-processing on the validation images (full resolution)...", verbose)
+    log.info("Choosing the post-processing on the validation images (full resolution)...")
     outputs = segmenter.outputs(val_samples, progress)  # once, for both uses below
     post, scores, per_image = choose_post_processing(
         [s.labels for s in val_samples], outputs, thresholds, marker_thresholds, min_sizes, confidences
@@ -518,11 +522,10 @@ def finalize(
     ]
     plots.save(plots.prediction_grid(shown), run_dir / VAL_FIGURE_FILE, dpi=80)
     markers = f", markers {post.marker_threshold:.2f}" if config.targets == "instance" else ""
-    _log(
+    log.info(
         f"Validation (best epoch {info.get('best_epoch')}, threshold {post.threshold:.2f}{markers}, "
         f"nuclei of {post.min_size}+ px, confidence {post.min_confidence:.2f}+): "
-        f"Dice {scores['dice']:.3f}  IoU {scores['iou']:.3f}  DSB score {scores['dsb_score']:.3f}",
-        verbose,
+        f"Dice {scores['dice']:.3f}  IoU {scores['iou']:.3f}  DSB score {scores['dsb_score']:.3f}"
     )
     return TrainResult(
         run_dir,
@@ -541,7 +544,6 @@ def train(
     run_name: str | None = None,
     resume=None,
     cpu_devices: int = 0,
-    verbose: int = 1,
     progress: bool = True,
     exclude_ids=(),
     changes: dict | None = None,
@@ -556,26 +558,24 @@ def train(
     what was kept; a new run that fails or is stopped before its first epoch leaves no folder behind.
     ``init_model``: a model file whose weights the run starts from (fine-tuning).
     """
-    run = open_run(
-        config, runs_root, run_name, resume, cpu_devices, verbose, progress, exclude_ids, changes, init_model
-    )
+    run = open_run(config, runs_root, run_name, resume, cpu_devices, progress, exclude_ids, changes, init_model)
     if not is_chief():
         try:
-            fit(run, verbose)
+            fit(run)
         finally:
             shutil.rmtree(run.runs_root, ignore_errors=True)
-        _log("Done: this worker trained in step with the chief, which saved the run", verbose)
+        log.info("Done: this worker trained in step with the chief, which saved the run")
         return TrainResult(
             None, run.config, run.config.threshold, {}, {}, run.extra["data_source"], time.time() - run.started
         )
     try:
-        fit(run, verbose)
-        result = finalize(run.run_dir, run.val_samples, progress=progress, verbose=verbose)
+        fit(run)
+        result = finalize(run.run_dir, run.val_samples, progress=progress)
     except KeyboardInterrupt:
         raise TrainingInterrupted(what_is_kept(run)) from None
     except Exception:
         what_is_kept(run)  # only to remove a new run's folder that holds no epoch
         raise
     seconds = time.time() - run.started
-    _log(f"Done in {seconds / 60:.1f} min. Run saved in {run.run_dir}", verbose)
+    log.info(f"Done in {seconds / 60:.1f} min. Run saved in {run.run_dir}")
     return dataclasses.replace(result, seconds=seconds)
