@@ -114,6 +114,7 @@ def test_benchmarks_explain_their_flags(script, tmp_path):
     assert "--quick" in result.stdout and "--smoke" not in result.stdout  # the test setting stays hidden
 
 
+@pytest.mark.slow
 def test_synthetic_vs_real_smoke_prints_statistics_per_kind_and_draws_the_figure(tmp_path):
     result = run_benchmark("synthetic_vs_real.py", "--smoke", "--figure", str(tmp_path / "stats.png"), cwd=tmp_path)
     figures = last_json(result)

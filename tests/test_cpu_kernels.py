@@ -36,18 +36,21 @@ def probe(**env_changes):
     return result.stdout.split()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the choice is made on x86 only")
 def test_onednn_is_on_before_tensorflow_loads():
     at_import, chooser, enabled = probe()
     assert at_import == "'1'" and chooser == "project" and enabled == "True"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value, expected", [("0", "False"), ("1", "True")])
 def test_a_users_own_setting_wins(value, expected):
     at_import, chooser, enabled = probe(TF_ENABLE_ONEDNN_OPTS=value)
     assert at_import == repr(value) and chooser == "user" and enabled == expected
 
 
+@pytest.mark.slow
 def test_the_run_records_and_shows_the_kernels(quick_run):
     work, run, out = quick_run
     import unet_model_core as core

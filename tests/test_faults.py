@@ -100,6 +100,7 @@ def mounted(tmp_path):
 # 1. A NaN stop never saves non-finite weights --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_diverging_first_epoch_saves_nothing_and_says_so(tmp_path, tiny_dataset):
     status, out, err = train(tmp_path, tiny_dataset, "--lr", "1e9", "--epochs", "2", "--name", "nan")
     assert status == 1 and no_traceback(err), err
@@ -108,6 +109,7 @@ def test_a_diverging_first_epoch_saves_nothing_and_says_so(tmp_path, tiny_datase
     assert "nothing was saved" in err and not (tmp_path / "runs" / "nan").exists()
 
 
+@pytest.mark.slow
 def test_a_diverging_resume_keeps_the_last_good_checkpoint_and_a_new_lr_recovers(tmp_path, tiny_dataset):
     status, out, err = train(tmp_path, tiny_dataset, "--name", "r")
     assert status == 0, err
@@ -182,6 +184,7 @@ def interrupt_at(monkeypatch, epoch):
     monkeypatch.setattr(checkpoints.StopOnNaN, "on_epoch_begin", on_epoch_begin)
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_first_epoch_leaves_no_folder_and_says_nothing_was_saved(tmp_path, tiny_dataset, monkeypatch):
     interrupt_at(monkeypatch, 0)
     status, out, err = train(tmp_path, tiny_dataset, "--name", "x")
@@ -194,6 +197,7 @@ def test_ctrl_c_in_the_first_epoch_leaves_no_folder_and_says_nothing_was_saved(t
     assert (tmp_path / "runs" / "x" / "model.keras").is_file() and not (tmp_path / "runs" / "x-2").exists()
 
 
+@pytest.mark.slow
 def test_a_plain_resume_keeps_the_runs_own_epoch_count(tmp_path, tiny_dataset, monkeypatch):
     interrupt_at(monkeypatch, 1)
     status, out, err = train(tmp_path, tiny_dataset, "--epochs", "3", "--name", "three")

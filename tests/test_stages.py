@@ -94,6 +94,7 @@ def _optimizer_steps(run):
     return int(keras.saving.load_model(run / "last.keras").optimizer.iterations.numpy())
 
 
+@pytest.mark.slow
 def test_a_run_stopped_between_its_stages_starts_the_second_with_a_fresh_optimizer(tmp_path, tiny_dataset):
     runs = str(tmp_path / "runs")
     common = ("--quick", "--data", str(tiny_dataset), "--runs-dir", runs)

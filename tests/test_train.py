@@ -66,6 +66,7 @@ def test_new_run_dir_never_reuses_an_existing_folder(tmp_path):
             runs.new_run_dir(tmp_path, bad)
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_saved_epoch(tmp_path, tiny_dataset):
     runs = str(tmp_path / "runs")
     status, out, err = run_main(
