@@ -168,10 +168,15 @@ def drop_unsure(labels: np.ndarray, output: np.ndarray, min_confidence: float) -
     if min_confidence <= 0 or not labels.any():
         return labels
     output = np.asarray(output)  # 3 classes: one minus the background probability (NaN: background)
-    three = output.shape[-1] == 3
-    confidence = 1.0 - label_means(labels, output[..., 0], nan=1.0) if three else label_means(labels, output[..., 0])
+    if output.shape[-1] == 3:
+        # Background, interior, boundary: a nucleus's confidence is one minus its mean background probability.
+        confidence = 1.0 - label_means(labels, output[..., 0], nan=1.0)
+    else:
+        confidence = label_means(labels, output[..., 0])  # the nucleus probability itself
     unsure = confidence < min_confidence  # NaN (a label with no pixels) is never below
-    return relabel_sequential(remove_labels(labels, unsure)) if unsure[1:].any() else labels
+    if not unsure[1:].any():
+        return labels
+    return relabel_sequential(remove_labels(labels, unsure))
 
 
 def foreground_probability(output: np.ndarray) -> np.ndarray:
