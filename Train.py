@@ -30,8 +30,9 @@ DESCRIPTION = (
     "runs/<timestamp>/."
 )
 EPILOG = (
-    "A run folder holds model.keras, config.json, history.csv, training_curves.png and val_predictions.png; "
-    "Predict_mask.py uses the newest run unless told otherwise."
+    "A run folder holds model.keras, config.json (what was asked), postprocessing.json and scores.json (what "
+    "was chosen and measured on the validation images), history.csv, training_curves.png and "
+    "val_predictions.png; Predict_mask.py uses the newest run unless told otherwise."
 )
 
 
