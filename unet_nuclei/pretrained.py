@@ -116,8 +116,9 @@ def card_sha256(folder) -> str | None:
 def package_run(run_dir, name: str, root=SHIPPED_DIR) -> Path:
     """Copy a finished run into ``root/name`` as a shipped model: its ``model.keras`` (already float32,
     without optimizer state), its ``config.json`` with the data folder made relative and the run-time
-    details dropped, and its learned post-processing and scores (``runs.read_run_config``).  Refuses to replace an existing shipped model's files and a run whose
-    post-processing was never chosen.  The model card is written by hand; its sha256 is printed."""
+    details dropped, and its learned post-processing and scores (``runs.read_run_config``).  Refuses to
+    replace an existing shipped model's files and a run whose post-processing was never chosen.  The model
+    card is written by hand; its sha256 is printed."""
     from unet_nuclei.runs import POST_PROCESSING_FILE, SCORES_FILE, read_run_config  # runs imports this module
 
     run_dir, folder = Path(run_dir), Path(root) / name
@@ -145,7 +146,8 @@ def package_run(run_dir, name: str, root=SHIPPED_DIR) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m unet_nuclei.pretrained",
-        description="Package a finished run as a shipped model in models/NAME (model.keras and config.json); "
+        description="Package a finished run as a shipped model in models/NAME (model.keras, config.json and "
+        "what training learned); "
         "prints the sha256 that the model card must state.",
     )
     parser.add_argument("run", metavar="RUN", help="a finished run folder")
