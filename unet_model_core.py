@@ -2,7 +2,7 @@
 and metrics.  The sections mirror the numbered sections of ``unet_model.ipynb``:
 
     0. Required imports
-    1. Data preprocessing (discovery, decoding, the split, patches, augmentation, the tf.data pipeline)
+    1. Data preprocessing (discovery, decoding, the split, patches, augmentation, the input pipelines)
     2. Hyperparameters (the ``Config`` dataclass, the single source of truth)
     4. Convolutional blocks (``conv_block``, ``down_block``, ``bottleneck``, ``up_block``)
     5. The U-Net model (``build_unet``) and its losses and metrics
@@ -53,7 +53,6 @@ ONEDNN_CHOICE = _choose_onednn()
 import cv2
 import keras
 import numpy as np
-import tensorflow as tf
 import tifffile
 from keras import layers, ops
 from scipy import ndimage
@@ -745,6 +744,9 @@ class PatchSampler:
     nearest neighbour), so the model meets nuclei larger and smaller than the training set's; targets
     come from the resized labels, so a boundary is as thin at every scale.  With ``diameter`` that scale
     is relative to each image's ``nucleus_scale``, which brings its nuclei to that median diameter.
+
+    ``batch(index, count)`` draws batch number ``index`` from its own random stream (the seed and the
+    index), so any batch can be made in any order, by any worker, and is the same every time.
     """
 
     def __init__(
@@ -773,85 +775,192 @@ class PatchSampler:
         """How many patches make one pass over the training pixels, on average."""
         return max(1, int(math.ceil(self.total_area / (self.size * self.size))))
 
-    def __call__(self):
-        # A fresh generator per call, seeded the same way, so a re-created dataset replays the same
-        # patches; Keras iterates one endless stream across epochs.
-        rng = np.random.default_rng(self.seed)
+    def batch(self, index: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batch ``index`` of the stream: ``count`` images (uint8) and their target classes (uint8, a
+        last axis of 1)."""
+        rng = np.random.default_rng([self.seed, index])
+        pairs = [self._patch(rng) for _ in range(count)]
+        return np.stack([image for image, _ in pairs]), np.stack([classes for _, classes in pairs])
+
+    def _patch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         size = self.size
-        log_low, log_high = np.log(self.scale_range) if self.scale_range else (0.0, 0.0)
-        while True:
-            index = rng.choice(len(self.images), p=self.weights)
-            image, labels = self.images[index], self.labels[index]
-            scale = self.factors[index] * (math.exp(rng.uniform(log_low, log_high)) if self.scale_range else 1.0)
-            crop = max(1, int(round(size / scale)))
-            top = int(rng.integers(0, image.shape[0] - crop + 1))
-            left = int(rng.integers(0, image.shape[1] - crop + 1))
-            image, labels = image[top : top + crop, left : left + crop], labels[top : top + crop, left : left + crop]
-            if crop != size:
-                image = resize_image(image, size).reshape(size, size, -1)
-                labels = resize_mask(labels, size)
-            yield image, targets_from_labels(labels, self.targets)[..., None]
+        index = rng.choice(len(self.images), p=self.weights)
+        image, labels = self.images[index], self.labels[index]
+        scale = self.factors[index]
+        if self.scale_range:
+            scale *= math.exp(rng.uniform(*np.log(self.scale_range)))
+        crop = max(1, int(round(size / scale)))
+        top = int(rng.integers(0, image.shape[0] - crop + 1))
+        left = int(rng.integers(0, image.shape[1] - crop + 1))
+        image, labels = image[top : top + crop, left : left + crop], labels[top : top + crop, left : left + crop]
+        if crop != size:
+            image = resize_image(image, size).reshape(size, size, -1)
+            labels = resize_mask(labels, size)
+        return image, targets_from_labels(labels, self.targets)[..., None]
 
 
-def augment_batch(images, masks, seed):
+class ShuffledImages:
+    """The ``resize`` sampling's stream: the whole images, resized, in a new random order every pass.
+    Like ``PatchSampler`` it makes any batch from its index alone: batch ``index`` holds the stream's
+    items ``index * count`` to ``(index + 1) * count``, and the order of pass ``p`` comes from the seed
+    and ``p``."""
+
+    def __init__(self, images: np.ndarray, classes: np.ndarray, seed: int = 0):
+        self.images, self.classes, self.seed = images, classes, seed
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
+
+    def batch(self, index: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        total = len(self.images)
+        positions = range(index * count, (index + 1) * count)
+        chosen = [self.order(p // total)[p % total] for p in positions]
+        return self.images[chosen], self.classes[chosen]
+
+
+def augmentation_draws(seed: int, index: int, count: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The random numbers that augment batch ``index``: six per image (three flips, brightness, contrast,
+    gamma) and one gain per image and channel, all uniform in [0, 1).  From the seed and the index
+    alone, like the batch's patches, but from a stream of their own."""
+    rng = np.random.default_rng([seed, index, 1])
+    return rng.random((count, 6), dtype=np.float32), rng.random((count, channels), dtype=np.float32)
+
+
+def augment_batch(images: np.ndarray, classes: np.ndarray, draws: np.ndarray, gains: np.ndarray):
     """Paired random augmentation of a batch: the 8 flips/rotations, applied identically to image and
     target, and intensity jitter (brightness, contrast, gamma, per-channel gain) on the image only.
 
-    ``images`` are float32 in [0, 255] with any number of channels; ``seed`` is a shape-[2] int tensor,
-    so the whole stream is reproducible.  Square patches only (rotation by 90 degrees is a transpose
-    plus a flip).
+    ``images`` are float32 in [0, 255] with any number of channels; ``draws`` and ``gains`` come from
+    ``augmentation_draws``.  Square patches only (rotation by 90 degrees is a transpose plus a flip).
     """
-    batch = tf.shape(images)[0]
-    draws = tf.random.stateless_uniform([batch, 8], seed=seed)
-
-    def pick(flag, a, b):
-        return tf.where(tf.reshape(flag, [-1, 1, 1, 1]), a, b)
-
-    for column, transform in (
-        (0, lambda t: tf.reverse(t, axis=[2])),  # left-right flip
-        (1, lambda t: tf.reverse(t, axis=[1])),  # up-down flip
-        (2, lambda t: tf.transpose(t, [0, 2, 1, 3])),
-    ):  # with flips: rotations
-        flag = draws[:, column] < 0.5
-        images, masks = pick(flag, transform(images), images), pick(flag, transform(masks), masks)
+    flipped_images, flipped_classes = [], []
+    for image, target, (left_right, up_down, transpose) in zip(images, classes, draws[:, :3] < 0.5):
+        for flip, transform in (
+            (left_right, lambda t: t[:, ::-1]),
+            (up_down, lambda t: t[::-1]),
+            (transpose, lambda t: t.transpose(1, 0, 2)),
+        ):  # with flips: rotations
+            if flip:
+                image, target = transform(image), transform(target)
+        flipped_images.append(image)
+        flipped_classes.append(target)
+    images, classes = np.stack(flipped_images), np.stack(flipped_classes)
 
     # Intensity jitter: microscopes and stains vary, the nuclei's shapes do not.
-    shape = [-1, 1, 1, 1]
-    brightness = tf.reshape((draws[:, 3] - 0.5) * 0.2 * 255.0, shape)  # +-10% of full scale
-    contrast = tf.reshape(0.75 + draws[:, 4] * 0.5, shape)  # 0.75 .. 1.25
-    gamma = tf.reshape(tf.exp((draws[:, 5] - 0.5) * 0.6), shape)  # about 0.74 .. 1.35
-    gain = 1.0 + (tf.random.stateless_uniform([batch, 1, 1, images.shape[-1]], seed=seed + 1) - 0.5) * 0.2
-    mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+    shape = (-1, 1, 1, 1)
+    brightness = ((draws[:, 3] - 0.5) * 0.2 * 255.0).reshape(shape)  # +-10% of full scale
+    contrast = (0.75 + draws[:, 4] * 0.5).reshape(shape)  # 0.75 .. 1.25
+    gamma = np.exp((draws[:, 5] - 0.5) * 0.6).reshape(shape)  # about 0.74 .. 1.35
+    gain = (1.0 + (gains - 0.5) * 0.2)[:, None, None, :]  # +-10% per channel
+    mean = images.mean(axis=(1, 2, 3), keepdims=True)
     images = (images - mean) * contrast + mean + brightness
-    images = 255.0 * tf.pow(tf.clip_by_value(images / 255.0, 0.0, 1.0), gamma) * gain
-    return tf.clip_by_value(images, 0.0, 255.0), masks
+    images = 255.0 * np.power(np.clip(images / 255.0, 0.0, 1.0), gamma) * gain
+    return np.clip(images, 0.0, 255.0).astype(np.float32), classes
 
 
-def _targets(masks, num_classes: int, crop: int):
+def model_targets(classes: np.ndarray, num_classes: int, crop: int) -> np.ndarray:
     """Batch of target classes (0/1, or 0/1/2 for instance targets) -> the model's target: centre-cropped
     for unpadded models, one-hot for more than one class, float32 in every case."""
     if crop:
-        masks = masks[:, crop:-crop, crop:-crop, :]
+        classes = classes[:, crop:-crop, crop:-crop, :]
     if num_classes > 1:
-        return tf.one_hot(tf.cast(masks[..., 0], tf.int32), num_classes, dtype=tf.float32)
-    return tf.cast(masks, tf.float32)
+        return np.eye(num_classes, dtype=np.float32)[classes[..., 0]]
+    return classes.astype(np.float32)
+
+
+class TrainingBatches(keras.utils.PyDataset):
+    """The endless training stream as numbered batches of (images, targets), float32, made with NumPy and
+    OpenCV only: patches (``PatchSampler`` or ``ShuffledImages``), augmentation, model targets.
+
+    Batch ``index`` depends on the seed and the index alone, so Keras's worker threads may make batches
+    in any order, and every backend trains on the same batches: the JAX and PyTorch backends read this
+    ``PyDataset`` directly, TensorFlow through ``as_tf_dataset``.
+    """
+
+    def __init__(self, source, config: Config, crop: int, workers: int = 2):
+        super().__init__(workers=workers, max_queue_size=8)
+        self.source, self.config, self.crop = source, config, crop
+
+    @property
+    def num_batches(self):
+        return None  # endless: Keras is told how many steps make an epoch
+
+    def __getitem__(self, index):
+        config = self.config
+        images, classes = self.source.batch(int(index), config.batch_size)
+        images = images.astype(np.float32)
+        if config.augment:
+            draws = augmentation_draws(config.seed, int(index), len(images), images.shape[-1])
+            images, classes = augment_batch(images, classes, *draws)
+        return images, model_targets(classes, config.num_classes, self.crop)
+
+
+class ValidationBatches(keras.utils.PyDataset):
+    """Fixed validation batches of (images, targets), float32, never augmented: the same every epoch."""
+
+    def __init__(self, images: np.ndarray, classes: np.ndarray, config: Config, crop: int):
+        super().__init__()
+        self.images, self.classes, self.config, self.crop = images, classes, config, crop
+
+    @property
+    def num_batches(self):
+        return max(1, math.ceil(len(self.images) / self.config.batch_size))
+
+    def __len__(self):
+        return self.num_batches
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.num_batches:
+            raise IndexError(index)
+        chunk = slice(index * self.config.batch_size, (index + 1) * self.config.batch_size)
+        return self.images[chunk].astype(np.float32), model_targets(
+            self.classes[chunk], self.config.num_classes, self.crop
+        )
+
+
+def as_tf_dataset(batches: keras.utils.PyDataset, cache: bool = False):
+    """A ``tf.data`` pipeline over a ``PyDataset`` of numbered batches, for the TensorFlow backend (its
+    distribution strategies shard and prefetch ``tf.data``): batches are made in parallel threads, kept
+    in order, and are exactly those of ``batches``.  ``cache`` keeps a finite dataset's batches after the
+    first pass (the validation set).  The only place that builds the input pipeline with TensorFlow."""
+    import tensorflow as tf
+
+    images, targets = batches[0]
+    length = batches.num_batches
+    fixed = length is None  # training batches all have the same size; the last validation one may not
+    specs = [tf.TensorSpec((images.shape[0] if fixed else None, *a.shape[1:]), tf.float32) for a in (images, targets)]
+
+    def load(index):
+        pair = tf.numpy_function(lambda i: batches[int(i)], [index], (tf.float32, tf.float32), stateful=False)
+        return tuple(tf.ensure_shape(a, spec.shape) for a, spec in zip(pair, specs))
+
+    indices = tf.data.Dataset.counter() if fixed else tf.data.Dataset.range(length)
+    dataset = indices.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if cache:
+        dataset = dataset.cache()
+    return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def make_datasets(
-    train_samples: Sequence[LoadedSample], val_samples: Sequence[LoadedSample], config: Config
-) -> tuple[tf.data.Dataset, tf.data.Dataset, int]:
-    """Build the training and validation ``tf.data`` pipelines from decoded samples.
+    train_samples: Sequence[LoadedSample],
+    val_samples: Sequence[LoadedSample],
+    config: Config,
+    tf_data: bool | None = None,
+):
+    """The training and validation input pipelines from decoded samples.
 
-    Returns ``(train_ds, val_ds, steps_per_epoch)``.  The training set repeats forever (Keras is told
-    how many steps make an epoch); patches are random, augmentation follows ``config.augment``.  The
-    validation set is fixed: the same patches (or resized images) every epoch, never augmented.
+    Returns ``(train, val, steps_per_epoch)``: a ``TrainingBatches`` and a ``ValidationBatches`` (Keras
+    ``PyDataset``s that need only NumPy and OpenCV), or with ``tf_data`` the very same batches as
+    ``tf.data`` datasets (``as_tf_dataset``); by default ``tf_data`` is whether Keras runs on TensorFlow.
+    The training set repeats forever (Keras is told how many steps make an epoch); patches are random,
+    augmentation follows ``config.augment``.  The validation set is fixed: the same patches (or resized
+    images) every epoch, never augmented.
     """
+    if tf_data is None:
+        tf_data = keras.backend.backend() == "tensorflow"
     size, batch = config.image_size, config.batch_size
     out_size = unet_output_size(size, len(config.channels) - 1, config.padding)
     crop = (size - out_size) // 2
-    autotune = tf.data.AUTOTUNE
-    image_spec = tf.TensorSpec([size, size, config.input_channels], tf.uint8)
-    mask_spec = tf.TensorSpec([size, size, 1], tf.uint8)
     # (preprocessed image, instance labels) of each sample: preprocessed once, before any random work.
     train_views, val_views = (
         [(preprocess_image(s.image, config.preprocessing), s.labels) for s in samples]
@@ -862,45 +971,18 @@ def make_datasets(
         val_views = [rescale_view(image, labels, nucleus_scale(labels, diameter)) for image, labels in val_views]
 
     if config.sampling == "patch":
-        sampler = PatchSampler(
+        source = PatchSampler(
             train_views, size, config.seed, config.targets, config.scale_range, config.area_power, diameter
         )
-        train = tf.data.Dataset.from_generator(sampler, output_signature=(image_spec, mask_spec))
-        steps = config.steps_per_epoch or max(1, math.ceil(sampler.patches_per_epoch() / batch))
-        val_images, val_masks = _patch_arrays(val_views, size, config.targets)
+        steps = config.steps_per_epoch or max(1, math.ceil(source.patches_per_epoch() / batch))
+        val_arrays = _patch_arrays(val_views, size, config.targets)
     else:
-        images, masks = _resized_arrays(train_views, size, config.targets)
-        train = (
-            tf.data.Dataset.from_tensor_slices((images, masks))
-            .shuffle(len(images), seed=config.seed, reshuffle_each_iteration=True)
-            .repeat()
-        )
-        steps = config.steps_per_epoch or max(1, math.ceil(len(images) / batch))
-        val_images, val_masks = _resized_arrays(val_views, size, config.targets)
-
-    def to_float(images, masks):
-        # Masks become float here too: oneDNN has no fast uint8 kernels for the flips that follow.
-        return tf.cast(images, tf.float32), tf.cast(masks, tf.float32)
-
-    train = train.batch(batch, drop_remainder=True).map(to_float, num_parallel_calls=autotune)
-    if config.augment:
-        # A counter zipped in gives every batch its own stateless seed: reproducible, and safe with
-        # parallel map calls.
-        seeds = tf.data.Dataset.counter().map(lambda i: tf.stack([tf.cast(config.seed, tf.int64), i]))
-        train = tf.data.Dataset.zip((train, seeds)).map(
-            lambda pair, s: augment_batch(pair[0], pair[1], s), num_parallel_calls=autotune
-        )
-    classes = config.num_classes
-    train = train.map(lambda x, y: (x, _targets(y, classes, crop)), num_parallel_calls=autotune)
-    train = train.prefetch(autotune)
-
-    val = (
-        tf.data.Dataset.from_tensor_slices((val_images, val_masks))
-        .batch(batch)
-        .map(lambda x, y: (tf.cast(x, tf.float32), _targets(y, classes, crop)), num_parallel_calls=autotune)
-        .cache()
-        .prefetch(autotune)
-    )
+        source = ShuffledImages(*_resized_arrays(train_views, size, config.targets), seed=config.seed)
+        steps = config.steps_per_epoch or max(1, math.ceil(len(source.images) / batch))
+        val_arrays = _resized_arrays(val_views, size, config.targets)
+    train, val = TrainingBatches(source, config, crop), ValidationBatches(*val_arrays, config, crop)
+    if tf_data:
+        return as_tf_dataset(train), as_tf_dataset(val, cache=True), steps
     return train, val, steps
 
 

@@ -14,6 +14,9 @@ numeric setting, measured side by side in one process.
 The settings "onednn-off" and "onednn-on" are float32 with TensorFlow's oneDNN CPU kernels forced off or
 on (``TF_ENABLE_ONEDNN_OPTS``, read when TensorFlow loads, so each runs in a child process on the same
 data); "float32" runs with the project's choice (on for x86; see ``unet_model_core._choose_onednn``).
+The settings "jax" and "torch" are float32 on those Keras backends (``KERAS_BACKEND``, also a child
+process each, fed by the NumPy ``PyDataset`` that TensorFlow reads through ``tf.data``): the same model,
+data and batches, so the ratios compare the backends alone.
 
 The data is ``--data`` if given, else ``dataset/stage1_train`` when present, else a generated DSB-like
 folder (``unet_nuclei.synthetic`` in DSB-2018's size mix).  The last line is one JSON object.
@@ -21,6 +24,7 @@ folder (``unet_nuclei.synthetic`` in DSB-2018's size mix).  The last line is one
     python benchmarks/bench_step.py                      # about 5 minutes on 2 CPU cores
     python benchmarks/bench_step.py --data DIR --steps 200 --settings float32,mixed+xla
     python benchmarks/bench_step.py --settings onednn-off,onednn-on,mixed --steps 20 --warmup 5
+    python benchmarks/bench_step.py --settings float32,mixed,jax,torch --steps 30 --warmup 10
 """
 
 from __future__ import annotations
@@ -40,10 +44,15 @@ for folder in (REPO, REPO / "benchmarks"):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-SETTINGS = ("float32", "mixed", "xla", "mixed+xla", "onednn-off", "onednn-on")
-# float32 with TensorFlow's oneDNN CPU kernels forced off or on.  The kernels are chosen when TensorFlow
-# loads, so these settings are measured in a child process of this script with TF_ENABLE_ONEDNN_OPTS set.
-ONEDNN_SETTINGS = {"onednn-off": "0", "onednn-on": "1"}
+SETTINGS = ("float32", "mixed", "xla", "mixed+xla", "onednn-off", "onednn-on", "jax", "torch")
+# float32 in a child process of this script with these environment variables: TensorFlow's oneDNN CPU
+# kernels forced off or on (chosen when TensorFlow loads), or another Keras backend.
+CHILD_SETTINGS = {
+    "onednn-off": {"TF_ENABLE_ONEDNN_OPTS": "0"},
+    "onednn-on": {"TF_ENABLE_ONEDNN_OPTS": "1"},
+    "jax": {"KERAS_BACKEND": "jax"},
+    "torch": {"KERAS_BACKEND": "torch"},
+}
 
 
 def cpu_flags() -> list[str]:
@@ -89,8 +98,16 @@ def time_steps(model, dataset, warmup: int, steps: int) -> float:
 
 
 def time_input(dataset, batches: int) -> float:
-    """Milliseconds per batch of the input pipeline alone (no model).  Each pass runs to its end, so
-    its iterator closes cleanly (a generator-backed iterator dropped mid-stream can stall teardown)."""
+    """Milliseconds per batch of the input pipeline alone (no model): a ``tf.data`` dataset (whose
+    parallel threads make batches ahead) or a ``PyDataset`` (one batch after another, as one worker
+    thread makes them).  Each pass runs to its end, so its iterator closes cleanly (a generator-backed
+    iterator dropped mid-stream can stall teardown)."""
+    if not hasattr(dataset, "take"):
+        dataset[0]
+        started = time.perf_counter()
+        for index in range(1, batches + 1):
+            dataset[index]
+        return (time.perf_counter() - started) * 1000 / batches
     for _ in dataset.take(10):
         pass
     started = time.perf_counter()
@@ -100,11 +117,11 @@ def time_input(dataset, batches: int) -> float:
 
 
 def time_in_child(setting: str, data_dir: Path, args) -> tuple[float | None, float | None]:
-    """``(ms per step, prediction Mpx/s)`` of float32 in a fresh process with oneDNN forced as ``setting``
-    says; ``(None, None)`` if that process failed (its error is shown)."""
+    """``(ms per step, prediction Mpx/s)`` of float32 in a fresh process with the environment of
+    ``setting`` (``CHILD_SETTINGS``); ``(None, None)`` if that process failed (its error is shown)."""
     import subprocess
 
-    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": ONEDNN_SETTINGS[setting]}
+    env = {**os.environ, **CHILD_SETTINGS[setting]}
     command = [
         sys.executable,
         __file__,
@@ -125,8 +142,9 @@ def time_in_child(setting: str, data_dir: Path, args) -> tuple[float | None, flo
         log(f"{setting:>10}: failed: {result.stderr.strip().splitlines()[-1:]}")
         return None, None
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    if figures["cpu_kernels"]["onednn"] != (ONEDNN_SETTINGS[setting] == "1"):
-        log(f"{setting:>10}: TensorFlow did not take TF_ENABLE_ONEDNN_OPTS={ONEDNN_SETTINGS[setting]}; not measured")
+    forced = CHILD_SETTINGS[setting].get("TF_ENABLE_ONEDNN_OPTS")
+    if forced is not None and figures["cpu_kernels"]["onednn"] != (forced == "1"):
+        log(f"{setting:>10}: TensorFlow did not take TF_ENABLE_ONEDNN_OPTS={forced}; not measured")
         return None, None
     return figures["step_ms"]["float32"], figures["predict_mpx_per_s"].get("float32")
 
@@ -171,7 +189,6 @@ def main(argv=None) -> int:
         parser.error(f"unknown setting {unknown[0]!r}" if unknown else "--steps and --warmup must be positive")
 
     import keras
-    import tensorflow as tf
 
     import unet_model_core as core
     from unet_nuclei import cache, devices, training
@@ -197,22 +214,17 @@ def main(argv=None) -> int:
     )
     input_ms = time_input(train_ds, args.steps)
     largest = sorted(loaded, key=lambda s: -s.image.shape[0] * s.image.shape[1])[: args.predict_images]
-    gpu = tf.config.list_physical_devices("GPU")
-    device = (
-        tf.config.experimental.get_device_details(gpu[0]).get("device_name", "GPU")
-        if gpu
-        else platform.processor() or platform.machine()
-    )
+    device = f"{devices.gpu_count()} GPU(s)" if devices.gpu_count() else platform.processor() or platform.machine()
 
     step_ms, predict_mpx = {}, {}
     for setting in settings:
-        if setting in ONEDNN_SETTINGS:
+        if setting in CHILD_SETTINGS:
             ms, mpx = time_in_child(setting, data_dir, args)
             if ms is not None:
                 step_ms[setting] = ms
                 if mpx is not None:
                     predict_mpx[setting] = mpx
-                log(f"{setting:>10} (float32, separate process): {ms:8.1f} ms/step")
+                log(f"{setting:>10} (float32, own process): {ms:8.1f} ms/step")
             continue
         mixed, xla = "mixed" in setting, "xla" in setting
         policy = training.set_precision(mixed)

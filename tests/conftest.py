@@ -23,9 +23,10 @@ import subprocess
 import pytest
 
 
-def run_script(script: str, *args: str, cwd, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run one of the project's scripts as a user would: a fresh Python process, in ``cwd``."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+def run_script(script: str, *args: str, cwd, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
+    """Run one of the project's scripts as a user would: a fresh Python process, in ``cwd``, with the
+    environment variables of ``env`` added."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

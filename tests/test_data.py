@@ -1,4 +1,4 @@
-"""Section 1 of unet_model_core (data preprocessing): decoding, discovery, resizing, the tf.data pipeline
+"""Section 1 of unet_model_core (data preprocessing): decoding, discovery, resizing, the input pipelines
 and augmentation.  Every test writes its own tiny fixture under ``tmp_path``; nothing in the repository
 is read or written.  The train/validation split and the choice of data folder (``unet_nuclei.training``)
 are tested in test_training_data.py, the built-in sample in test_synthetic.py, the cache in test_cache.py."""
@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 
 import cv2
+import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from scipy import ndimage
 
 import unet_model_core as core
@@ -111,7 +111,10 @@ def _config(**overrides):
 
 
 def _take(dataset, n=None):
-    return list((dataset.take(n) if n else dataset).as_numpy_iterator())
+    """The first ``n`` batches (all of a finite dataset) as NumPy arrays, of a tf.data dataset or a PyDataset."""
+    if hasattr(dataset, "as_numpy_iterator"):
+        return list((dataset.take(n) if n else dataset).as_numpy_iterator())
+    return [dataset[i] for i in range(n or dataset.num_batches)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,7 +441,7 @@ def test_validation_patches_cover_every_pixel_of_a_large_image():
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. The tf.data pipeline
+# 4. The input pipelines
 # --------------------------------------------------------------------------------------------------
 def _expected_val_patches(samples, size=32):
     """The validation grid, computed independently: big 40x48 -> windows at tops [0, 8] x lefts [0, 16];
@@ -624,7 +627,7 @@ def test_scaled_patches_resize_image_and_labels_together():
     image[..., 0] = (labels > 0) * 255
     sampler = core.PatchSampler([(image, labels)], 32, seed=3, targets="instance", scale_range=(0.5, 2.0))
     widths = []
-    for (patch, target), _ in zip(sampler(), range(40)):
+    for patch, target in zip(*sampler.batch(0, 40)):
         assert patch.shape == (32, 32, 3) and target.shape == (32, 32, 1)
         # The image is interpolated and the labels are not, so they may differ on the nuclei's edges only.
         red, nuclei = patch[..., 0] > 127, target[..., 0] > 0
@@ -671,7 +674,7 @@ def test_patches_at_a_nucleus_diameter_bring_every_image_to_it():
     widths = {0: [], 1: []}
     for diameter in (None, 9.0):
         sampler = core.PatchSampler(views, 32, seed=5, targets="instance", diameter=diameter)
-        for (patch, target), _ in zip(sampler(), range(60)):
+        for patch, target in zip(*sampler.batch(0, 60)):
             assert patch.shape == (32, 32, 3) and target.shape == (32, 32, 1)
             rows = np.flatnonzero((target[..., 0] > 0).any(axis=1))
             runs = np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1)
@@ -749,8 +752,8 @@ def test_augment_batch_applies_the_same_geometry_to_image_and_mask():
     images[..., 1:] = rng.integers(0, 256, size=(batch, size, size, 2))
     masks = np.repeat(pattern[None, :, :, None], batch, axis=0)
 
-    seed = tf.constant([7, 3], tf.int64)
-    out_images, out_masks = (t.numpy() for t in core.augment_batch(tf.constant(images), tf.constant(masks), seed))
+    draws = core.augmentation_draws(7, 3, batch, 3)
+    out_images, out_masks = core.augment_batch(images, masks, *draws)
     assert out_images.shape == images.shape and out_images.dtype == np.float32
     assert out_masks.shape == masks.shape and out_masks.dtype == np.uint8
     assert out_images.min() >= 0 and out_images.max() <= 255
@@ -769,10 +772,50 @@ def test_augment_batch_applies_the_same_geometry_to_image_and_mask():
     assert transformed >= 4, f"only {transformed} of {batch} samples were flipped/rotated"
     assert len({out_masks[i].tobytes() for i in range(batch)}) >= 4, "all 8 orientations should occur"
 
-    again = core.augment_batch(tf.constant(images), tf.constant(masks), seed)
-    np.testing.assert_array_equal(again[0].numpy(), out_images)
-    other = core.augment_batch(tf.constant(images), tf.constant(masks), tf.constant([8, 3], tf.int64))
-    assert not np.array_equal(other[0].numpy(), out_images)
+    again = core.augment_batch(images, masks, *core.augmentation_draws(7, 3, batch, 3))
+    np.testing.assert_array_equal(again[0], out_images)
+    other = core.augment_batch(images, masks, *core.augmentation_draws(7, 4, batch, 3))
+    assert not np.array_equal(other[0], out_images)
+
+
+# --------------------------------------------------------------------------------------------------
+# 5b. One stream of batches for every backend
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sampling", ["patch", "resize"])
+@pytest.mark.parametrize("targets", ["binary", "instance"])
+def test_tf_data_and_the_pydataset_give_the_same_batches(pipeline_samples, sampling, targets):
+    """TensorFlow trains on tf.data and JAX and PyTorch on the PyDataset: the same batches, bit for bit."""
+    config = _config(sampling=sampling, targets=targets)
+    tf_train, tf_val, tf_steps = core.make_datasets(pipeline_samples, pipeline_samples, config, tf_data=True)
+    np_train, np_val, np_steps = core.make_datasets(pipeline_samples, pipeline_samples, config, tf_data=False)
+    assert isinstance(np_train, keras.utils.PyDataset) and isinstance(np_val, keras.utils.PyDataset)
+    assert tf_steps == np_steps
+    for (tx, ty), (nx, ny) in zip(_take(tf_train, 5), _take(np_train, 5), strict=True):
+        np.testing.assert_array_equal(tx, nx)
+        np.testing.assert_array_equal(ty, ny)
+    for (tx, ty), (nx, ny) in zip(_take(tf_val), _take(np_val), strict=True):
+        np.testing.assert_array_equal(tx, nx)
+        np.testing.assert_array_equal(ty, ny)
+
+
+def test_a_batch_is_the_same_whatever_was_drawn_before(pipeline_samples):
+    """Keras's worker threads make batches in any order: batch i must depend on its number alone."""
+    train, _, _ = core.make_datasets(pipeline_samples, pipeline_samples, _config(), tf_data=False)
+    late_first = train[5]
+    in_order = [train[i] for i in range(6)]
+    np.testing.assert_array_equal(late_first[0], in_order[5][0])
+    np.testing.assert_array_equal(late_first[1], in_order[5][1])
+    assert not np.array_equal(in_order[4][0], in_order[5][0])
+
+
+def test_resize_sampling_shows_every_image_once_per_pass_in_a_new_order():
+    images = np.arange(7, dtype=np.uint8).reshape(7, 1, 1, 1) * np.ones((7, 4, 4, 1), np.uint8)
+    source = core.ShuffledImages(images, images.copy(), seed=3)
+    drawn = np.concatenate([source.batch(i, 3)[0][:, 0, 0, 0] for i in range(7)])  # 21 items: 3 passes
+    passes = drawn.reshape(3, 7)
+    for order in passes:
+        assert sorted(order) == list(range(7))
+    assert len({tuple(order) for order in passes}) > 1, "each pass should have its own order"
 
 
 # --------------------------------------------------------------------------------------------------

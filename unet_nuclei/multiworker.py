@@ -22,7 +22,6 @@ import time
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from unet_model_core import dice, iou
 
@@ -78,9 +77,9 @@ def _mean_of_batches(values: list[tuple[int, dict]]) -> dict:
 
 def fit_distributed(
     model: keras.Model,
-    strategy: tf.distribute.Strategy,
-    train_ds: tf.data.Dataset,
-    val_ds: tf.data.Dataset,
+    strategy,
+    train_ds,
+    val_ds,
     epochs: int,
     initial_epoch: int,
     steps: int,
@@ -89,7 +88,10 @@ def fit_distributed(
     """``model.fit(train_ds, validation_data=val_ds, epochs, initial_epoch, steps_per_epoch=steps,
     callbacks)`` for a model compiled under ``strategy.scope()``, written as a loop of ``strategy.run``
     steps (see the module's docstring).  The logs the callbacks get hold ``loss``, ``dice``, ``iou`` and
-    their ``val_`` counterparts, as with ``model.fit``.  Each epoch ends with a line on the log (INFO)."""
+    their ``val_`` counterparts, as with ``model.fit``.  Each epoch ends with a line on the log (INFO).
+    ``strategy`` is a ``tf.distribute.MultiWorkerMirroredStrategy``; the datasets are ``tf.data``."""
+    import tensorflow as tf  # here, not above: the module's other functions serve every backend
+
     loss_fn, optimizer = model.loss, model.optimizer
     replicas = strategy.num_replicas_in_sync
     scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)

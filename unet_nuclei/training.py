@@ -2,7 +2,7 @@
 
 ``train`` is three public steps, each usable on its own:
 
-    open_run   a new run folder (or an interrupted one, to resume), the data and the tf.data pipelines
+    open_run   a new run folder (or an interrupted one, to resume), the data and the input pipelines
     fit        model.fit (on several machines, the loop of ``multiworker``) with checkpoints at every
                epoch end; history.csv and training_curves.png
     finalize   the post-processing chosen on the validation images at full resolution (through the
@@ -30,7 +30,6 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from unet_model_core import (
     DEFAULT_DATA_DIR,
@@ -96,11 +95,11 @@ class OpenRun:
     run_dir: Path
     runs_root: Path
     config: Config
-    strategy: tf.distribute.Strategy
+    strategy: object  # a tf.distribute.Strategy on TensorFlow, else devices.OneDevice
     train_samples: list[LoadedSample]
     val_samples: list[LoadedSample]
-    train_ds: tf.data.Dataset
-    val_ds: tf.data.Dataset
+    train_ds: object  # tf.data.Dataset on TensorFlow, else a keras.utils.PyDataset (make_datasets)
+    val_ds: object
     steps: int
     extra: dict  # what config.json holds besides the Config: data, ids, devices, later the scores
     resumed: bool = False
@@ -261,7 +260,7 @@ def open_run(
     init_model=None,
 ) -> OpenRun:
     """Step 1 of ``train``: a new run folder (or, with ``resume``, an interrupted run), the data decoded
-    and split, the tf.data pipelines, and config.json written, so even an interrupted run says what it
+    and split, the input pipelines, and config.json written, so even an interrupted run says what it
     was.  On resume, architecture and data come from the run; ``changes`` (the settings given again,
     for example from flags) may set its ``epochs`` and ``learning_rate``; without them the run keeps its
     own.  ``exclude_ids`` (a held-out test set) are never loaded; config.json lists them as
@@ -274,7 +273,7 @@ def open_run(
     configure_devices(cpu_devices)
     # The strategy comes before any other TensorFlow op: multi-worker training requires it.
     strategy = get_strategy(cpu_devices)
-    if resume is not None and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    if resume is not None and devices.is_multi_worker(strategy):
         raise ValueError("--resume is not supported on several machines (TF_CONFIG is set): resume on one machine")
     if not is_chief():
         # Another machine of a TF_CONFIG cluster: it trains in step with the chief, which writes the run;
@@ -360,6 +359,10 @@ def _datasets(train_samples, val_samples, config: Config, replicas: int = 1):
     """``make_datasets``, sharded by element across machines (generator-backed data cannot be sharded by
     file), less a last validation batch too small for a patch on each device (an empty one fails)."""
     train_ds, val_ds, steps = make_datasets(train_samples, val_samples, config)
+    if not devices.on_tensorflow():
+        return train_ds, val_ds, steps  # PyDatasets, for one device
+    import tensorflow as tf
+
     batches = int(val_ds.cardinality())
     if replicas > 1 and batches > 1 and len(next(iter(val_ds.skip(batches - 1)))[0]) < replicas:
         val_ds = val_ds.take(batches - 1)
@@ -433,7 +436,7 @@ def fit(run: OpenRun) -> int | None:
                     run.strategy.num_replicas_in_sync,
                 )
                 log.info(describe_stage(stage))
-            if isinstance(run.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            if devices.is_multi_worker(run.strategy):
                 fit_distributed(model, run.strategy, train_ds, val_ds, stage.last, start, run.steps, callbacks)
             else:
                 model.fit(
@@ -445,7 +448,7 @@ def fit(run: OpenRun) -> int | None:
                     callbacks=callbacks,
                     verbose=keras_verbosity(),
                     shuffle=False,
-                )  # the pipeline already randomises; Keras cannot shuffle a tf.data stream
+                )  # the pipeline already randomises; Keras cannot shuffle an endless stream
             if nan_guard.where or checkpoint.bad_epoch:
                 break
     finally:
