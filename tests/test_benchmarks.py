@@ -101,7 +101,10 @@ def test_bench_step_smoke_times_each_setting(tmp_path):
     data = last_json(result)
     # onednn-off ran in its own process, with the kernels off, beside this process's float32.
     assert set(data["step_ms"]) == {"float32", "mixed", "onednn-off"} and data["load_cached_s"] >= 0
-    assert set(data["cpu_kernels"]) == {"onednn", "chosen_by"}
+    assert (
+        set(data["cpu_kernels"]) == {"backend", "onednn", "chosen_by"}
+        and data["cpu_kernels"]["backend"] == "tensorflow"
+    )
     assert data["best_setting"] in data["step_ms"] and data["steps_per_epoch"] > 0
 
 
@@ -112,6 +115,39 @@ def test_benchmarks_explain_their_flags(script, tmp_path):
     result = run_benchmark(script, "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "--quick" in result.stdout and "--smoke" not in result.stdout  # the test setting stays hidden
+
+
+def test_the_gpu_script_explains_its_two_steps(tmp_path):
+    result = run_benchmark("gpu_backend_run.py", "run", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "--backend" in result.stdout and "--train-args" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_gpu_script_trains_scores_and_predicts_on_jax(tmp_path, tiny_dataset):
+    """The GPU script's ``run`` step, tried on the CPU as its docstring says, on a tiny folder."""
+    pytest.importorskip("jax")
+    out = tmp_path / "out"
+    train_args = "--epochs 1 --nucleus-epochs 0 --steps-per-epoch 2 --image-size 64 --no-tta"
+    result = run_benchmark(
+        "gpu_backend_run.py",
+        "run",
+        "--backend",
+        "jax",
+        "--out",
+        str(out),
+        "--data",
+        str(tiny_dataset),
+        "--train-args",
+        train_args,
+        "--predict-images",
+        "2",
+        cwd=tmp_path,
+    )
+    figures = last_json(result)
+    assert figures["backend"] == "jax" and len(figures["epoch_seconds"]) == 1
+    assert figures["predict_images"] == 2 and figures["held_out"]["n"] >= 1
+    assert len(list((out / "predictions").glob("*_mask.png"))) == 2
 
 
 @pytest.mark.slow
