@@ -117,6 +117,12 @@ def test_benchmarks_explain_their_flags(script, tmp_path):
     assert "--quick" in result.stdout and "--smoke" not in result.stdout  # the test setting stays hidden
 
 
+def test_the_backend_comparison_explains_its_flags(tmp_path):
+    result = run_benchmark("compare_backends.py", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "--backends" in result.stdout and "--model" in result.stdout
+
+
 def test_the_gpu_script_explains_its_two_steps(tmp_path):
     result = run_benchmark("gpu_backend_run.py", "run", "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
