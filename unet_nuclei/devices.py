@@ -86,7 +86,11 @@ def get_strategy(cpu_devices: int = 0):
 
 def is_multi_worker(strategy) -> bool:
     """Whether ``strategy`` trains across several machines (the loop of ``unet_nuclei.multiworker``)."""
-    return type(strategy).__name__ == "MultiWorkerMirroredStrategy"
+    if not on_tensorflow():
+        return False
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
 def gpu_count() -> int:
