@@ -410,3 +410,25 @@ def test_mixed_precision_by_default_only_where_the_hardware_is_fast(tmp_path, mo
             assert devices.set_precision(True) == "mixed_bfloat16"  # no GPU here
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_other_backends_train_on_one_device_and_refuse_several(monkeypatch):
+    """On JAX or PyTorch there is no tf.distribute: one device, and a clear error for several."""
+    import keras
+
+    from unet_nuclei import devices
+
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    strategy = devices.get_strategy()
+    assert isinstance(strategy, devices.OneDevice) and strategy.num_replicas_in_sync == 1
+    assert not devices.is_multi_worker(strategy)
+    with strategy.scope():
+        pass
+    devices.configure_devices(0)  # nothing to configure
+    with pytest.raises(ValueError, match=r"--cpu-devices.*KERAS_BACKEND=tensorflow"):
+        devices.configure_devices(2)
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}}')
+    with pytest.raises(ValueError, match="TF_CONFIG"):
+        devices.configure_devices(0)
+    assert devices.cpu_kernels()["backend"] == "jax" and devices.onednn_enabled() is None
+    assert "TensorFlow is not used" in devices.describe_cpu_kernels(devices.cpu_kernels())
