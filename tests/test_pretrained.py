@@ -27,8 +27,8 @@ def test_the_shipped_model_loads_in_safe_mode_and_matches_its_card():
     assert model.count_params() > 100_000 and all(w.dtype == "float32" for w in model.weights)
     assert getattr(model, "optimizer", None) is None  # saved uncompiled, without the training state
     assert pretrained.card_sha256(SHIPPED) == pretrained.sha256(SHIPPED / "model.keras")
-    info = json.loads((SHIPPED / "config.json").read_text())
-    assert "val_scores" in info and 0 < info["threshold"] < 1  # its chosen post-processing
+    config, info = read_run_config(SHIPPED)  # config.json with the learned postprocessing.json and scores.json
+    assert "val_scores" in info and 0 < config.threshold < 1  # its chosen post-processing
     assert info["held_out_ids"] and not set(info["held_out_ids"]) & set(info["val_ids"])
 
 
