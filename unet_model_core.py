@@ -814,7 +814,8 @@ class ShuffledImages:
     def batch(self, index: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         total = len(self.images)
         positions = range(index * count, (index + 1) * count)
-        chosen = [self.order(p // total)[p % total] for p in positions]
+        orders = {p: self.order(p) for p in {position // total for position in positions}}  # each pass once
+        chosen = [orders[p // total][p % total] for p in positions]
         return self.images[chosen], self.classes[chosen]
 
 
