@@ -1216,6 +1216,15 @@ class Config:
             choices=LR_SCHEDULES,
         ),
     )
+    warmup_epochs: float = field(
+        default=0.0,
+        metadata=flag(
+            "epochs over which the learning rate first rises linearly from 0 to --lr, before the cosine "
+            "decay (cosine schedule only; 0: none)",
+            "training",
+            metavar="N",
+        ),
+    )
     seed: int = field(default=42, metadata=flag("random seed for the split, patches and weights", "training"))
     mixed_precision: bool | None = field(
         default=None,
@@ -1309,6 +1318,8 @@ class Config:
                 f"learning_rate (--lr) must be a positive number such as {Config.learning_rate}, "
                 f"got {self.learning_rate}"
             )
+        if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
+            raise ValueError(f"warmup_epochs (--warmup-epochs) must be 0 or more, got {self.warmup_epochs}")
         if int(self.min_nucleus_size) != self.min_nucleus_size or self.min_nucleus_size < 0:
             raise ValueError(
                 f"min_nucleus_size (Predict_mask.py --min-size) must be a whole number of pixels, 0 "
@@ -1350,7 +1361,7 @@ class Config:
         if "num_classes" in data:
             values = {**LEGACY_DEFAULTS, **values}
         if {"targets", "num_classes"} & set(data):  # a run's: later fields keep the way it trained then
-            values = {"area_power": 1.0, "nucleus_diameter": None, "nucleus_epochs": 0, **values}
+            values = {"area_power": 1.0, "nucleus_diameter": None, "nucleus_epochs": 0, "warmup_epochs": 0.0, **values}
         return cls(**values)
 
     def to_json(self, path=None, **extra) -> str:
@@ -1743,14 +1754,26 @@ def make_loss(name: str) -> keras.losses.Loss:
 
 
 def compile_unet(
-    model: keras.Model, config: Config, jit_compile: bool | None = None, total_steps: int | None = None
+    model: keras.Model,
+    config: Config,
+    jit_compile: bool | None = None,
+    total_steps: int | None = None,
+    warmup_steps: int = 0,
 ) -> keras.Model:
     """Compile with Adam, the Config's loss, and the Dice/IoU metrics.  With the cosine schedule and
-    ``total_steps`` (epochs x steps per epoch), the learning rate decays from ``config.learning_rate`` to
-    2% of it over the run; otherwise it stays constant (a plateau callback may lower it)."""
+    ``total_steps`` (epochs x steps per epoch), the learning rate rises linearly from 0 to
+    ``config.learning_rate`` over the first ``warmup_steps`` of them, then decays to 2% of it over the
+    rest; otherwise it stays constant (a plateau callback may lower it)."""
     learning_rate = config.learning_rate
     if config.lr_schedule == "cosine" and total_steps:
-        learning_rate = keras.optimizers.schedules.CosineDecay(config.learning_rate, int(total_steps), alpha=0.02)
+        warmup_steps = min(max(0, int(warmup_steps)), int(total_steps) - 1)
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup_steps else config.learning_rate,
+            int(total_steps) - warmup_steps,
+            alpha=0.02,
+            warmup_target=config.learning_rate if warmup_steps else None,
+            warmup_steps=warmup_steps,
+        )
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=make_loss(config.loss),

@@ -4,7 +4,8 @@ and per image kind, one point per run, for choosing a schedule by time to accura
 Each run is a folder scored by ``benchmarks/evaluate_real.py`` (its ``holdout_scores.json``); its time is
 ``train_seconds`` of its ``config.json`` (model.fit, every epoch's validation and checkpoints; the decoding
 before and the post-processing choice after are not in it) and its schedule's label comes from the
-config (epochs + nucleus epochs, and the channels where they are not the default's).
+config (epochs + nucleus epochs, learning rate, warm-up, and the channels where they are not the
+default's).
 
     python docs/make_time_to_accuracy.py /work/runs/sched-10-2 /work/runs/default-ea36 /work/runs/long-40-5
     python docs/make_time_to_accuracy.py RUN ... --processor "2-core Xeon, AVX-512 BF16" --out docs/time_to_accuracy.png
@@ -33,7 +34,9 @@ def read_point(run: Path) -> dict:
     if not scores:
         raise SystemExit(f"{run} has no holdout_scores.json: score it with benchmarks/evaluate_real.py --run {run}")
     summary = json.loads(scores[0].read_text())["summary"]  # the first scoring: the run's own setting
-    label = f"{config['epochs']}+{config.get('nucleus_epochs', 0)}"
+    label = f"{config['epochs']}+{config.get('nucleus_epochs', 0)}, lr {config['learning_rate']:g}"
+    if config.get("warmup_epochs"):
+        label += f", warm-up {config['warmup_epochs']:g}"
     if config.get("channels", DEFAULT_CHANNELS) != DEFAULT_CHANNELS:
         label += f", channels {config['channels'][0]}-{config['channels'][-1]}"
     return {

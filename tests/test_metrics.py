@@ -10,10 +10,12 @@ import pytest
 from conftest import squares
 from unet_nuclei.metrics import (
     DSB_IOU_THRESHOLDS,
+    TruthScorer,
     binary_dice_iou,
     count_instances,
     dsb_score,
     instance_iou_matrix,
+    score_image,
 )
 
 # ----------------------------------------------------------------------------------------------------
@@ -87,6 +89,31 @@ def test_iou_matrix_matches_slow_reference(seed):
     slow = _slow_iou_matrix(true_labels, pred_labels)
     assert fast.shape == slow.shape == (5, 8)
     np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-12)
+
+
+def test_iou_matrix_with_label_values_far_above_the_pixel_count():
+    # Labels up to 5e9 on 713 pixels take the sorted path instead of the lookup table: the same matrix.
+    rng = np.random.default_rng(3)
+    true_labels = rng.integers(0, 6, size=(23, 31))
+    pred_labels = np.where(rng.random((23, 31)) < 0.3, 0, rng.integers(1, 9, size=(23, 31)))
+    small = instance_iou_matrix(true_labels, pred_labels)
+    np.testing.assert_array_equal(instance_iou_matrix(true_labels * 10**9, pred_labels * 555_555_557), small)
+    np.testing.assert_allclose(small, _slow_iou_matrix(true_labels, pred_labels), rtol=0, atol=1e-12)
+
+
+def test_truth_scorer_scores_many_predictions_as_score_image_does():
+    # One TruthScorer, reused for several predictions (the post-processing search), scores each exactly as
+    # a fresh score_image does; the truth's instances are counted once.
+    rng = np.random.default_rng(4)
+    truth = rng.integers(0, 7, size=(30, 40)) * 3
+    scorer = TruthScorer(truth)
+    for _ in range(4):
+        pred = np.where(rng.random((30, 40)) < 0.4, 0, rng.integers(1, 12, size=(30, 40)))
+        assert scorer(pred) == score_image(truth, pred)
+        assert scorer(pred).nuclei_true == 6 and scorer(pred).nuclei_pred == count_instances(pred)
+    assert scorer(np.zeros_like(truth)).dsb_score == 0.0
+    with pytest.raises(ValueError, match=r"\(30, 40\).*\(30, 41\)"):
+        scorer(np.zeros((30, 41), int))
 
 
 def test_iou_matrix_hand_example_and_empty_side():

@@ -95,6 +95,21 @@ def test_compiled_model_round_trips_through_keras_file(tmp_path):
     assert float(loaded.optimizer.iterations) == 1 and float(schedule) < config.learning_rate
 
 
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_the_learning_rate_warms_up_linearly_then_decays_along_the_cosine(warmup):
+    config = core.Config(image_size=32, channels=(4, 8), learning_rate=2e-3)
+    model = core.compile_unet(core.build_unet_from_config(config), config, total_steps=110, warmup_steps=warmup)
+    schedule = keras.optimizers.schedules.deserialize(model.optimizer.get_config()["learning_rate"])
+    lr = [float(schedule(step)) for step in (0, 5, warmup, warmup + (110 - warmup) // 2, 110)]
+    top = 2e-3
+    if warmup:  # 0 at the first step, half way up after half the warm-up, the top at its end
+        assert lr[:3] == pytest.approx([0.0, top / 2, top])
+    else:
+        assert lr[0] == pytest.approx(top)
+    # Then the cosine over the steps left: half way between the top and its 2% floor at their middle.
+    assert lr[3] == pytest.approx(top * (0.02 + 0.98 / 2), rel=1e-3) and lr[4] == pytest.approx(top * 0.02)
+
+
 def test_residual_block_adds_its_input_to_the_convolutions():
     # With every kernel zero the convolutions give 0, so a residual block passes relu(input) through
     # its shortcut (same channel count: the identity), where a plain block gives 0.

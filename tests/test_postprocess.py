@@ -267,3 +267,52 @@ def test_choose_post_processing_drops_unsure_blobs_only_when_that_scores_better(
         [truth], [output], thresholds=[0.5], marker_thresholds=[0.5], min_sizes=[5], confidences=[0.0]
     )
     assert post.min_confidence == 0.0
+
+
+def _noisy_class_outputs(count, seed=0):
+    """Images of touching and lone discs, each with a blurred, noisy 3-class output: a search over
+    thresholds, marker thresholds and sizes then finds nuclei that differ from setting to setting."""
+    from unet_model_core import instance_targets
+
+    rng = np.random.default_rng(seed)
+    truths, outputs = [], []
+    for _ in range(count):
+        truth = np.zeros((64, 80), np.int32)
+        for label in range(1, 9):
+            x, y, radius = rng.integers(8, 72), rng.integers(8, 56), rng.integers(3, 9)
+            disc = _discs(truth.shape, (int(x), int(y), int(radius))) > 0
+            truth[disc & (truth == 0)] = label
+        classes = instance_targets(truth, contact=2)
+        output = np.eye(3, dtype=np.float32)[classes] + rng.normal(0, 0.35, (*truth.shape, 3)).astype(np.float32)
+        output = np.exp(cv2.GaussianBlur(output, (0, 0), 1.5) * 3)
+        truths.append(truth)
+        outputs.append(output / output.sum(axis=2, keepdims=True))
+    return truths, outputs
+
+
+def test_choose_post_processing_equals_the_plain_search_with_any_number_of_threads():
+    # The search grows each threshold pair's nuclei once and scores them with one TruthScorer per image;
+    # the plain search (every setting's nuclei from PostProcessing.nuclei, scored by score_image) must
+    # give the same scores, setting by setting, and so the same choice.
+    import dataclasses
+    import itertools
+
+    from unet_nuclei.metrics import mean_scores
+    from unet_nuclei.postprocess import _grid_scores
+
+    truths, outputs = _noisy_class_outputs(5)
+    grid = dict(thresholds=[0.3, 0.5, 0.7], marker_thresholds=[0.3, 0.6], min_sizes=[8, 30])
+    settings = [
+        PostProcessing(t, m, s)
+        for t, m, s in itertools.product(grid["thresholds"], grid["marker_thresholds"], grid["min_sizes"])
+    ]
+    plain = [[score_image(t, post.nuclei(o)) for post in settings] for t, o in zip(truths, outputs)]
+    assert [_grid_scores(t, o, settings, True) for t, o in zip(truths, outputs)] == plain
+    assert len({mean_scores([row[i] for row in plain])["dsb_score"] for i in range(len(settings))}) > 3
+    one = choose_post_processing(truths, outputs, **grid, workers=1)
+    two = choose_post_processing(truths, outputs, **grid, workers=2)
+    assert one == two
+    means = [mean_scores([row[i] for row in plain]) for i in range(len(settings))]
+    keys = [(round(m["dsb_score"], 6), round(m["dice"], 6)) for m in means]
+    first_best = keys.index(max(keys))  # ties: the first setting in grid order wins
+    assert dataclasses.replace(one[0], min_confidence=0.0) == settings[first_best]

@@ -66,16 +66,24 @@ def test_resuming_may_not_move_the_stage_boundary_under_a_run():
 
 def test_a_run_saved_before_the_stages_keeps_training_as_it_did():
     saved = core.Config().to_dict()
-    for name in ("nucleus_diameter", "nucleus_epochs", "area_power"):
+    for name in ("nucleus_diameter", "nucleus_epochs", "area_power", "warmup_epochs"):
         del saved[name]
     old = core.Config.from_dict(saved)
     assert old.nucleus_diameter is None and old.nucleus_epochs == 0 and len(stages.training_stages(old)) == 1
+    assert old.warmup_epochs == 0  # nor a warm-up it never had
     # A partial dict (not a run's config.json) takes today's defaults.
     assert core.Config.from_dict({"epochs": 5}).nucleus_diameter == 20.0
     # A run of the one-size flag before the stages: the whole run at that size, as it trained.
     saved["nucleus_diameter"] = 22.0
     (only,) = stages.training_stages(core.Config.from_dict(saved))
     assert only.config.nucleus_diameter == 22.0
+
+
+def test_only_the_first_stage_warms_up():
+    first, second = stages.training_stages(core.Config(warmup_epochs=1.5))
+    assert first.config.warmup_epochs == 1.5 and second.config.warmup_epochs == 0
+    with pytest.raises(ValueError, match=r"warmup_epochs.*-1"):
+        core.Config(warmup_epochs=-1)
 
 
 def test_the_flags_set_the_second_stage():

@@ -47,6 +47,13 @@ def test_a_run_directory_has_every_file_and_a_report(quick_run, tiny_dataset):
     assert re.search(r"\b2 epochs\b.*\b20-px", out) and re.search(r"Second stage\b.*\bepoch 2\b", out)
     assert "Configuration" in out and re.search(r"Data\b.*" + re.escape(str(tiny_dataset)), out)  # config, data source
     assert "Dice" in out and "IoU" in out and "DSB score" in out and str(run) in out
+    # Where the time went: every part timed, and together no more than the whole fit.
+    parts = config["seconds"]
+    assert set(parts) == {"opening", "model_setup", "training_steps", "validation", "epoch_end", "stage_switch"}
+    assert all(value >= 0 for value in parts.values()) and parts["training_steps"] > 0 and parts["validation"] > 0
+    assert sum(parts.values()) <= config["train_seconds"] + 0.5  # each part is rounded to 0.1 s
+    assert set(scores["seconds"]) == {"choice_outputs", "choice_search"}
+    assert re.search(r"Minutes: data and folder [0-9.]+, model [0-9.]+, training steps [0-9.]+, validation", out)
 
 
 def test_new_run_dir_never_reuses_an_existing_folder(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from pathlib import Path
 
 import keras
@@ -120,6 +121,38 @@ class HistoryLog(keras.callbacks.Callback):
         files.write_csv(
             self.path, [keys] + [[int(row["epoch"])] + [row.get(k, "") for k in keys[1:]] for row in self.rows]
         )
+
+
+class TimeProfile(keras.callbacks.Callback):
+    """Where the epochs' time goes, summed over a run, in seconds: ``training_steps`` (the batches,
+    the first epoch's graph tracing included), ``validation`` (the validation pass) and ``epoch_end``
+    (checkpoints and history.csv).  It has to be the last callback, so that its epoch end comes after
+    theirs.  Other parts of a run (loading data, switching stages, choosing the post-processing) are
+    added to ``seconds`` by whoever times them."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = {"training_steps": 0.0, "validation": 0.0, "epoch_end": 0.0}
+        self._mark, self._validated = time.perf_counter(), False
+
+    def _lap(self, part: str) -> None:
+        now = time.perf_counter()
+        self.seconds[part] += now - self._mark
+        self._mark = now
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._mark, self._validated = time.perf_counter(), False
+
+    def on_test_begin(self, logs=None):
+        self._lap("training_steps")
+
+    def on_test_end(self, logs=None):
+        self._lap("validation")
+        self._validated = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        # Without a validation pass (a loop that does not report one) the steps are timed until here.
+        self._lap("epoch_end" if self._validated else "training_steps")
 
 
 def read_history_rows(path) -> list[dict]:

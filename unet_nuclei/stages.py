@@ -50,8 +50,12 @@ def training_stages(config: Config) -> list[Stage]:
         return [Stage(config, 0, config.epochs)]
     jitter = SECOND_STAGE_JITTER if config.scale_range else None
     second = dataclasses.replace(
-        config, scale_range=jitter, learning_rate=config.learning_rate * SECOND_STAGE_LR, nucleus_epochs=0
-    )  # a stage is one stage: at that diameter throughout
+        config,
+        scale_range=jitter,
+        learning_rate=config.learning_rate * SECOND_STAGE_LR,
+        nucleus_epochs=0,
+        warmup_epochs=0.0,
+    )  # a stage is one stage: at that diameter throughout; it starts low, without a warm-up
     return [
         Stage(dataclasses.replace(config, nucleus_diameter=None), 0, config.epochs),
         Stage(second, config.epochs, total_epochs(config)),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -53,6 +54,7 @@ from unet_nuclei.checkpoints import (
     HistoryLog,
     RunCheckpoint,
     StopOnNaN,
+    TimeProfile,
     read_history,
     read_json,
     saved_epoch,
@@ -77,6 +79,8 @@ from unet_nuclei.stages import check_resume, describe, describe_stage, total_epo
 
 log = logging.getLogger(__name__)
 
+# Threads that score the validation images side by side while the post-processing is chosen (at most).
+CHOICE_THREADS = 4
 RESUME_CHANGES = ("epochs", "learning_rate")  # the settings a resumed run may take from new flags
 
 
@@ -326,9 +330,14 @@ def open_run(
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
     log.info(f"Run:  {run_dir}")
+    warmup = (
+        f" ({config.warmup_epochs:g} epoch(s) of warm-up)"
+        if config.warmup_epochs and config.lr_schedule == "cosine"
+        else ""
+    )
     log.info(
         f"      {describe(config)} x {steps} steps of batch {config.batch_size}, "
-        f"{config.image_size}px {config.sampling} sampling, loss {config.loss}, lr {config.learning_rate}, "
+        f"{config.image_size}px {config.sampling} sampling, loss {config.loss}, lr {config.learning_rate}{warmup}, "
         f"{strategy.num_replicas_in_sync} device(s), {policy}" + (", XLA" if config.xla else "")
     )
     log.info(f"      {devices.describe_cpu_kernels(extra['cpu_kernels'])}")
@@ -402,7 +411,9 @@ def fit(run: OpenRun) -> int | None:
     on a NaN loss (the NaN epoch is never saved); a KeyboardInterrupt propagates after the last finished
     epoch has been saved."""
     config, run_dir = run.config, run.run_dir
-    checkpoint, nan_guard = RunCheckpoint(run_dir, config, run.best_val_loss), StopOnNaN()
+    checkpoint, nan_guard, profile = RunCheckpoint(run_dir, config, run.best_val_loss), StopOnNaN(), TimeProfile()
+    profile.seconds["opening"] = time.time() - run.started  # the data, the pipelines, the run folder
+    stage_started = time.perf_counter()  # the model built or loaded, then each stage's optimizer and data
     try:
         with run.strategy.scope():
             model = _load_checkpoint(run_dir / LAST_FILE) if run.resumed else build_unet_from_config(config)
@@ -415,6 +426,7 @@ def fit(run: OpenRun) -> int | None:
         callbacks = [checkpoint, nan_guard, HistoryLog(run_dir / HISTORY_FILE, run.initial_epoch)]
         if config.lr_schedule == "plateau":
             callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=4, min_lr=1e-5))
+        callbacks.append(profile)  # the last, so that it times the others' epoch ends
         restart = run.restart_optimizer or not run.resumed
         for stage in training_stages(config):
             start = max(run.initial_epoch, stage.first)
@@ -424,7 +436,8 @@ def fit(run: OpenRun) -> int | None:
                 # A new stage, or a resume with a new learning rate: a fresh optimizer, its schedule
                 # spread over the stage's epochs left.
                 with run.strategy.scope():
-                    compile_unet(model, stage.config, total_steps=(stage.last - start) * run.steps)
+                    warmup = 0 if start > stage.first else round(stage.config.warmup_epochs * run.steps)
+                    compile_unet(model, stage.config, total_steps=(stage.last - start) * run.steps, warmup_steps=warmup)
             train_ds, val_ds = run.train_ds, run.val_ds
             if stage.first:
                 if start == stage.first:  # it validates at its own scale: the first's losses do not compare
@@ -436,6 +449,8 @@ def fit(run: OpenRun) -> int | None:
                     run.strategy.num_replicas_in_sync,
                 )
                 log.info(describe_stage(stage))
+            part = "stage_switch" if start > 0 and start == stage.first else "model_setup"
+            profile.seconds[part] = profile.seconds.get(part, 0.0) + time.perf_counter() - stage_started
             if devices.is_multi_worker(run.strategy):
                 fit_distributed(model, run.strategy, train_ds, val_ds, stage.last, start, run.steps, callbacks)
             else:
@@ -449,6 +464,7 @@ def fit(run: OpenRun) -> int | None:
                     verbose=keras_verbosity(),
                     shuffle=False,
                 )  # the pipeline already randomises; Keras cannot shuffle an endless stream
+            stage_started = time.perf_counter()
             if nan_guard.where or checkpoint.bad_epoch:
                 break
     finally:
@@ -465,7 +481,11 @@ def fit(run: OpenRun) -> int | None:
         )
     plots.save(plots.training_curves(read_history(run_dir / HISTORY_FILE)), run_dir / CURVES_FILE, dpi=100)
     files.write_text(run.runs_root / LATEST_FILE, run_dir.name + "\n")
-    run.extra.update(best_epoch=checkpoint.best_epoch, train_seconds=round(time.time() - run.started, 1))
+    run.extra.update(
+        best_epoch=checkpoint.best_epoch,
+        train_seconds=round(time.time() - run.started, 1),
+        seconds={part: round(value, 1) for part, value in profile.seconds.items()},
+    )
     write_config(config, run_dir / CONFIG_FILE, **run.extra)
     return checkpoint.best_epoch
 
@@ -501,10 +521,22 @@ def finalize(
             raise DataError(f"none of the validation images of {run_dir} could be read")
     segmenter = Segmenter(keras.saving.load_model(run_dir / MODEL_FILE), config)
     log.info("Choosing the post-processing on the validation images (full resolution)...")
+    outputs_started = time.perf_counter()
     outputs = segmenter.outputs(val_samples, progress)  # once, for both uses below
+    search_started = time.perf_counter()
     post, scores, per_image = choose_post_processing(
-        [s.labels for s in val_samples], outputs, thresholds, marker_thresholds, min_sizes, confidences
+        [s.labels for s in val_samples],
+        outputs,
+        thresholds,
+        marker_thresholds,
+        min_sizes,
+        confidences,
+        workers=min(CHOICE_THREADS, os.cpu_count() or 1),
     )
+    seconds = {
+        "choice_outputs": round(search_started - outputs_started, 1),
+        "choice_search": round(time.perf_counter() - search_started, 1),
+    }
     config = dataclasses.replace(
         config,
         threshold=post.threshold,
@@ -518,6 +550,7 @@ def finalize(
         {
             "val_scores": scores,
             "val_scores_per_image": [{"id": s.sample_id, **row.rounded()} for s, row in zip(val_samples, per_image)],
+            "seconds": seconds,
         },
     )
     shown = [
@@ -581,4 +614,22 @@ def train(
         raise
     seconds = time.time() - run.started
     log.info(f"Done in {seconds / 60:.1f} min. Run saved in {run.run_dir}")
+    log.info(f"      {describe_time({**run.extra['seconds'], 'choice': result.seconds})}")
     return dataclasses.replace(result, seconds=seconds)
+
+
+TIME_PARTS = {
+    "opening": "data and folder",
+    "model_setup": "model",
+    "training_steps": "training steps",
+    "validation": "validation",
+    "epoch_end": "checkpoints",
+    "stage_switch": "second stage's data",
+    "choice": "post-processing choice",
+}
+
+
+def describe_time(seconds: dict) -> str:
+    """A run's time by part (``TimeProfile``'s and the others'), in minutes, for the log's last lines."""
+    parts = [f"{words} {seconds[part] / 60:.1f}" for part, words in TIME_PARTS.items() if part in seconds]
+    return "Minutes: " + ", ".join(parts)
