@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     axes[0].set_ylabel("DSB-2018 score")
     if args.target is not None:
         axes[0].axhline(args.target, color="grey", linestyle="--", linewidth=1, label=f"target {args.target:.3f}")
-    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].legend(fontsize=8, loc="upper left")
     plots.save(fig, Path(args.out), dpi=100)
     for group, points in groups.items():
         for point in sorted(points, key=lambda p: p["minutes"]):
