@@ -32,9 +32,9 @@ def _as_label_image(labels, name):
     return labels.astype(np.int64, copy=False)
 
 
-def _check_same_shape(true, pred, true_name, pred_name):
-    if true.shape != pred.shape:
-        raise ValueError(f"{true_name} has shape {true.shape} but {pred_name} has shape {pred.shape}; they must match")
+def _check_same_shape(true_shape, pred_shape, true_name, pred_name):
+    if true_shape != pred_shape:
+        raise ValueError(f"{true_name} has shape {true_shape} but {pred_name} has shape {pred_shape}; they must match")
 
 
 def binary_dice_iou(true_mask, pred_mask) -> tuple[float, float]:
@@ -45,7 +45,7 @@ def binary_dice_iou(true_mask, pred_mask) -> tuple[float, float]:
     """
     true_mask = np.asarray(true_mask) != 0
     pred_mask = np.asarray(pred_mask) != 0
-    _check_same_shape(true_mask, pred_mask, "true_mask", "pred_mask")
+    _check_same_shape(true_mask.shape, pred_mask.shape, "true_mask", "pred_mask")
     intersection = int(np.count_nonzero(true_mask & pred_mask))
     total = int(np.count_nonzero(true_mask)) + int(np.count_nonzero(pred_mask))
     if total == 0:
@@ -90,10 +90,7 @@ class TruthScorer:
         from one ``np.bincount`` over the pair index ``true_idx * (n_pred + 1) + pred_idx``, so the cost
         does not grow with the number of instances.  Returns a float64 array of shape (n_true, n_pred)."""
         pred_labels = _as_label_image(pred_labels, "pred_labels")
-        if self.shape != pred_labels.shape:
-            raise ValueError(
-                f"true_labels has shape {self.shape} but pred_labels has shape {pred_labels.shape}; they must match"
-            )
+        _check_same_shape(self.shape, pred_labels.shape, "true_labels", "pred_labels")
         pred_idx, n_pred = _dense_index(pred_labels.ravel())
         n_true = self.count
         # Row 0 and column 0 of the joint histogram count background, which gives the instance areas as
